@@ -1,0 +1,3 @@
+"""maxjax: a JAX/XLA compiled model runtime implementing the MAX inference interfaces."""
+
+__version__ = "0.1.0"

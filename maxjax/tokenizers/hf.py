@@ -87,8 +87,9 @@ class HFTokenizer(BaseTokenizer):
             return None if name is None else tk.token_to_id(name)
 
         eos_ids = list(eos_token_ids or config.get("eos_token_ids") or [])
-        if not eos_ids and token_id("eos_token") is not None:
-            eos_ids = [token_id("eos_token")]
+        end_id = token_id("eos_token") if token_id("eos_token") is not None else token_id("sep_token")  # BERT: [SEP]
+        if not eos_ids and end_id is not None:
+            eos_ids = [end_id]
         if not eos_ids:
             raise ValueError("no eos token: tokenizer_config.json names no eos_token; pass eos_token_ids")
         if max_length is None:

@@ -19,7 +19,8 @@ class SentencePieceTokenizer(BaseTokenizer):
 
     def __init__(self, model_path: str | os.PathLike, *, max_length: int, chat_template: str | None = None,
                  add_bos: bool | None = None, eos_token_ids: list[int] | None = None) -> None:
-        self.processor = spm.SentencePieceProcessor(model_file=os.fspath(model_path))
+        self.model_path = os.fspath(model_path)
+        self.processor = spm.SentencePieceProcessor(model_file=self.model_path)
         sp = self.processor
         bos = sp.bos_id() if sp.bos_id() >= 0 else None
         eos_ids = eos_token_ids or ([sp.eos_id()] if sp.eos_id() >= 0 else [])

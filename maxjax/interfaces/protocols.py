@@ -8,7 +8,7 @@ unassigned) still conforms, as on Python >= 3.12.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 

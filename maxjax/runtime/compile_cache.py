@@ -1,0 +1,51 @@
+"""The persistent XLA compilation cache and a counter of compilations.
+
+The counter listens to JAX's backend-compile event, which fires once for every executable JAX obtains
+(a fresh compile or a persistent-cache load): after ``warmup()`` it must stay at zero.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import jax
+from jax import monitoring
+
+from maxjax.runtime.config import default_compile_cache_dir
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_lock = threading.Lock()
+_compiles = 0
+_listening = False
+
+
+def _on_duration(event: str, duration: float, **_) -> None:
+    global _compiles
+    if event == _BACKEND_COMPILE_EVENT:
+        with _lock:
+            _compiles += 1
+
+
+def compile_count() -> int:
+    """How many executables JAX has compiled (or loaded from the persistent cache) in this process so far,
+    counted from the first call of this function or of ``enable_compile_cache``."""
+    global _listening
+    with _lock:
+        if not _listening:
+            monitoring.register_event_duration_secs_listener(_on_duration)
+            _listening = True
+        return _compiles
+
+
+def enable_compile_cache(path: str | Path | None = None) -> Path:
+    """Points JAX's persistent compilation cache at ``path`` (default: ``MAXJAX_COMPILE_CACHE`` or the repo's
+    ``compile_cache/``). Every program is cached, however fast it compiled: the default thresholds silently
+    skip small programs."""
+    path = Path(path) if path is not None else default_compile_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compile_count()
+    return path

@@ -1,0 +1,108 @@
+"""The runtime configuration and the one bucket policy every program shape comes from."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+
+def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    """Powers of two from ``lo`` up to ``hi``, with ``hi`` itself last when it is not one."""
+    out, n = [], lo
+    while n < hi:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (hi,)
+
+
+def bucket_for(n: int, buckets: tuple[int, ...], what: str) -> int:
+    """The smallest bucket >= n. Raises instead of truncating."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+
+
+def default_compile_cache_dir() -> Path:
+    env = os.environ.get("MAXJAX_COMPILE_CACHE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "compile_cache"
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """Shapes and limits of the compiled programs.
+
+    ``length_buckets`` serve both as prefill chunk lengths and as attention spans: decode attends over the
+    smallest bucket that holds every row's positions, so a short conversation does not read a long cache.
+    Prompts longer than ``max_prefill_len`` are prefilled in chunks of that size.
+    """
+
+    max_batch_size: int = 8
+    max_seq_len: int = 2048
+    max_num_steps: int = 16
+    length_buckets: tuple[int, ...] | None = None
+    batch_buckets: tuple[int, ...] | None = None
+    prefill_batch_buckets: tuple[int, ...] = (1,)
+    max_prefill_len: int | None = None  # default: the largest length bucket <= 512
+    max_logprobs: int = 20
+    max_stop_ids: int = 8
+    dtype: str = "float32"
+    compile_cache_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_seq_len", "max_num_steps", "max_stop_ids"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 <= self.max_logprobs <= 100:
+            raise ValueError(f"max_logprobs must be in [0, 100], got {self.max_logprobs}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.length_buckets is None:
+            object.__setattr__(self, "length_buckets", _default_length_buckets(self.max_seq_len))
+        if self.batch_buckets is None:
+            object.__setattr__(self, "batch_buckets", powers_of_two(1, self.max_batch_size))
+        _check_buckets("length_buckets", self.length_buckets, self.max_seq_len)
+        _check_buckets("batch_buckets", self.batch_buckets, self.max_batch_size)
+        _check_buckets("prefill_batch_buckets", self.prefill_batch_buckets, self.max_batch_size, exact_top=False)
+        if self.max_prefill_len is None:
+            fitting = [b for b in self.length_buckets if b <= 512]
+            object.__setattr__(self, "max_prefill_len", fitting[-1] if fitting else self.length_buckets[0])
+        if self.max_prefill_len not in self.length_buckets:
+            raise ValueError(f"max_prefill_len ({self.max_prefill_len}) must be one of length_buckets "
+                             f"{self.length_buckets}")
+
+    @property
+    def prefill_lengths(self) -> tuple[int, ...]:
+        return tuple(b for b in self.length_buckets if b <= self.max_prefill_len)
+
+    def decode_shapes(self) -> list[tuple[int, int]]:
+        """Every (batch, attention span) a decode program is compiled for."""
+        return [(b, s) for b in self.batch_buckets for s in self.length_buckets]
+
+    def prefill_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (batch, chunk length, attention span) a prefill program is compiled for."""
+        return [(b, t, s) for b in self.prefill_batch_buckets for t in self.prefill_lengths
+                for s in self.length_buckets if s >= t]
+
+
+def _default_length_buckets(max_seq_len: int) -> tuple[int, ...]:
+    """128, 512, 2048, ... (powers of four keep the program count small), capped by max_seq_len."""
+    out, n = [], 128
+    while n < max_seq_len:
+        out.append(n)
+        n *= 4
+    return tuple(out) + (max_seq_len,)
+
+
+def _check_buckets(name: str, buckets: tuple[int, ...], top: int, exact_top: bool = True) -> None:
+    if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
+        raise ValueError(f"{name} must be a non-empty tuple of positive integers, got {buckets!r}")
+    if list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"{name} must be strictly increasing, got {buckets!r}")
+    if exact_top and buckets[-1] != top:
+        raise ValueError(f"the largest of {name} must equal {top}, got {buckets!r}")
+    if buckets[-1] > top:
+        raise ValueError(f"{name} {buckets!r} exceed the limit {top}")

@@ -1,0 +1,149 @@
+"""The device side of text generation: params, the KV cache, token counts and the compiled programs.
+
+The engine knows bucket shapes and packed row arrays, never requests or contexts. Every program is
+compiled ahead of time into a table keyed by its shape (``warmup``), or on first use; a shape that the
+bucket policy does not produce is an error, not a silent compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxjax.runtime.config import RuntimeConfig
+from maxjax.runtime.sampler import SamplingBatch
+from maxjax.runtime.steps import DecodeRows, PrefillRows, decode_step, prefill_step
+
+log = logging.getLogger(__name__)
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return math.ceil(vocab_size / 32)
+
+
+def empty_sampling(num_rows: int, vocab_size: int, max_stop_ids: int) -> dict[str, np.ndarray]:
+    """Host arrays of a greedy, unconstrained SamplingBatch (padding rows keep these values)."""
+    return dict(
+        temperature=np.ones(num_rows, np.float32),
+        top_k=np.ones(num_rows, np.int32),
+        top_p=np.ones(num_rows, np.float32),
+        min_p=np.zeros(num_rows, np.float32),
+        repetition_penalty=np.ones(num_rows, np.float32),
+        frequency_penalty=np.zeros(num_rows, np.float32),
+        presence_penalty=np.zeros(num_rows, np.float32),
+        seed=np.zeros(num_rows, np.uint32),
+        min_tokens=np.zeros(num_rows, np.int32),
+        stop_ids=np.full((num_rows, max_stop_ids), -1, np.int32),
+        bitmask=np.full((num_rows, bitmask_words(vocab_size)), 0xFFFFFFFF, np.uint32),
+    )
+
+
+def empty_prefill_rows(num_rows: int, length: int) -> dict[str, np.ndarray]:
+    return dict(
+        tokens=np.zeros((num_rows, length), np.int32),
+        positions=np.full((num_rows, length), -1, np.int32),
+        slots=np.zeros(num_rows, np.int32),
+        last_index=np.zeros(num_rows, np.int32),
+        samples=np.zeros(num_rows, bool),
+        num_generated=np.zeros(num_rows, np.int32),
+        echo_targets=np.full((num_rows, length), -1, np.int32),
+        logprobs=np.zeros(num_rows, bool),
+    )
+
+
+def empty_decode_rows(num_rows: int) -> dict[str, np.ndarray]:
+    return dict(
+        tokens=np.zeros(num_rows, np.int32),
+        positions=np.zeros(num_rows, np.int32),
+        slots=np.zeros(num_rows, np.int32),
+        steps=np.zeros(num_rows, np.int32),
+        num_generated=np.zeros(num_rows, np.int32),
+        logprobs=np.zeros(num_rows, bool),
+    )
+
+
+class Engine:
+    """Owns the device state of one model and runs its prefill/decode programs."""
+
+    def __init__(self, arch: Any, model_config: Any, params: Any, config: RuntimeConfig):
+        self.arch = arch
+        self.model_config = model_config
+        self.config = config
+        self.vocab_size = model_config.vocab_size
+        self.params = params
+        dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+        self.cache = arch.init_kv_cache(model_config, config.max_batch_size, config.max_seq_len, dtype)
+        self.counts = jnp.zeros((config.max_batch_size, self.vocab_size), jnp.int32)  # generated-token counts per slot
+        k = config.max_logprobs or 1
+        self._prefill = jax.jit(functools.partial(prefill_step, arch, model_config, k),
+                                static_argnames=("kv_len",), donate_argnums=(1, 2))
+        self._decode = jax.jit(functools.partial(decode_step, arch, model_config, k, config.max_num_steps),
+                               static_argnames=("kv_len",), donate_argnums=(1, 2))
+        self._programs: dict[tuple, Any] = {}
+
+    # -- program table -------------------------------------------------------------------------------
+    def _example(self, kind: str, shape: tuple[int, ...]):
+        sampling = SamplingBatch(**empty_sampling(shape[0], self.vocab_size, self.config.max_stop_ids))
+        if kind == "prefill":
+            rows = PrefillRows(**empty_prefill_rows(shape[0], shape[1]))
+        else:
+            rows = DecodeRows(**empty_decode_rows(shape[0]))
+        return rows, sampling
+
+    def _lower(self, kind: str, shape: tuple[int, ...]):
+        rows, sampling = self._example(kind, shape)
+        fn = self._prefill if kind == "prefill" else self._decode
+        return fn.lower(self.params, self.cache, self.counts, rows, sampling, kv_len=shape[-1])
+
+    def _program(self, kind: str, shape: tuple[int, ...]):
+        key = (kind, shape)
+        program = self._programs.get(key)
+        if program is None:
+            allowed = self.config.prefill_shapes() if kind == "prefill" else self.config.decode_shapes()
+            if shape not in allowed:
+                raise ValueError(f"no {kind} program for shape {shape}: the bucket policy allows {allowed}")
+            start = time.perf_counter()
+            program = self._programs[key] = self._lower(kind, shape).compile()
+            log.info("compiled %s%s in %.1f s", kind, shape, time.perf_counter() - start)
+        return program
+
+    def all_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        return ([("prefill", s) for s in self.config.prefill_shapes()]
+                + [("decode", s) for s in self.config.decode_shapes()])
+
+    def warmup(self, workers: int | None = None) -> int:
+        """Compiles every program the bucket policy can ask for, in parallel. Returns how many."""
+        todo = [(kind, shape) for kind, shape in self.all_shapes() if (kind, shape) not in self._programs]
+        lowered = [self._lower(kind, shape) for kind, shape in todo]  # tracing holds the GIL: do it serially
+        with ThreadPoolExecutor(max_workers=workers or max(1, len(todo))) as pool:
+            for (kind, shape), program in zip(todo, pool.map(lambda low: low.compile(), lowered)):
+                self._programs[(kind, shape)] = program
+        return len(self._programs)
+
+    @property
+    def num_programs(self) -> int:
+        return len(self._programs)
+
+    # -- running -------------------------------------------------------------------------------------
+    def prefill(self, rows: dict[str, np.ndarray], sampling: dict[str, np.ndarray], kv_len: int):
+        """Runs one prefill program; returns device arrays (first tokens, first LogProbs, echo LogProbs)."""
+        shape = (rows["tokens"].shape[0], rows["tokens"].shape[1], kv_len)
+        program = self._program("prefill", shape)
+        self.cache, self.counts, first, first_lp, echo_lp = program(
+            self.params, self.cache, self.counts, PrefillRows(**rows), SamplingBatch(**sampling))
+        return first, first_lp, echo_lp
+
+    def decode(self, rows: dict[str, np.ndarray], sampling: dict[str, np.ndarray], kv_len: int):
+        """Runs one decode program; returns device arrays (tokens [N, B], LogProbs [N, B])."""
+        program = self._program("decode", (rows["tokens"].shape[0], kv_len))
+        self.cache, self.counts, tokens, lp = program(
+            self.params, self.cache, self.counts, DecodeRows(**rows), SamplingBatch(**sampling))
+        return tokens, lp

@@ -1,0 +1,151 @@
+"""On-device sampling, vectorised over the batch with per-row parameters.
+
+Every per-row knob is data (a ``[B]`` array in ``SamplingBatch``), never a static argument, so a new
+temperature or seed never compiles a new program. Greedy is the ``top_k == 1`` (or ``temperature == 0``)
+case of the same program.
+
+Order of operations on the model's float32 logits (the order MAX and vLLM use):
+
+1. repetition penalty over the tokens generated so far (``l / p`` where ``l > 0``, else ``l * p``);
+2. frequency and presence penalties (``l -= f * count + p * (count > 0)``);
+3. min-new-tokens: eos and stop ids masked while fewer than ``min_tokens`` were generated;
+4. structured-output bitmask (bit ``j`` of word ``i`` allows token ``32 i + j``);
+5. temperature, then top-k, top-p and min-p filtering of the tempered distribution;
+6. a Gumbel-max draw with the key ``fold_in(key(seed), num_generated)``: a row's draw depends only on its
+   own seed and position, so a request samples the same tokens alone or inside any batch.
+
+The top-k and top-p thresholds are found by bisection over the order-preserving integer image of the
+float values (32 exact steps), so no full-vocabulary sort runs on the hot path; a batch of greedy rows
+skips the filtering entirely (``lax.cond`` on a batch-level predicate).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+NEG_INF = -jnp.inf
+
+
+@struct.dataclass
+class SamplingBatch:
+    """Per-row sampling parameters, all ``[B]`` arrays except where noted."""
+
+    temperature: jax.Array  # f32
+    top_k: jax.Array  # i32, 1 = greedy; >= vocab size = no top-k filtering
+    top_p: jax.Array  # f32 in (0, 1]
+    min_p: jax.Array  # f32 in [0, 1]
+    repetition_penalty: jax.Array  # f32, 1 = off
+    frequency_penalty: jax.Array  # f32
+    presence_penalty: jax.Array  # f32
+    seed: jax.Array  # u32
+    min_tokens: jax.Array  # i32
+    stop_ids: jax.Array  # i32 [B, E]: eos + stop token ids, -1 padded; masked before min_tokens
+    bitmask: jax.Array  # u32 [B, ceil(V / 32)]: allowed tokens, all ones for free rows
+
+
+def apply_penalties(logits: jax.Array, counts: jax.Array, s: SamplingBatch) -> jax.Array:
+    """Repetition, frequency and presence penalties over generated-token counts ``[B, V]``."""
+    seen = counts > 0
+    rep = s.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return (logits - s.frequency_penalty[:, None] * counts
+            - s.presence_penalty[:, None] * seen.astype(logits.dtype))
+
+
+def mask_stop_ids(logits: jax.Array, stop_ids: jax.Array, active: jax.Array) -> jax.Array:
+    """Sets the stop ids of rows where ``active`` to -inf (ids of -1 are padding)."""
+    rows = jnp.arange(logits.shape[0])[:, None]  # [B, 1]
+    cols = jnp.where(active[:, None] & (stop_ids >= 0), stop_ids, logits.shape[1])  # [B, E]
+    return logits.at[rows, cols].set(NEG_INF, mode="drop")
+
+
+def unpack_bitmask(bitmask: jax.Array, vocab_size: int) -> jax.Array:
+    """``[B, W]`` uint32 words -> ``[B, V]`` bool, little-endian bits."""
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # [B, W, 32]
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].astype(bool)
+
+
+def _sortable(x: jax.Array) -> jax.Array:
+    """An int32 image of float32 values that preserves their order."""
+    i = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+
+
+def top_p_threshold(probs: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Per row, the smallest probability kept by nucleus filtering: the largest t with
+    ``sum(probs[probs >= t]) >= top_p``. probs [B, V] f32 (non-negative), top_p [B]."""
+    keys = jax.lax.bitcast_convert_type(probs, jnp.int32)  # order-preserving for non-negative floats
+
+    def step(_, bounds):
+        lo, hi = bounds  # invariant: mass(keys >= lo) >= top_p
+        mid = lo + (hi - lo + 1) // 2
+        mass = jnp.sum(jnp.where(keys >= mid[:, None], probs, 0.0), axis=-1)
+        ok = mass >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo = jnp.zeros(probs.shape[:1], jnp.int32)
+    hi = jnp.max(keys, axis=-1)
+    lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    # top_p = 1 keeps everything: the float sum of all probabilities can fall short of 1.
+    return jnp.where(top_p >= 1.0, 0.0, jax.lax.bitcast_convert_type(lo, jnp.float32))
+
+
+def filter_logits(logits: jax.Array, s: SamplingBatch) -> jax.Array:
+    """Tempered logits with everything outside top-k, top-p and min-p set to -inf."""
+    vocab = logits.shape[-1]
+    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    logits = logits / temp
+    # top-k: keep logits >= the k-th largest (k clipped to the vocabulary).
+    k = jnp.clip(s.top_k, 1, vocab)
+    keys = _sortable(logits)
+    kth = _kth_largest(keys, k)
+    logits = jnp.where(keys >= kth[:, None], logits, NEG_INF)
+    # top-p and min-p on the renormalised distribution.
+    probs = jax.nn.softmax(logits, axis=-1)
+    p_min = top_p_threshold(probs, s.top_p)
+    p_min = jnp.maximum(p_min, s.min_p * jnp.max(probs, axis=-1))
+    return jnp.where(probs >= p_min[:, None], logits, NEG_INF)
+
+
+def _kth_largest(keys: jax.Array, k: jax.Array) -> jax.Array:
+    """Per row, the k-th largest of int32 ``keys`` [B, V], by bisection in 32 exact steps."""
+    lo = jnp.min(keys, axis=-1)
+    hi = jnp.max(keys, axis=-1)
+
+    def step(_, bounds):
+        lo, hi = bounds  # invariant: count(keys >= lo) >= k
+        # (hi - lo) can exceed int32: halve each bound first.
+        mid = (lo >> 1) + (hi >> 1) + ((lo & 1) + (hi & 1) + 1) // 2
+        ok = jnp.sum(keys >= mid[:, None], axis=-1) >= k
+        done = lo >= hi
+        return (jnp.where(done | ~ok, lo, mid),
+                jnp.where(done, hi, jnp.where(ok, hi, mid - 1)))
+
+    lo, _ = jax.lax.fori_loop(0, 33, step, (lo, hi))
+    return lo
+
+
+def sample(logits: jax.Array, counts: jax.Array, num_generated: jax.Array,
+           s: SamplingBatch) -> jax.Array:
+    """Next token ids ``[B]`` from float32 ``logits [B, V]``.
+
+    ``counts [B, V]`` holds how often each token was generated so far, ``num_generated [B]`` how many tokens
+    were generated (it selects the random stream and the min-tokens mask).
+    """
+    vocab = logits.shape[-1]
+    logits = apply_penalties(logits, counts, s)
+    logits = mask_stop_ids(logits, s.stop_ids, num_generated < s.min_tokens)
+    logits = jnp.where(unpack_bitmask(s.bitmask, vocab), logits, NEG_INF)
+    greedy_rows = (s.top_k == 1) | (s.temperature == 0)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits):
+        filtered = filter_logits(logits, s)
+        keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(s.seed, num_generated)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
+        return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.all(greedy_rows), lambda _: greedy, draw, logits)
+    return jnp.where(greedy_rows, greedy, drawn)

@@ -1,0 +1,143 @@
+"""The two device programs: prefill a chunk of prompts, and decode up to ``max_num_steps`` tokens.
+
+Both are pure functions of (params, KV cache, token counts, packed row arrays); the engine jit-compiles
+them once per bucket shape with the cache and counts donated, so the updates happen in place. The
+architecture is a module with ``forward_hidden`` and ``lm_head`` (see ``maxjax.architectures.llama``).
+
+Shapes: B rows (a batch bucket), T prompt tokens per row (a length bucket), S attention span (a length
+bucket), V vocabulary, K = max_logprobs, N = max_num_steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from maxjax.runtime.sampler import SamplingBatch, sample
+
+
+@struct.dataclass
+class PrefillRows:
+    tokens: jax.Array  # i32 [B, T]
+    positions: jax.Array  # i32 [B, T], -1 for padding
+    slots: jax.Array  # i32 [B]
+    last_index: jax.Array  # i32 [B]: index in T of the row's last real token
+    samples: jax.Array  # bool [B]: the chunk ends the prompt, so the row samples its first token
+    num_generated: jax.Array  # i32 [B]: tokens generated before (non-zero only when re-encoding after reset())
+    echo_targets: jax.Array  # i32 [B, T]: the prompt token that follows each position, -1 where none/not asked
+    logprobs: jax.Array  # bool [B]: the row asked for log-probabilities
+
+
+@struct.dataclass
+class DecodeRows:
+    tokens: jax.Array  # i32 [B]: the last token of each row (not yet in the cache)
+    positions: jax.Array  # i32 [B]: its position
+    slots: jax.Array  # i32 [B]
+    steps: jax.Array  # i32 [B]: how many tokens the row may generate in this call (0 for padding rows)
+    num_generated: jax.Array  # i32 [B]: tokens generated before this call
+    logprobs: jax.Array  # bool [B]
+
+
+@struct.dataclass
+class LogProbs:
+    """Log-probabilities from the model's log-softmax (before penalties and temperature)."""
+
+    token: jax.Array  # f32 [...]: of the chosen/target token
+    top_ids: jax.Array  # i32 [..., K]
+    top_values: jax.Array  # f32 [..., K]
+
+
+def _logprobs(logits: jax.Array, targets: jax.Array, k: int) -> LogProbs:
+    """logits [..., V], targets [...] -> LogProbs of the targets and the top-k alternatives."""
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    token = jnp.take_along_axis(lp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    top_values, top_ids = jax.lax.top_k(lp, k)
+    return LogProbs(token, top_ids.astype(jnp.int32), top_values)
+
+
+def _maybe_logprobs(wanted: jax.Array, logits: jax.Array, targets: jax.Array, k: int) -> LogProbs:
+    """Log-probabilities only when some row asked for them; zeros of the same shapes otherwise."""
+    shape = targets.shape
+    zeros = LogProbs(jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (k,), jnp.int32),
+                     jnp.zeros(shape + (k,), jnp.float32))
+    return jax.lax.cond(jnp.any(wanted), lambda: _logprobs(logits, targets, k), lambda: zeros)
+
+
+def _add_counts(counts: jax.Array, tokens: jax.Array, where: jax.Array) -> jax.Array:
+    """counts [B, V] += one_hot(tokens) on rows where ``where``."""
+    rows = jnp.arange(counts.shape[0])
+    return counts.at[rows, tokens].add(where.astype(counts.dtype))
+
+
+def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: jax.Array,
+                 rows: PrefillRows, sampling: SamplingBatch, *, kv_len: int):
+    """Writes a chunk of each row's prompt into its cache slot; rows whose prompt ends here sample.
+
+    Returns (cache, counts, first_tokens [B], first-token LogProbs [B], echo LogProbs [B, T]).
+    The slots' token counts are reset: penalties count the tokens generated since the prompt was encoded.
+    """
+    hidden, cache = arch.forward_hidden(params, cfg, rows.tokens, rows.positions, cache, rows.slots,
+                                        kv_len=kv_len)  # [B, T, D]
+    batch = jnp.arange(rows.tokens.shape[0])
+    logits = arch.lm_head(params, cfg, hidden[batch, rows.last_index])  # [B, V]
+    row_counts = jnp.zeros((rows.tokens.shape[0], counts.shape[1]), counts.dtype)  # [B, V]
+    first = sample(logits, row_counts, rows.num_generated, sampling)  # [B]
+    first_lp = _maybe_logprobs(rows.logprobs & rows.samples, logits, first, k)
+    echo_wanted = jnp.any(rows.echo_targets >= 0)
+    echo_lp = jax.lax.cond(
+        echo_wanted,
+        lambda: _logprobs(arch.lm_head(params, cfg, hidden), rows.echo_targets, k),  # [B, T, V] only here
+        lambda: LogProbs(jnp.zeros(rows.tokens.shape, jnp.float32),
+                         jnp.zeros(rows.tokens.shape + (k,), jnp.int32),
+                         jnp.zeros(rows.tokens.shape + (k,), jnp.float32)))
+    row_counts = _add_counts(row_counts, first, rows.samples)
+    valid = rows.positions[:, 0] >= 0
+    counts = counts.at[jnp.where(valid, rows.slots, counts.shape[0])].set(row_counts, mode="drop")
+    return cache, counts, first, first_lp, echo_lp
+
+
+def decode_step(arch: Any, cfg: Any, k: int, max_steps: int, params: Any, cache: Any, counts: jax.Array,
+                rows: DecodeRows, sampling: SamplingBatch, *, kv_len: int):
+    """Generates up to ``max_steps`` tokens per row in one device call.
+
+    A row stops after ``rows.steps`` tokens or when it samples one of its stop ids (eos / stop_token_ids);
+    stopped and padding rows write nothing to the cache. The loop ends when every row has stopped.
+    Returns (cache, counts, tokens [N, B] (-1 after a row stopped), LogProbs [N, B]).
+    """
+    num_rows = rows.tokens.shape[0]
+    slot_ids = jnp.where(rows.steps > 0, rows.slots, counts.shape[0])  # padding rows drop their updates
+    row_counts = counts.at[slot_ids].get(mode="fill", fill_value=0)  # [B, V]
+    out_tokens = jnp.full((max_steps, num_rows), -1, jnp.int32)
+    out_lp = LogProbs(jnp.zeros((max_steps, num_rows), jnp.float32),
+                      jnp.zeros((max_steps, num_rows, k), jnp.int32),
+                      jnp.zeros((max_steps, num_rows, k), jnp.float32))
+
+    def cond(carry):
+        i, active = carry[0], carry[1]
+        return (i < max_steps) & jnp.any(active)
+
+    def body(carry):
+        i, active, cache, row_counts, tokens, positions, num_generated, out_tokens, out_lp = carry
+        hidden, cache = arch.forward_hidden(params, cfg, tokens[:, None], jnp.where(active, positions, -1)[:, None],
+                                            cache, rows.slots, kv_len=kv_len)  # [B, 1, D]
+        logits = arch.lm_head(params, cfg, hidden[:, 0])  # [B, V]
+        new = sample(logits, row_counts, num_generated, sampling)  # [B]
+        lp = _maybe_logprobs(rows.logprobs & active, logits, new, k)
+        out_tokens = out_tokens.at[i].set(jnp.where(active, new, -1))
+        out_lp = jax.tree.map(lambda o, x: o.at[i].set(x), out_lp, lp)
+        row_counts = _add_counts(row_counts, new, active)
+        stopped = jnp.any(new[:, None] == sampling.stop_ids, axis=-1)
+        num_generated = num_generated + active
+        positions = positions + active
+        tokens = jnp.where(active, new, tokens)
+        active = active & ~stopped & (i + 1 < rows.steps)
+        return i + 1, active, cache, row_counts, tokens, positions, num_generated, out_tokens, out_lp
+
+    carry = (jnp.int32(0), rows.steps > 0, cache, row_counts, rows.tokens, rows.positions, rows.num_generated,
+             out_tokens, out_lp)
+    _, _, cache, row_counts, _, _, _, out_tokens, out_lp = jax.lax.while_loop(cond, body, carry)
+    counts = counts.at[slot_ids].set(row_counts, mode="drop")
+    return cache, counts, out_tokens, out_lp

@@ -33,7 +33,7 @@ class SamplingBatch:
     """Per-row sampling parameters, all ``[B]`` arrays except where noted."""
 
     temperature: jax.Array  # f32
-    top_k: jax.Array  # i32, 1 = greedy; >= vocab size = no top-k filtering
+    top_k: jax.Array  # i32, 1 = greedy; 0 or >= vocab size = no top-k filtering
     top_p: jax.Array  # f32 in (0, 1]
     min_p: jax.Array  # f32 in [0, 1]
     repetition_penalty: jax.Array  # f32, 1 = off
@@ -97,8 +97,8 @@ def filter_logits(logits: jax.Array, s: SamplingBatch) -> jax.Array:
     vocab = logits.shape[-1]
     temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     logits = logits / temp
-    # top-k: keep logits >= the k-th largest (k clipped to the vocabulary).
-    k = jnp.clip(s.top_k, 1, vocab)
+    # top-k: keep logits >= the k-th largest (k <= 0 or >= V: no limit).
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
     keys = _sortable(logits)
     kth = _kth_largest(keys, k)
     logits = jnp.where(keys >= kth[:, None], logits, NEG_INF)

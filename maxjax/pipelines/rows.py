@@ -64,3 +64,18 @@ def decode_budget(ctx: TextContext, num_steps: int) -> int:
     if max_new is not None:
         budget = min(budget, max_new - ctx.num_generated)
     return max(budget, 0)
+
+
+def wants_echo(ctx: TextContext) -> bool:
+    """Echo log-probabilities are computed once, for the original prompt, and only with ``logprobs > 0``."""
+    return ctx.log_probabilities_echo and ctx.log_probabilities > 0 and ctx.num_generated == 0
+
+
+def echo_targets(ctx: TextContext, n: int) -> np.ndarray:
+    """For the next ``n`` prompt positions, the prompt token that follows each one (-1 after the prompt's end).
+
+    Across chunks the target of a chunk's last position is the first token of the next chunk.
+    """
+    prompt = ctx.prompt_tokens
+    follow = np.arange(ctx.start_idx + 1, ctx.start_idx + n + 1)  # [n]
+    return np.where(follow < prompt.size, prompt[np.minimum(follow, prompt.size - 1)], -1).astype(np.int32)

@@ -1,21 +1,41 @@
 """The TokenGenerator: the host loop between TextContexts and the engine's compiled programs.
 
-One ``next_token`` call: check every context (nothing changes if one is bad), give new requests a KV cache
-slot, prefill whatever prompt is not yet in the cache (in chunks of at most ``max_prefill_len``), then
-decode every live row for up to ``num_steps`` tokens in one device call, and copy the results to the host
-once. Requests may join and leave between calls (continuous batching).
+One ``next_token`` call: check every context (nothing changes if one is bad), build grammar matchers and
+stop-string checkers for new requests, give new requests a KV cache slot, prefill whatever prompt is not
+yet in the cache (in chunks of at most ``max_prefill_len``), then decode every live row for up to
+``num_steps`` tokens, and copy the results to the host once per device call. Requests may join and leave
+between calls (continuous batching).
+
+Generation features (all are data to the compiled programs: none compiles anything after warm-up):
+
+* **Log-probabilities** (``logprobs=N``): per generated token a ``LogProbabilities([lp], [{id: lp} top-N])``
+  from the model's log-softmax, before penalties, temperature and the grammar mask (as MAX and OpenAI).
+* **Echo** (``echo=True`` with ``logprobs > 0``): the prompt tokens' log-probabilities, computed during
+  prefill (chunked prefill included). They come first in the request's first output: its
+  ``log_probabilities`` holds ``len(prompt) - 1`` entries for prompt tokens 1.. (the first prompt token has
+  no log-probability), then one entry per generated token.
+* **Stop strings** (``ctx.stop``): each such request has a ``StopChecker`` (``stop_checker(request_id)``)
+  that detokenizes its generated tokens; when the text contains a stop string the request ends with
+  END_OF_SEQUENCE, tokens after the stop in a multi-step call are dropped, and ``visible_text`` /
+  ``safe_text()`` give the text without it.
+* **Structured output** (``ctx.json_schema``): an llguidance matcher per request fills the row's bitmask
+  before each sampled token. The mask depends on the previous token, so a decode batch that holds a
+  constrained row runs one step per device call (``num_steps`` calls, masks filled in between); batches
+  without one keep multi-step decode. Constrained and free rows share the same programs.
+* **Tools**: ``tool_parser`` parses a finished text into tool calls (``maxjax.pipelines.tools``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from maxjax.context import TextContext
 from maxjax.interfaces import GenerationStatus, LogProbabilities, TextGenerationInputs, TextGenerationOutput
-from maxjax.pipelines.rows import check_context, decode_budget, fill_sampling_row
+from maxjax.pipelines.rows import check_context, decode_budget, echo_targets, fill_sampling_row, wants_echo
+from maxjax.pipelines.stops import StopChecker
+from maxjax.pipelines.structured import GrammarCompiler, fill_bitmask, matcher_finished
 from maxjax.runtime.config import bucket_for
 from maxjax.runtime.engine import Engine, empty_decode_rows, empty_prefill_rows, empty_sampling
 from maxjax.runtime.slots import SlotAllocator
@@ -26,11 +46,16 @@ def _log_probabilities(token_lp: float, top_ids: np.ndarray, top_values: np.ndar
                             top_log_probabilities=[{int(i): float(v) for i, v in zip(top_ids[:n], top_values[:n])}])
 
 
+def _host_logprobs(lp: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A device ``LogProbs`` as host arrays (one copy each; never index device arrays: that compiles)."""
+    return np.asarray(lp.token), np.asarray(lp.top_ids), np.asarray(lp.top_values)
+
+
 class TextGenerationPipeline:
     """Implements ``TokenGenerator`` over an ``Engine``.
 
-    ``tokenizer`` (optional) is kept for callers that need it next to the pipeline (stop strings,
-    structured output); the token loop itself never detokenizes.
+    ``tokenizer`` serves stop strings (detokenization), structured output (the grammar's vocabulary) and
+    tool-call parsing; plain token generation never detokenizes.
     """
 
     def __init__(self, engine: Engine, tokenizer: Any = None, model_name: str = ""):
@@ -40,6 +65,9 @@ class TextGenerationPipeline:
         self.model_name = model_name
         self.slots = SlotAllocator(self.config.max_batch_size)
         self._contexts: dict[str, TextContext] = {}
+        self._stops: dict[str, tuple[TextContext, StopChecker]] = {}
+        self._echo: dict[str, list[LogProbabilities]] = {}
+        self._grammar: GrammarCompiler | None = None
 
     def warmup(self) -> int:
         """Compiles every program the bucket policy can ask for; returns the number of programs."""
@@ -55,17 +83,77 @@ class TextGenerationPipeline:
         for request_id, ctx in batch.items():
             check_context(request_id, ctx, self.config, self.engine.vocab_size)
         live = {rid: ctx for rid, ctx in batch.items() if not ctx.is_done}
+        self._prepare_features(live)
         self._assign_slots(live)
         prefilled = self._prefill([ctx for ctx in live.values() if ctx.is_ce])
         self._decode([ctx for ctx in live.values() if not ctx.is_done], num_steps, prefilled)
-        return {rid: ctx.to_generation_output() for rid, ctx in batch.items()}
+        return {rid: self._output(rid, ctx) for rid, ctx in batch.items()}
 
     def release(self, request_id: str) -> None:
-        """Frees the request's KV cache slot. Unknown ids raise ValueError."""
+        """Frees the request's KV cache slot and its stop checker. Unknown ids raise ValueError."""
         self.slots.release(request_id)
         ctx = self._contexts.pop(request_id)
+        self._stops.pop(request_id, None)
+        self._echo.pop(request_id, None)
         if ctx.is_assigned_to_cache:
             ctx.unassign_from_cache()
+
+    # -- feature state ---------------------------------------------------------------------------------
+    def stop_checker(self, request_id: str) -> StopChecker | None:
+        """The request's stop-string checker (its ``visible_text``, ``safe_text()``), None without stops.
+        Read it before ``release``."""
+        entry = self._stops.get(request_id)
+        return None if entry is None else entry[1]
+
+    @property
+    def tool_parser(self) -> Any:
+        """The tool-call parser for this model's chat template, or None (see ``maxjax.pipelines.tools``)."""
+        from maxjax.pipelines.tools import tool_parser_for
+
+        return tool_parser_for(self.tokenizer, self.model_name)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self._grammar is None:
+            if self.tokenizer is None:
+                raise ValueError("structured output (json_schema) needs the pipeline's tokenizer")
+            self._grammar = GrammarCompiler.for_tokenizer(self.tokenizer, self.engine.vocab_size)
+        return self._grammar
+
+    def _prepare_features(self, live: dict[str, TextContext]) -> None:
+        """Matchers for new constrained requests and checkers for new requests with stop strings."""
+        matchers = {rid: self.grammar_compiler().matcher(ctx.json_schema) for rid, ctx in live.items()
+                    if ctx.json_schema is not None and ctx.matcher is None and ctx.num_generated == 0}
+        for rid, matcher in matchers.items():
+            live[rid].set_matcher(matcher)
+        for rid, ctx in live.items():
+            entry = self._stops.get(rid)
+            if ctx.stop and (entry is None or entry[0] is not ctx):
+                if self.tokenizer is None:
+                    raise ValueError(f"request {rid!r}: stop strings need the pipeline's tokenizer")
+                checker = StopChecker(ctx.stop, self.tokenizer.stream_decoder(), ctx.prompt_tokens[-4:])
+                self._stops[rid] = (ctx, checker)
+
+    def _accept(self, ctx: TextContext, token: int, lp: LogProbabilities | None) -> None:
+        """``ctx.update`` plus the checks that need text or the grammar."""
+        before = ctx.end_idx
+        ctx.update(token, lp)
+        if ctx.end_idx == before or ctx.status is GenerationStatus.END_OF_SEQUENCE:
+            return  # dropped, or an eos / stop token id (not returned, not text)
+        entry = self._stops.get(ctx.request_id)
+        if entry is not None and entry[1].push(token):
+            ctx.update_status(GenerationStatus.END_OF_SEQUENCE)
+        elif ctx.matcher is not None and not ctx.is_done and matcher_finished(ctx.matcher):
+            ctx.update_status(GenerationStatus.END_OF_SEQUENCE)
+
+    def _output(self, rid: str, ctx: TextContext) -> TextGenerationOutput:
+        out = ctx.to_generation_output()
+        echo = self._echo.pop(rid, None)
+        if echo:
+            out.log_probabilities = echo + (out.log_probabilities or [])
+        entry = self._stops.get(rid)
+        if entry is not None and ctx.is_done:
+            entry[1].finish()
+        return out
 
     # -- slots -----------------------------------------------------------------------------------------
     def _assign_slots(self, live: dict[str, TextContext]) -> None:
@@ -108,18 +196,21 @@ class TextGenerationPipeline:
                 self._pack_prefill_row(rows, sampling, r, ctx, n)
             first, first_lp, echo_lp = self.engine.prefill(rows, sampling, kv_len)
             first = np.asarray(first)
-            first_lp = first_lp if rows["logprobs"].any() else None
+            first_lp = _host_logprobs(first_lp) if (rows["logprobs"] & rows["samples"]).any() else None
+            echo_lp = _host_logprobs(echo_lp) if (rows["echo_targets"] >= 0).any() else None
             for r, (ctx, n) in enumerate(zip(group, chunks)):
+                if echo_lp is not None and wants_echo(ctx):
+                    self._echo.setdefault(ctx.request_id, []).extend(
+                        _log_probabilities(echo_lp[0][r, i], echo_lp[1][r, i], echo_lp[2][r, i], ctx.log_probabilities)
+                        for i in np.flatnonzero(rows["echo_targets"][r, :n] >= 0))
                 if n < ctx.active_length:  # more prompt to come: move the window, keep the context pending
                     ctx.bump_token_indices(start_idx=n)
                     pending.append(ctx)
                     continue
                 lp = None
                 if first_lp is not None and ctx.log_probabilities:
-                    token_lp, top_ids, top_values = (np.asarray(a[r]) for a in
-                                                     (first_lp.token, first_lp.top_ids, first_lp.top_values))
-                    lp = _log_probabilities(token_lp, top_ids, top_values, ctx.log_probabilities)
-                ctx.update(int(first[r]), lp)
+                    lp = _log_probabilities(first_lp[0][r], first_lp[1][r], first_lp[2][r], ctx.log_probabilities)
+                self._accept(ctx, int(first[r]), lp)
                 sampled.add(ctx.request_id)
         return sampled
 
@@ -132,14 +223,32 @@ class TextGenerationPipeline:
         rows["samples"][r] = n == ctx.active_length
         rows["num_generated"][r] = ctx.num_generated
         rows["logprobs"][r] = ctx.log_probabilities > 0
+        if wants_echo(ctx):
+            rows["echo_targets"][r, :n] = echo_targets(ctx, n)
         fill_sampling_row(sampling, r, ctx, self.engine.vocab_size)
+        if ctx.matcher is not None and rows["samples"][r]:
+            fill_bitmask(ctx.matcher, sampling["bitmask"], r)
 
     # -- decode ----------------------------------------------------------------------------------------
     def _decode(self, live: list[TextContext], num_steps: int, prefilled: set[str]) -> None:
-        budgets = [decode_budget(ctx, num_steps - (ctx.request_id in prefilled)) for ctx in live]
-        work = [(ctx, b) for ctx, b in zip(live, budgets) if b > 0]
-        if not work:
+        work = [(ctx, decode_budget(ctx, num_steps - (ctx.request_id in prefilled))) for ctx in live]
+        work = [(ctx, b) for ctx, b in work if b > 0]
+        if not any(ctx.matcher is not None for ctx, _ in work):
+            if work:
+                self._decode_call(work)
             return
+        # A grammar mask depends on the token before it: one step per device call, masks filled in between.
+        remaining = {ctx.request_id: b for ctx, b in work}
+        for _ in range(max(remaining.values())):
+            step = [(ctx, 1) for ctx, _ in work if remaining[ctx.request_id] > 0 and not ctx.is_done]
+            if not step:
+                break
+            for ctx, _ in step:
+                remaining[ctx.request_id] -= 1
+            self._decode_call(step)
+
+    def _decode_call(self, work: list[tuple[TextContext, int]]) -> None:
+        """One decode program over ``work`` (context, tokens it may generate), results applied to the contexts."""
         cfg = self.config
         num_rows = bucket_for(len(work), cfg.batch_buckets, "decode batch")
         kv_len = bucket_for(max(ctx.end_idx - 1 + b for ctx, b in work), cfg.length_buckets, "sequence length")
@@ -153,9 +262,11 @@ class TextGenerationPipeline:
             rows["num_generated"][r] = ctx.num_generated
             rows["logprobs"][r] = ctx.log_probabilities > 0
             fill_sampling_row(sampling, r, ctx, self.engine.vocab_size)
+            if ctx.matcher is not None:
+                fill_bitmask(ctx.matcher, sampling["bitmask"], r)
         tokens, lp = self.engine.decode(rows, sampling, kv_len)
         tokens = np.asarray(tokens)  # [N, B]: the one device -> host copy on the plain path
-        lp = tuple(np.asarray(a) for a in (lp.token, lp.top_ids, lp.top_values)) if rows["logprobs"].any() else None
+        lp = _host_logprobs(lp) if rows["logprobs"].any() else None
         for r, (ctx, budget) in enumerate(work):
             for s in range(budget):
                 token = int(tokens[s, r])
@@ -164,6 +275,6 @@ class TextGenerationPipeline:
                 row_lp = None
                 if lp is not None and ctx.log_probabilities:
                     row_lp = _log_probabilities(lp[0][s, r], lp[1][s, r], lp[2][s, r], ctx.log_probabilities)
-                ctx.update(token, row_lp)
+                self._accept(ctx, token, row_lp)
                 if ctx.is_done:
                     break

@@ -145,10 +145,15 @@ class BaseTokenizer:
         max_length = self.max_length
         if params.max_new_tokens is not None:
             max_length = min(max_length, prompt.size + params.max_new_tokens)
+        schema = json_schema_of(request.response_format)
+        if schema is not None:
+            from maxjax.pipelines.structured import check_json_schema  # llguidance, imported on first use
+
+            check_json_schema(schema)
         return self.context_class(
             request.request_id, prompt, max_length=max_length, eos_token_ids=set(self.eos_token_ids),
             sampling_params=params, log_probabilities=request.logprobs, log_probabilities_echo=request.echo,
-            json_schema=json_schema_of(request.response_format), stop=merge_stop(request.stop, params.stop))
+            json_schema=schema, stop=merge_stop(request.stop, params.stop))
 
 
 def merge_stop(*sources: str | list[str] | None) -> list[str]:

@@ -22,6 +22,7 @@ from maxjax.pipelines.embeddings import (
     embed,
     embed_texts,
     load_embeddings_pipeline,
+    plan_batches,
 )
 from maxjax.pipelines.embeddings_tokenizer import EmbeddingsTokenizer
 
@@ -97,6 +98,33 @@ encode_jit = jax.jit(encode, static_argnums=1)
 def unpadded(params, cfg, ids: np.ndarray) -> np.ndarray:
     """The architecture on one exactly-sized row: no padding, no bucket."""
     return np.asarray(encode_jit(params, cfg, ids[None], np.array([ids.size], np.int32)))[0]
+
+
+def test_plan_batches_is_optimal():
+    """Against brute force over every way to cut the sorted rows into batches."""
+    import itertools
+
+    batch_buckets, length_buckets, call_cost = (1, 2, 4), (8, 16, 32), 32
+
+    def cost(lengths, cuts):
+        bounds = [0, *cuts, len(lengths)]
+        total = 0
+        for a, b in zip(bounds, bounds[1:]):
+            if b - a > 4:
+                return None
+            total += min(x for x in batch_buckets if x >= b - a) * min(x for x in length_buckets
+                                                                       if x >= lengths[b - 1]) + call_cost
+        return total
+
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        lengths = sorted(rng.integers(2, 33, size=int(rng.integers(1, 10))).tolist())
+        plan = plan_batches(lengths, batch_buckets, length_buckets, call_cost)
+        assert plan[0][0] == 0 and plan[-1][1] == len(lengths) and all(a[1] == b[0] for a, b in zip(plan, plan[1:]))
+        costs = [c for k in range(len(lengths)) for cuts in itertools.combinations(range(1, len(lengths)), k)
+                 if (c := cost(lengths, cuts)) is not None]
+        assert cost(lengths, [b for _, b in plan[:-1]]) == min(costs)
+    assert plan_batches([5] * 30 + [100] * 2, (1, 2, 4, 8, 16, 32), (16, 32, 64, 128)) == [(0, 30), (30, 32)]
 
 
 def test_protocols(tiny):

@@ -1,8 +1,8 @@
 """Sentence embeddings through the ``EmbeddingsGenerator`` protocol, on bucketed compiled programs.
 
 ``EmbeddingsPipeline.encode`` takes contexts whose prompt tokens are ``[CLS] ... [SEP]`` word pieces,
-truncates them the way sentence-transformers does, sorts them by length (less padding), and packs them into
-(batch bucket, length bucket) shapes. ``warmup()`` compiles every bucket ahead of time into a table keyed by
+truncates them the way sentence-transformers does, sorts them by length, and splits them into batches of
+(batch bucket, length bucket) shape chosen to minimise padding. ``warmup()`` compiles every bucket ahead of time into a table keyed by
 shape, so a warmed pipeline never compiles again. ``load_embeddings_pipeline`` builds the tokenizer and
 pipeline from a model folder; ``embed`` is the one-call helper for notebooks.
 """
@@ -21,6 +21,7 @@ import numpy as np
 from maxjax.architectures.bert import BertConfig, Params, encode as bert_encode
 from maxjax.interfaces import EmbeddingsOutput
 from maxjax.pipelines.embeddings_tokenizer import EmbeddingsTokenizer, truncate_tokens
+from maxjax.runtime.compile_cache import enable_compile_cache
 from maxjax.runtime.config import bucket_for, powers_of_two
 from maxjax.weights.bert import load_bert
 
@@ -34,12 +35,13 @@ class EmbeddingsConfig:
     ``max_length``: word pieces per input including [CLS]/[SEP] (default: the model's ``max_seq_length``);
     longer inputs are truncated to it, as sentence-transformers does. Length buckets are powers of two from
     ``min_length_bucket`` up to it, batch buckets powers of two up to ``max_batch_size``; larger batches
-    are split.
+    are split. ``compile_cache_dir`` is used by ``load_embeddings_pipeline``.
     """
 
     max_batch_size: int = 32
     max_length: int | None = None
     min_length_bucket: int = 16
+    compile_cache_dir: str | None = None  # persistent XLA cache (default: MAXJAX_COMPILE_CACHE or compile_cache/)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "min_length_bucket"):
@@ -49,6 +51,31 @@ class EmbeddingsConfig:
         if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
                                             or self.max_length < 2):
             raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
+
+
+def plan_batches(sorted_lengths: list[int], batch_buckets: tuple[int, ...], length_buckets: tuple[int, ...],
+                 call_cost: int = 32) -> list[tuple[int, int]]:
+    """Split rows sorted by length into ``[start, end)`` batches that minimise the padded work.
+
+    The cost of a batch is its padded size (batch bucket x length bucket of its longest row) plus
+    ``call_cost`` token-equivalents of per-call overhead; dynamic programming over the split points finds
+    the cheapest plan, so a few long inputs run in their own small batch instead of padding every row.
+    """
+    n, max_batch = len(sorted_lengths), batch_buckets[-1]
+    batch_of = [0] + [bucket_for(k, batch_buckets, "batch size") for k in range(1, max_batch + 1)]
+    best = [0] + [None] * n
+    split = [0] * (n + 1)
+    for end in range(1, n + 1):
+        length = bucket_for(sorted_lengths[end - 1], length_buckets, "input length")  # the batch's longest row
+        for start in range(max(0, end - max_batch), end):
+            cost = best[start] + batch_of[end - start] * length + call_cost
+            if best[end] is None or cost < best[end]:
+                best[end], split[end] = cost, start
+    plan, end = [], n
+    while end > 0:
+        plan.append((split[end], end))
+        end = split[end]
+    return plan[::-1]
 
 
 class EmbeddingsPipeline:
@@ -102,9 +129,8 @@ class EmbeddingsPipeline:
         rows = [truncate_tokens(np.asarray(r, dtype=np.int32), self.max_length) for r in rows]
         order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths share a bucket
         out = np.empty((len(rows), self.embedding_dim), np.float32)
-        step = self.batch_buckets[-1]
-        for start in range(0, len(rows), step):
-            chunk = order[start: start + step]
+        for start, end in plan_batches([len(rows[i]) for i in order], self.batch_buckets, self.length_buckets):
+            chunk = order[start:end]
             out[chunk] = self._run([rows[i] for i in chunk])
         return out
 
@@ -156,12 +182,13 @@ def default_model_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def load_embeddings_pipeline(model: str | Path | None = None,
+def load_embeddings_pipeline(model: str | Path | None = None, *, warmup: bool = False,
                              **config: Any) -> tuple[EmbeddingsTokenizer, EmbeddingsPipeline]:
     """Tokenizer and pipeline for a sentence-transformers or HF BERT folder (default: all-MiniLM-L6-v2).
 
-    ``config`` holds ``EmbeddingsConfig`` fields (``max_batch_size``, ``max_length``, ``min_length_bucket``).
-    Programs compile on first use; call ``pipeline.warmup()`` to compile every bucket up front.
+    ``config`` holds ``EmbeddingsConfig`` fields (``max_batch_size``, ``max_length``, ``min_length_bucket``,
+    ``compile_cache_dir``). Programs compile on first use (and land in the persistent compile cache);
+    ``warmup=True`` compiles every bucket now, after which no batch compiles anything.
     """
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise ValueError(f"model must be a folder path, got {type(model).__name__}")
@@ -173,9 +200,13 @@ def load_embeddings_pipeline(model: str | Path | None = None,
     unknown = sorted(set(config) - {f.name for f in dataclasses.fields(EmbeddingsConfig)})
     if unknown:
         raise ValueError(f"unknown embeddings config field(s) {unknown}")
+    embeddings_config = EmbeddingsConfig(**config)
+    enable_compile_cache(embeddings_config.compile_cache_dir)
     model_config, params = load_bert(folder)
-    pipeline = EmbeddingsPipeline(model_config, params, EmbeddingsConfig(**config))
+    pipeline = EmbeddingsPipeline(model_config, params, embeddings_config)
     tokenizer = EmbeddingsTokenizer.from_file(folder / "tokenizer.json", max_length=pipeline.max_length)
+    if warmup:
+        pipeline.warmup()
     return tokenizer, pipeline
 
 

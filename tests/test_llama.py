@@ -184,3 +184,11 @@ def test_donated_cache_is_updated_in_place(params):
     assert cache.k.is_deleted()
     assert new_cache.k.unsafe_buffer_pointer() == before
     assert cache_bytes == new_cache.k.nbytes * 2
+
+
+def test_unstacked_layers_give_the_same_logits(params):
+    tokens = _tokens(10, 11)
+    stacked, cache_a = _run(params, CFG, tokens[None])
+    unstacked, cache_b = _run(llama.unstack_layers(params), CFG, tokens[None])
+    np.testing.assert_allclose(unstacked, stacked, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(cache_b.k), np.asarray(cache_a.k), atol=1e-6, rtol=0)

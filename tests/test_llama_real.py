@@ -1,0 +1,122 @@
+"""SmolLM2-135M-Instruct (Q4_1 GGUF): logits and greedy decoding vs transformers on the same file; the store.
+
+transformers dequantizes the same GGUF to float32, so both sides run identical weights. The float32
+tolerance is the float32 noise floor: over 30 layers transformers' own float32 logits differ from a float64
+run by ~7e-5, and maxjax's (XLA CPU, other summation order) by ~1.5e-4.
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxjax.architectures import llama
+from maxjax.models import load_model
+from maxjax.weights import convert_to_store
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The three primary colors are",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "In 1969, Apollo 11 landed on the Moon. The astronauts Neil Armstrong and Buzz Aldrin spent about "
+    "two and a half hours outside the lunar module, collecting samples and setting up experiments.",
+]
+FLOAT32_TOLERANCE = 3e-4
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_gguf):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                              dtype=torch.float32).eval()
+
+    def logits(ids):
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].numpy()
+
+    return model, logits
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_gguf):
+    return load_model(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(ours):
+    return [list(map(int, ours.tokenizer.encode_text(p))) for p in PROMPTS]
+
+
+def test_float32_logits_match_transformers(ours, reference, prompt_ids):
+    _, ref_logits = reference
+    batch = ours.logits(prompt_ids)  # one batch of unequal lengths, right-padded
+    worst = 0.0
+    for b, ids in enumerate(prompt_ids):
+        ref = ref_logits(ids)
+        alone = ours.logits([ids])[0]
+        for got in (alone, batch[b, : len(ids)]):
+            worst = max(worst, float(np.abs(got - ref).max()))
+            np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+        np.testing.assert_allclose(batch[b, : len(ids)], alone, atol=1e-4, rtol=0)  # padding: float32 noise only
+    print(f"float32 max abs logit diff vs transformers: {worst:.2e}")
+    assert worst <= FLOAT32_TOLERANCE
+
+
+def test_bfloat16_tracks_transformers(smollm2_gguf, reference, prompt_ids):
+    _, ref_logits = reference
+    model16 = load_model(smollm2_gguf, dtype="bfloat16", tokenizer=False)
+    assert model16.params["embed"].dtype == jnp.bfloat16
+    got = model16.logits(prompt_ids)
+    agree, total, worst = 0, 0, 0.0
+    for b, ids in enumerate(prompt_ids):
+        ref = ref_logits(ids)
+        agree += int((got[b, : len(ids)].argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ids)
+        worst = max(worst, float(np.abs(got[b, : len(ids)] - ref).max()))
+    print(f"bfloat16: argmax agreement {agree}/{total}, max abs logit diff {worst:.3f}")
+    assert agree / total >= 0.85 and worst < 3.0
+
+
+def test_greedy_decode_through_cache_matches_transformers(ours, reference, prompt_ids):
+    import torch
+
+    model, _ = reference
+    ids = prompt_ids[0]
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    cfg = ours.config
+    step = jax.jit(functools.partial(llama.forward, cfg=cfg, kv_len=64), donate_argnames=("cache",))
+    cache = llama.init_kv_cache(cfg, 2, 64)
+    slot = np.array([1], np.int32)  # a non-zero slot, with a padded prefill bucket
+    tokens = np.zeros((1, 16), np.int32)
+    positions = np.full((1, 16), -1, np.int32)
+    tokens[0, : len(ids)], positions[0, : len(ids)] = ids, np.arange(len(ids))
+    logits, cache = step(ours.params, tokens=tokens, positions=positions, cache=cache, slots=slot)
+    generated = [int(np.asarray(logits)[0, len(ids) - 1].argmax())]
+    for position in range(len(ids), len(ids) + 15):
+        logits, cache = step(ours.params, tokens=np.array([[generated[-1]]], np.int32),
+                             positions=np.array([[position]], np.int32), cache=cache, slots=slot)
+        generated.append(int(np.asarray(logits)[0, 0].argmax()))
+    assert generated == expected
+    assert ours.tokenizer.decode_tokens(generated).startswith(" the primary colors of the RGB color model")
+
+
+def test_store_loads_faster_with_identical_logits(smollm2_gguf, tmp_path, ours, prompt_ids):
+    store = convert_to_store(smollm2_gguf, "smollm2-test", models_dir=tmp_path)
+    start = time.perf_counter()
+    from_gguf = load_model(smollm2_gguf)
+    gguf_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    from_store = load_model(store)
+    store_seconds = time.perf_counter() - start
+    print(f"load: GGUF {gguf_seconds:.2f} s, store {store_seconds:.2f} s")
+    assert from_store.config == from_gguf.config
+    np.testing.assert_array_equal(from_store.logits(prompt_ids[:2]), from_gguf.logits(prompt_ids[:2]))
+    assert list(from_store.tokenizer.encode_text(PROMPTS[1])) == prompt_ids[1]
+    assert store_seconds < gguf_seconds

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxjax.architectures.llama import LlamaConfig
-from maxjax.weights.gguf_file import load_gguf
+from maxjax.weights.gguf_file import load_gguf, open_gguf
 from maxjax.weights.safetensors_dir import load_safetensors_dir
 from maxjax.weights.sources import ModelSource, default_gguf, resolve_source
 from maxjax.weights.store import load_store_params, models_dir, read_store_config, save_store
@@ -46,11 +46,12 @@ def load_weights(source: str | Path | ModelSource | None = None, dtype: Any = "f
     np_dtype = _numpy_dtype(dtype)
     tokenizer = None
     if resolved.kind == "gguf":
-        cfg, params, _ = load_gguf(resolved.path, np_dtype, progress=progress)
+        reader = open_gguf(resolved.path)  # opened once for weights and tokenizer
+        cfg, params, _ = load_gguf(resolved.path, np_dtype, progress=progress, reader=reader)
         if with_tokenizer:
             from maxjax.tokenizers import HFTokenizer
 
-            tokenizer = HFTokenizer.from_gguf(resolved.path)
+            tokenizer = HFTokenizer.from_gguf(reader)
     elif resolved.kind == "hf":
         cfg, params, _ = load_safetensors_dir(resolved.path, np_dtype, progress=progress)
         if with_tokenizer:

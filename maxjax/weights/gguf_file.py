@@ -34,8 +34,12 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
 
 
 def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """All scalar and short-array metadata fields as Python values (token lists included)."""
-    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    """Model metadata as Python values; of the tokenizer only the vocabulary size (the tokenizer reads the rest)."""
+    meta = {name: field.contents() for name, field in reader.fields.items()
+            if not name.startswith(("GGUF.", "tokenizer."))}
+    if "tokenizer.ggml.tokens" in reader.fields:
+        meta["tokenizer.vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    return meta
 
 
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str,
@@ -58,8 +62,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str,
     if rope_dim != head_dim:
         raise ValueError(f"{source}: partial rotary embeddings ({arch}.rope.dimension_count={rope_dim}, "
                          f"head dim {head_dim}) are not supported")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab_size = int(meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0))
+    vocab_size = int(meta.get(f"{arch}.vocab_size") or meta.get("tokenizer.vocab_size") or 0)
     if not vocab_size:
         raise ValueError(f"{source}: GGUF has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
     return LlamaConfig(
@@ -109,10 +112,11 @@ def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def load_gguf(path: str | Path, dtype=np.float32, progress: bool = False) -> tuple[LlamaConfig, dict, dict]:
-    """(config, params, metadata) of a Llama-family GGUF file."""
+def load_gguf(path: str | Path, dtype=np.float32, progress: bool = False,
+              reader: gguf.GGUFReader | None = None) -> tuple[LlamaConfig, dict, dict]:
+    """(config, params, metadata) of a Llama-family GGUF file (`reader`: the file already opened)."""
     source = str(path)
-    reader = open_gguf(path)
+    reader = reader or open_gguf(path)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     meta = metadata(reader)
     rope_freqs = dequantize(tensors["rope_freqs.weight"], source) if "rope_freqs.weight" in tensors else None

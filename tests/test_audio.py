@@ -140,11 +140,16 @@ def test_buffer_speech_tokens_continue_seamlessly(tts):
     np.testing.assert_allclose(audio, expected, atol=2e-5)
 
 
+class _NoSlots:
+    def slot_of(self, request_id):
+        return None
+
+
 class _ScriptedSpeech:
     """A speech stage that emits fixed tokens (invalid ones included), to drive next_chunk's parsing."""
 
     def __init__(self, script, config):
-        self.script, self.config, self.slots = list(script), config, type("S", (), {"slot_of": lambda s, r: None})()
+        self.script, self.config, self.slots = list(script), config, _NoSlots()
 
     def next_token(self, inputs):
         for ctx in inputs.batch.values():
@@ -262,6 +267,11 @@ def test_speech_token_task_returns_the_token_stage(tts):
     assert hasattr(speech, "next_token") and speech.tokenizer is tokenizer
     with pytest.raises(ValueError, match="bogus"):
         load_audio_pipeline(None, bogus=1)
+    import maxjax
+
+    tokenizer, audio = maxjax.load_pipeline(None, task=PipelineTask.AUDIO_GENERATION, **RUNTIME)
+    assert isinstance(audio, AudioGeneratorPipeline) and audio.decoder_sample_rate == 24000
+    assert maxjax.TTS.__module__ == "maxjax.pipelines.audio"
 
 
 @pytest.mark.slow

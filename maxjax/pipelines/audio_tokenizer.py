@@ -157,7 +157,8 @@ class AudioTokenizer:
             raise ValueError(f"request must be an AudioGenerationRequest, got {type(request).__name__}")
         prompt = self.prompt_token_ids(request)
         if prompt.size >= self.max_length:
-            raise ValueError(f"input: the prompt is {prompt.size} tokens; the model's maximum length is "
+            field = "prompt" if request.prompt is not None else "input"
+            raise ValueError(f"{field}: the prompt is {prompt.size} tokens; the model's maximum length is "
                              f"{self.max_length} (prompt plus at least one speech token)")
         buffer = request.buffer_speech_tokens
         if buffer is not None:

@@ -147,7 +147,8 @@ def tool_parser_for(tokenizer: Any, model_name: str = "") -> Any:
         return PARSERS["llama3_json"]
     if "tools" in template:
         name = model_name.lower()
-        for key, parser in (("qwen", "hermes"), ("hermes", "hermes"), ("mistral", "mistral"), ("llama-3", "llama3_json")):
+        by_name = (("qwen", "hermes"), ("hermes", "hermes"), ("mistral", "mistral"), ("llama-3", "llama3_json"))
+        for key, parser in by_name:
             if key in name:
                 return PARSERS[parser]
     return None

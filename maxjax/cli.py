@@ -64,9 +64,9 @@ def _request_fields(args) -> dict:
 
 
 def cmd_generate(args) -> int:
-    llm = _load_llm(args)
-    params = _sampling_params(args)
+    params = _sampling_params(args)  # bad flags fail before the model loads
     fields = _request_fields(args)
+    llm = _load_llm(args)
     start = time.perf_counter()
     if fields.get("logprobs"):
         completion = llm.complete([args.prompt], params, **fields)[0]
@@ -88,8 +88,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    llm = _load_llm(args)
     params = _sampling_params(args)
+    llm = _load_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("[maxjax] chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:

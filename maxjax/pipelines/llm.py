@@ -3,11 +3,14 @@
 It turns prompts (strings, or chat message lists) into ``TextGenerationRequest``s, contexts via the
 tokenizer's ``new_context``, and text via ``next_token`` / ``release`` with multi-step decode. Requests beyond
 the runtime's ``max_batch_size`` wait in a queue and join as others finish (continuous batching).
+Stop strings are cut from the text (the pipeline's stop checker); with ``tools``, the model's tool calls
+are parsed into ``Completion.tool_calls`` by the parser of its chat-template family.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +23,17 @@ Prompt = str | Sequence[dict]
 
 @dataclass
 class Completion:
-    """One finished request: its text, tokens, status and (when asked) log-probabilities and tool calls."""
+    """One finished request: its text, tokens, status and (when asked) log-probabilities and tool calls.
+
+    ``log_probabilities`` has one entry per generated token; with ``echo=True`` the prompt tokens' entries
+    (prompt tokens 1.., the first has none) are in ``prompt_log_probabilities``.
+    """
 
     text: str
     tokens: list[int]
     final_status: Any
     log_probabilities: list | None = None
+    prompt_log_probabilities: list | None = None
     tool_calls: list = field(default_factory=list)
 
 
@@ -80,8 +88,10 @@ class LLM:
         """Full results (text, tokens, status, log-probabilities) for a list of prompts."""
         requests = [self.request(p, sampling_params, **fields) for p in prompts]
         contexts = {r.request_id: self.tokenizer.build_context(r) for r in requests}  # validates all first
+        parser = self._tool_parser() if fields.get("tools") else None
         tokens: dict[str, list[int]] = {rid: [] for rid in contexts}
         logprobs: dict[str, list] = {rid: [] for rid in contexts}
+        texts: dict[str, str] = {}
         status: dict[str, Any] = {}
         waiting = list(contexts)
         active: dict[str, Any] = {}
@@ -97,13 +107,21 @@ class LLM:
                     logprobs[rid] += out.log_probabilities or []
                     if out.is_done:
                         status[rid] = out.final_status
+                        texts[rid] = self._text(rid, tokens[rid])
                         self.pipeline.release(rid)
                         del active[rid]
         finally:
             for rid in active:
                 self.pipeline.release(rid)
-        return [Completion(self._text(contexts[r.request_id], tokens[r.request_id]), tokens[r.request_id],
-                           status[r.request_id], logprobs[r.request_id] or None) for r in requests]
+        results = []
+        for r in requests:
+            rid, ctx = r.request_id, contexts[r.request_id]
+            echoed = len(ctx.prompt_tokens) - 1 if ctx.log_probabilities_echo and ctx.log_probabilities else 0
+            lps = logprobs[rid]
+            calls = self._tool_calls(texts[rid], parser)
+            results.append(Completion(texts[rid], tokens[rid], status[rid], lps[echoed:] or None,
+                                      lps[:echoed] or None, calls))
+        return results
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, **fields: Any
                ) -> Iterator[str]:
@@ -117,16 +135,37 @@ class LLM:
             while True:
                 out = self.pipeline.next_token(TextGenerationInputs({rid: ctx}, self.num_steps))[rid]
                 self.last_num_tokens += len(out.tokens)
-                piece = decoder.push(out.tokens)
+                checker = self.pipeline.stop_checker(rid)
+                # With stop strings, only text that cannot turn into a stop string is shown.
+                piece = checker.take_new_text() if checker else decoder.push(out.tokens)
+                if out.is_done and not checker:
+                    piece += decoder.flush()
                 if piece:
                     yield piece
                 if out.is_done:
-                    tail = decoder.flush()
-                    if tail:
-                        yield tail
                     return
         finally:
             self.pipeline.release(rid)
 
-    def _text(self, ctx: Any, tokens: list[int]) -> str:
+    def _text(self, request_id: str, tokens: list[int]) -> str:
+        """The finished text: without its stop string when one ended it. Read before ``release``."""
+        checker = self.pipeline.stop_checker(request_id)
+        if checker is not None:
+            return checker.visible_text
         return self.tokenizer.decode_tokens(tokens, skip_special_tokens=True)
+
+    def _tool_parser(self) -> Any:
+        parser = self.pipeline.tool_parser
+        if parser is None:
+            from maxjax.pipelines.tools import NO_TOOL_FORMAT_MESSAGE
+
+            warnings.warn(f"tools: {NO_TOOL_FORMAT_MESSAGE}", stacklevel=3)
+        return parser
+
+    @staticmethod
+    def _tool_calls(text: str, parser: Any) -> list:
+        if parser is None:
+            return []
+        from maxjax.pipelines.tools import parse_tool_calls
+
+        return parse_tool_calls(text, parser).tool_calls

@@ -1,0 +1,80 @@
+"""The notebook wrapper and the CLI on the real SmolLM2: text, streaming, queueing, stops, logprobs, tools."""
+
+import subprocess
+import sys
+
+import pytest
+
+from maxjax.interfaces import GenerationStatus, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_gguf):
+    from maxjax.pipelines.llm import LLM
+
+    return LLM(str(smollm2_gguf), max_batch_size=2, max_seq_len=256, length_buckets=(128, 256), max_num_steps=8)
+
+
+def test_chat_answer_and_raw_completion(llm):
+    assert llm.generate("What is the capital of France?") == "The capital of France is Paris."
+    llm.chat = False
+    try:
+        text = llm.generate("The three primary colors are", SamplingParams(max_new_tokens=16))
+    finally:
+        llm.chat = True
+    assert text.startswith(" the primary colors of the RGB color model: red, blue, and green")
+
+
+def test_more_prompts_than_slots_queue_and_keep_order(llm):
+    params = SamplingParams(max_new_tokens=12)
+    prompts = ["What is the capital of France?", "Name a fruit.", "What is 2 + 2?"]
+    batched = llm.generate(prompts, params)  # 3 prompts, 2 slots: one waits for a free slot
+    alone = [llm.generate(p, params) for p in prompts]
+    assert batched == alone
+    assert llm.pipeline.slots.num_free == 2
+
+
+def test_stream_equals_generate_and_stop_strings_are_cut(llm):
+    params = SamplingParams(max_new_tokens=20)
+    full = llm.generate("Tell me about the ocean.", params)
+    pieces = list(llm.stream("Tell me about the ocean.", params))
+    assert len(pieces) > 1 and "".join(pieces) == full
+    words = full.split()
+    stop = " " + words[3]  # a stop string in the middle of the answer
+    cut = llm.complete(["Tell me about the ocean."], SamplingParams(max_new_tokens=20, stop=[stop]))[0]
+    assert cut.final_status == GenerationStatus.END_OF_SEQUENCE
+    assert cut.text == full[: full.index(stop)]
+    assert "".join(llm.stream("Tell me about the ocean.", SamplingParams(max_new_tokens=20), stop=stop)) == cut.text
+
+
+def test_logprobs_and_echo_shapes(llm):
+    c = llm.complete(["Hi"], SamplingParams(max_new_tokens=5), logprobs=3, echo=True)[0]
+    assert len(c.log_probabilities) == len(c.tokens)
+    assert all(len(lp.top_log_probabilities[0]) == 3 for lp in c.log_probabilities)
+    assert len(c.prompt_log_probabilities) > 0
+    assert all(lp.token_log_probabilities[0] <= 0 for lp in c.log_probabilities + c.prompt_log_probabilities)
+
+
+def test_tools_on_a_model_without_tool_format_warn(llm):
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "weather",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    with pytest.warns(UserWarning, match="no tool-call format"):
+        c = llm.complete(["Weather in Paris?"], SamplingParams(max_new_tokens=4), tools=[tool])[0]
+    assert c.tool_calls == []
+
+
+def test_cli_generate_streams_the_answer():
+    result = subprocess.run([sys.executable, "-m", "maxjax.cli", "generate", "What is the capital of France?",
+                             "--max-new-tokens", "16", "--max-seq-len", "256"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "The capital of France is Paris."
+    assert "tokens in" in result.stderr
+
+
+def test_cli_reports_bad_input_clearly():
+    result = subprocess.run([sys.executable, "-m", "maxjax.cli", "generate", "hi", "--top-p", "1.5"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "top_p" in result.stderr

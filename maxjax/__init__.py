@@ -22,7 +22,12 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_SUBMODULES = {"interfaces", "context", "tokenizers", "architectures", "weights", "runtime", "pipelines", "models"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"maxjax.{name}")
     raise AttributeError(f"module 'maxjax' has no attribute {name!r}")

@@ -22,7 +22,7 @@ __all__ = ["Model", "load_model", "resolve_source"]
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kv_len"))
 def _forward_logits(params, cfg, tokens, positions, *, kv_len):
-    cache = llama.init_kv_cache(cfg, tokens.shape[0], kv_len, params["embed"].dtype)
+    cache = llama.init_kv_cache(cfg, tokens.shape[0], kv_len, params["final_norm"].dtype)
     slots = jax.numpy.arange(tokens.shape[0], dtype=jax.numpy.int32)
     logits, _ = llama.forward(params, cfg, tokens, positions, cache, slots, kv_len=kv_len)
     return logits
@@ -67,8 +67,15 @@ class Model:
         return logits
 
 
-def load_model(source: str | Path | None = None, dtype: Any = "float32", tokenizer: bool = True) -> Model:
-    """Load `source` (see module docstring) with params in `dtype` ("float32" or "bfloat16") on the device."""
+def load_model(source: str | Path | None = None, dtype: Any = "float32", tokenizer: bool = True,
+               quantize: str | None = None) -> Model:
+    """Load `source` (see module docstring) with params in `dtype` ("float32" or "bfloat16") on the device.
+
+    `quantize="int8"`: weight-only int8 linear layers and embedding (see `maxjax.weights.quantize`).
+    """
+    from maxjax.weights.quantize import check_quantize, quantize_params
+
+    check_quantize(quantize)
     weights: Weights = load_weights(source, dtype, with_tokenizer=tokenizer)
-    params = jax.device_put(weights.params)
+    params = jax.device_put(quantize_params(weights.params, quantize) if quantize else weights.params)
     return Model(weights.name, weights.config, params, weights.tokenizer, weights.source, weights.architecture)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxjax.architectures.quantized import embed_lookup, embed_matmul, is_quantized, linear
+
 Params = dict[str, Any]
 
 # A large finite negative instead of -inf: a fully masked (padding) query row then gets a uniform softmax
@@ -204,8 +206,36 @@ def unstack_layers(params: Params) -> Params:
     time; the unrolled one compiles in 6-15 s and reads weights in place.
     """
     layers = params["layers"]
-    num_layers = next(iter(layers.values())).shape[0]
-    return dict(params, layers=[{key: value[i] for key, value in layers.items()} for i in range(num_layers)])
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    return dict(params, layers=[jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)])
+
+
+def fuse_projections(params: Params) -> Params:
+    """Q/K/V concatenated into one "wqkv" (and "bqkv") and gate/up into one "w_gate_up": a load-time transform
+    (stacked or unstacked layers) that turns five matmuls per layer into three."""
+    def fuse(layer: dict) -> dict:
+        if "wq" not in layer:
+            return layer
+        cat = np.concatenate if isinstance(layer["wq"], np.ndarray) else jnp.concatenate
+        out = {k: v for k, v in layer.items() if k not in ("wq", "wk", "wv", "bq", "bk", "bv", "w_gate", "w_up")}
+        out["wqkv"] = cat([layer["wq"], layer["wk"], layer["wv"]], axis=-1)
+        if "bq" in layer:
+            out["bqkv"] = cat([layer["bq"], layer["bk"], layer["bv"]], axis=-1)
+        out["w_gate_up"] = cat([layer["w_gate"], layer["w_up"]], axis=-1)
+        return out
+
+    layers = params["layers"]
+    layers = [fuse(layer) for layer in layers] if isinstance(layers, (list, tuple)) else fuse(layers)
+    return dict(params, layers=layers)
+
+
+def runtime_params(params: Params) -> Params:
+    """The layout the serving engine runs: fused projections, unstacked layers (decode unrolls them and reads
+    weights in place; prefill stacks them inside its program and scans, which compiles fast)."""
+    params = fuse_projections(params)
+    if isinstance(params["layers"], (list, tuple)):
+        return params
+    return unstack_layers(params)
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:
@@ -320,6 +350,31 @@ def _write_cache(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, slots: j
     return cache_kv.at[layer, slots[:, None], write_pos].set(new.astype(cache_kv.dtype), mode="drop")
 
 
+def _qkv(h: jax.Array, layer: Params, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Q, K, V projections [B, T, H*Dh], [B, T, KVH*Dh] x2, from separate or fused (`fuse_projections`) weights."""
+    if "wqkv" in layer:
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        qkv = linear(h, layer["wqkv"])  # [B, T, (H + 2 KVH) * Dh]
+        if cfg.attention_bias:
+            qkv = qkv + layer["bqkv"]
+        return qkv[..., :q_dim], qkv[..., q_dim:q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
+    q, k, v = linear(h, layer["wq"]), linear(h, layer["wk"]), linear(h, layer["wv"])
+    if cfg.attention_bias:
+        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    return q, k, v
+
+
+def _mlp(h: jax.Array, layer: Params) -> jax.Array:
+    """SwiGLU from separate or fused gate/up weights: [B, T, D] -> [B, T, D]."""
+    if "w_gate_up" in layer:
+        gate_up = linear(h, layer["w_gate_up"])  # [B, T, 2F]
+        half = gate_up.shape[-1] // 2
+        return linear(jax.nn.silu(gate_up[..., :half]) * gate_up[..., half:], layer["w_down"])
+    if any(is_quantized(layer[name]) for name in ("w_gate", "w_up", "w_down")):
+        return linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
+    return mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"])
+
+
 def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array, cache: KVCache, layer_index: jax.Array, slots: jax.Array,
                   positions: jax.Array, kv_len: int) -> tuple[jax.Array, KVCache]:
@@ -327,9 +382,7 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)  # [B, T, D]
-    q, k, v = h @ layer["wq"], h @ layer["wk"], h @ layer["wv"]  # [B, T, H*Dh], [B, T, KVH*Dh] x2
-    if cfg.attention_bias:
-        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    q, k, v = _qkv(h, layer, cfg)  # [B, T, H*Dh], [B, T, KVH*Dh] x2
     q = rope(q.reshape(B, T, H, Dh), cos, sin)  # [B, T, H, Dh]
     k = rope(k.reshape(B, T, KVH, Dh), cos, sin)  # [B, T, KVH, Dh]
     v = v.reshape(B, T, KVH, Dh)  # [B, T, KVH, Dh]
@@ -338,31 +391,42 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     keys = cache.k[layer_index, slots, :kv_len].astype(x.dtype)  # [B, S, KVH, Dh]
     values = cache.v[layer_index, slots, :kv_len].astype(x.dtype)  # [B, S, KVH, Dh]
     attn = attention(q, keys, values, mask)  # [B, T, H, Dh]
-    x = x + attn.reshape(B, T, H * Dh) @ layer["wo"]  # [B, T, D]
+    x = x + linear(attn.reshape(B, T, H * Dh), layer["wo"])  # [B, T, D]
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)  # [B, T, D]
-    x = x + mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"])  # [B, T, D]
+    x = x + _mlp(h, layer)  # [B, T, D]
     return x, cache
 
 
 def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-                   slots: jax.Array, *, kv_len: int) -> tuple[jax.Array, KVCache]:
+                   slots: jax.Array, *, kv_len: int, scan: bool | None = None) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [B, T, D] for tokens/positions [B, T] (int32), and the updated cache.
 
     Every real token's K/V is written to `cache[:, slots[b], positions[b, t]]` before attention, so a prefill
     chunk sees earlier chunks. All positions must be < kv_len <= max_seq_len (kv_len is static).
+    `scan`: one scanned layer body (True) or an unrolled program (False); None follows the params' layout
+    (stacked: scan, a list from `unstack_layers`: unrolled). Unstacked layers are stacked inside the program
+    when scanned.
     """
     if kv_len > cache.k.shape[2]:
         raise ValueError(f"kv_len ({kv_len}) exceeds the cache's max_seq_len ({cache.k.shape[2]})")
-    dtype = params["embed"].dtype
+    dtype = params["final_norm"].dtype
     tokens, positions, slots = tokens.astype(jnp.int32), positions.astype(jnp.int32), slots.astype(jnp.int32)
-    x = params["embed"][tokens]  # [B, T, D]
+    x = embed_lookup(params["embed"], tokens, dtype)  # [B, T, D]
     cos, sin = rope_cos_sin(cfg, positions)  # [B, T, Dh] each
     mask = attention_mask(positions, kv_len, cfg.sliding_window)  # [B, T, S]
+    layers = params["layers"]
+    unstacked = isinstance(layers, (list, tuple))
+    if scan is None:
+        scan = not unstacked
 
-    if isinstance(params["layers"], (list, tuple)):  # unstacked (see `unstack_layers`): an unrolled program
-        for layer_index, layer in enumerate(params["layers"]):
+    if not scan:
+        for layer_index in range(cfg.num_layers):
+            layer = layers[layer_index] if unstacked else jax.tree.map(lambda a, i=layer_index: a[i], layers)
             x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len)
         return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
+
+    if unstacked:
+        layers = jax.tree.map(lambda *a: jnp.stack(a), *layers)
 
     def body(carry, scanned):
         x, cache = carry
@@ -371,15 +435,15 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
         return (x.astype(dtype), cache), None
 
     layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], layer_indices))
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (layers, layer_indices))
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache  # [B, T, D]
 
 
 def lm_head(params: Params, cfg: LlamaConfig, hidden: jax.Array) -> jax.Array:
     """Logits [..., V] in float32 from hidden states [..., D] (tied: the embedding matrix transposed)."""
     if cfg.tie_word_embeddings:
-        return jnp.einsum("...d,vd->...v", hidden, params["embed"]).astype(jnp.float32)
-    return (hidden @ params["lm_head"]).astype(jnp.float32)
+        return embed_matmul(hidden, params["embed"]).astype(jnp.float32)
+    return linear(hidden, params["lm_head"]).astype(jnp.float32)
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,

@@ -78,14 +78,16 @@ class Engine:
         self.model_config = model_config
         self.config = config
         self.vocab_size = model_config.vocab_size
-        self.params = params
+        # The serving layout (e.g. fused projections, unstacked layers: see llama.runtime_params).
+        self.params = arch.runtime_params(params) if hasattr(arch, "runtime_params") else params
         dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
         self.cache = arch.init_kv_cache(model_config, config.max_batch_size, config.max_seq_len, dtype)
         self.counts = jnp.zeros((config.max_batch_size, self.vocab_size), jnp.int32)  # generated-token counts per slot
         k = config.max_logprobs or 1
         self._prefill = jax.jit(functools.partial(prefill_step, arch, model_config, k),
                                 static_argnames=("kv_len",), donate_argnums=(1, 2))
-        self._decode = jax.jit(functools.partial(decode_step, arch, model_config, k, config.max_num_steps),
+        self._decode = jax.jit(functools.partial(decode_step, arch, model_config, k, config.max_num_steps,
+                                                 scan_layers=config.scan_decode_layers),
                                static_argnames=("kv_len",), donate_argnums=(1, 2))
         self._programs: dict[tuple, Any] = {}
 

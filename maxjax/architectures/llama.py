@@ -254,8 +254,8 @@ def init_kv_cache(cfg: LlamaConfig, num_slots: int, max_seq_len: int, dtype=jnp.
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, result cast back to x's dtype before the weight (as HF does)."""
-    x32 = x.astype(jnp.float32)
+    """RMSNorm computed in at least float32, result cast back to x's dtype before the weight (as HF does)."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64 (parity checks)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * normed.astype(x.dtype)
 
@@ -322,12 +322,13 @@ def attention_mask(positions: jax.Array, kv_len: int, sliding_window: int | None
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention. q [B, T, H, Dh]; k, v [B, S, KVH, Dh]; mask [B, T, S] -> [B, T, H, Dh].
 
-    Query head h uses kv head h // (H // KVH), as HF's repeat_kv does. Scores and softmax in float32.
+    Query head h uses kv head h // (H // KVH), as HF's repeat_kv does. Scores and softmax in at least float32.
     """
     B, T, H, Dh = q.shape
     KVH = k.shape[2]
     q = q.reshape(B, T, KVH, H // KVH, Dh)  # [B, T, KVH, G, Dh]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(Dh)  # [B, KVH, G, T, S]
+    score_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(score_dtype) / math.sqrt(Dh)  # [B, KVH, G, T, S]
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, KVH, G, T, S]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, KVH, G, Dh]

@@ -162,3 +162,29 @@ def test_store_loads_faster_with_identical_logits(smollm2_gguf, tmp_path, ours, 
     np.testing.assert_array_equal(from_store.logits(prompt_ids[:2]), from_gguf.logits(prompt_ids[:2]))
     assert list(from_store.tokenizer.encode_text(PROMPTS[1])) == prompt_ids[1]
     assert store_seconds < gguf_seconds
+
+
+EXACT_MATMUL_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="  # XLA CPU's plain dot kernels (README)
+
+
+def test_float32_logits_within_1e4_with_plain_cpu_matmuls(smollm2_gguf, reference, prompt_ids, tmp_path):
+    """With XLA CPU's YNNPACK matmul fusion off (set before JAX starts, so in a child process) the float32
+    logits are within 1e-4 of transformers'."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json, sys, numpy as np\n"
+              "from maxjax.models import load_model\n"
+              "model = load_model(sys.argv[1])\n"
+              "for i, ids in enumerate(json.loads(sys.argv[2])):\n"
+              "    np.save(f'{sys.argv[3]}/{i}.npy', model.logits([ids])[0])\n")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {EXACT_MATMUL_FLAGS}".strip())
+    subprocess.run([sys.executable, "-c", script, str(smollm2_gguf), json.dumps(prompt_ids), str(tmp_path)],
+                   env=env, check=True, timeout=600)
+    _, ref_logits = reference
+    worst = max(float(np.abs(np.load(tmp_path / f"{i}.npy") - ref_logits(ids)).max())
+                for i, ids in enumerate(prompt_ids))
+    print(f"float32 max abs logit diff vs transformers, plain matmuls: {worst:.2e}")
+    assert worst <= 1e-4

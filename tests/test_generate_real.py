@@ -24,12 +24,10 @@ def text_pipeline(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(smollm2_gguf):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, torch_dtype=torch.float32)
-    model.eval()
+def hf_greedy(hf_smollm2):
+    import torch
+
+    model = hf_smollm2
 
     def generate(prompt_ids):
         with torch.no_grad():

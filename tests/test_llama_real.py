@@ -9,6 +9,7 @@ float32 measures up to 1.4e-4 on these prompts (within 1e-4 only with that kerne
 speed, or with split-K matmuls, 2.5x slower on XLA CPU).
 """
 
+import copy
 import functools
 import time
 
@@ -36,11 +37,10 @@ FLOAT64_TOLERANCE = 1e-5  # measured 2.7e-6 (logits), 1.8e-6 (final hidden state
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_gguf):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                              dtype=torch.float32).eval()
+def reference(hf_smollm2):
+    import torch
+
+    model = hf_smollm2
 
     def logits(ids):
         with torch.no_grad():
@@ -74,11 +74,10 @@ def test_float32_logits_match_transformers(ours, reference, prompt_ids):
     assert worst <= FLOAT32_TOLERANCE
 
 
-def test_float64_math_matches_transformers(smollm2_gguf, prompt_ids, monkeypatch):
+def test_float64_math_matches_transformers(smollm2_gguf, hf_smollm2, prompt_ids, monkeypatch):
     """Run both sides in float64 so rounding vanishes and any real difference in the math (eps, rope, Q/K
     un-permutation, tied head, dequantization) shows; both keep rope angles in float32, as HF does."""
     import torch
-    import transformers
     from transformers.models.llama import modeling_llama
 
     def rms_norm_float64(self, hidden):  # HF's RMSNorm computes in float32 even for a float64 model
@@ -86,8 +85,7 @@ def test_float64_math_matches_transformers(smollm2_gguf, prompt_ids, monkeypatch
         return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm_float64)
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                              dtype=torch.float32).to(torch.float64).eval()
+    model = copy.deepcopy(hf_smollm2).to(torch.float64)
     cfg, params, _ = load_gguf(smollm2_gguf)
     embed = params["embed"].astype(np.float64)  # [V, D]
     worst_hidden = worst_logits = 0.0

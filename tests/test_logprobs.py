@@ -29,11 +29,10 @@ def pipe(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def hf_log_softmax(smollm2_gguf):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                              dtype=torch.float32).eval()
+def hf_log_softmax(hf_smollm2):
+    import torch
+
+    model = hf_smollm2
 
     def log_softmax(ids):
         with torch.no_grad():

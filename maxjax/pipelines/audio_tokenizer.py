@@ -20,7 +20,6 @@ followed by the usual prompt for `input`. `audio_prompt_tokens` are speech-token
 
 from __future__ import annotations
 
-import numbers
 import re
 from typing import Any
 
@@ -142,14 +141,7 @@ class AudioTokenizer:
             if not prompt:
                 raise ValueError("prompt is empty")
             return self.tokenizer.encode_text(prompt, add_special_tokens=False)
-        ids = prompt.reshape(-1).tolist() if isinstance(prompt, np.ndarray) else list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)
-               or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size}), got {bad[:5]}")
-        return np.asarray(ids, np.int32)
+        return self.tokenizer.check_token_ids(prompt)
 
     def build_context(self, request: AudioGenerationRequest) -> AudioContext:
         """An AudioContext for the request; every check happens before anything is built."""

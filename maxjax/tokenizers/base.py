@@ -122,9 +122,10 @@ class BaseTokenizer:
             if not request.prompt:
                 raise ValueError("prompt is empty")
             return self.encode_text(request.prompt, add_special_tokens=True)
-        return self._check_token_prompt(request.prompt)
+        return self.check_token_ids(request.prompt)
 
-    def _check_token_prompt(self, prompt: Any) -> np.ndarray:
+    def check_token_ids(self, prompt: Any) -> np.ndarray:
+        """A token-id prompt as int32, checked: non-empty, ids in the vocabulary, shorter than max_length."""
         ids = list(prompt) if not isinstance(prompt, np.ndarray) else prompt.reshape(-1).tolist()
         if not ids:
             raise ValueError("prompt is empty")

@@ -28,7 +28,7 @@ def _run(params, cfg, tokens, positions=None, cache=None, slots=None, kv_len=Non
     if slots is None:
         slots = np.arange(tokens.shape[0], dtype=np.int32)
     logits, cache = _forward(params, cfg, tokens, np.asarray(positions, np.int32), cache,
-                             np.asarray(slots, np.int32), kv_len or cache.k.shape[2])
+                             np.asarray(slots, np.int32), kv_len or cache.k.shape[3])
     return np.asarray(logits), cache
 
 
@@ -126,7 +126,7 @@ def test_padding_does_not_change_real_rows(params):
     np.testing.assert_allclose(batched[1, :3], alone_b[0], atol=1e-5, rtol=0)
     assert np.isfinite(batched).all()
     # Padding wrote nothing: row 1's cache beyond position 2 is still zero.
-    assert np.all(np.asarray(cache.k)[:, 1, 3:] == 0) and np.all(np.asarray(cache.v)[:, 1, 3:] == 0)
+    assert np.all(np.asarray(cache.k)[:, 1, :, 3:] == 0) and np.all(np.asarray(cache.v)[:, 1, :, 3:] == 0)
 
 
 def test_chunked_prefill_then_decode_equals_full_forward(params):

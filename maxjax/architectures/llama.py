@@ -15,8 +15,8 @@ KV cache: `KVCache(k, v)`, each [L, num_slots, KVH, max_seq_len, Dh] (heads befo
 keys for one head are contiguous and attention reads them without a transposing copy). Row b of a batch owns
 slot `slots[b]`; the token at position p writes cache index p; a position < 0 is padding and writes nothing.
 Attention reads only `cache[:, slot, :, :kv_len]` and masks by position (key j visible to a query at p
-iff j <= p, and
-j > p - sliding_window when set), so the same program serves any mix of prompt lengths and decode steps.
+iff j <= p, and j > p - sliding_window when set), so the same program serves any mix of prompt lengths and
+decode steps.
 The whole cache is carried through the layer scan and updated at the layer index, so a donated cache is
 updated in place.
 """

@@ -17,7 +17,9 @@ Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a `
   called directly on the same shapes;
 * XLA compiles during the timed part (must be 0);
 * cold vs warm start: a fresh process loading the model, compiling every program of the default runtime
-  config (``warmup=True``) and producing its first output, with an empty vs a filled compile cache.
+  config (``warmup=True``) and producing its first output, with an empty vs a filled compile cache;
+* lazy start: the same without ``warmup()``, as the CLI runs (programs compile on first use): a fresh process
+  to its first token, with an empty vs a filled compile cache.
 """
 
 from __future__ import annotations
@@ -170,11 +172,12 @@ def decode_rate(batch: int, new_tokens: int, t_full: float, t_first: float) -> f
     return batch * (new_tokens - 1) / max(t_full - t_first, 1e-9)
 
 
-def start_child(model, fields: dict, cache_dir: str, prompt_len: int) -> dict:
-    """A fresh process: import, load, warm up every program, first output. Returns its timings."""
+def start_child(model, fields: dict, cache_dir: str, prompt_len: int, lazy: bool = False) -> dict:
+    """A fresh process: import, load, warm up every program (or, `lazy`, none: compile on first use), first
+    output (`lazy`: first token). Returns its timings."""
     env = dict(os.environ, MAXJAX_COMPILE_CACHE=cache_dir)
     payload = json.dumps({"model": None if model is None else str(model), "fields": fields,
-                          "prompt_len": prompt_len})
+                          "prompt_len": prompt_len, "lazy": lazy})
     t0 = time.time()
     proc = subprocess.run([sys.executable, str(HERE), "--_start-child", payload], env=env, capture_output=True,
                           text=True, check=False)
@@ -192,11 +195,12 @@ def _child_main(payload: str) -> None:
 
     tokenizer, pipe = load_text_pipeline(spec["model"], **spec["fields"])
     t_loaded = time.perf_counter()
-    programs = pipe.warmup()
+    programs = 0 if spec.get("lazy") else pipe.warmup()
     t_warm = time.perf_counter()
     runner = MaxjaxRunner.__new__(MaxjaxRunner)
     runner.pipe, runner.num_steps, runner.vocab, runner._ids = pipe, pipe.config.max_num_steps, pipe.engine.vocab_size, 0
-    runner.generate(make_prompts(1, spec["prompt_len"], runner.vocab, 1), pipe.config.max_num_steps)
+    new_tokens = 1 if spec.get("lazy") else pipe.config.max_num_steps
+    runner.generate(make_prompts(1, spec["prompt_len"], runner.vocab, 1), new_tokens)
     first_output_at = time.time()
     print(json.dumps({"import_and_load_s": t_loaded - t_start, "warmup_s": t_warm - t_loaded, "programs": programs,
                       "first_output_after_warmup_s": time.perf_counter() - t_warm,
@@ -311,8 +315,12 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as cache_dir:
             cold = start_child(gguf, start_fields, cache_dir, P if not args.quick else 8)
             warm = start_child(gguf, start_fields, cache_dir, P if not args.quick else 8)
+        with tempfile.TemporaryDirectory() as cache_dir:
+            lazy_cold = start_child(gguf, start_fields, cache_dir, P if not args.quick else 8, lazy=True)
+            lazy_warm = start_child(gguf, start_fields, cache_dir, P if not args.quick else 8, lazy=True)
         results["start"] = {"cold": cold, "warm": warm,
-                            "ratio": cold["start_to_first_output_s"] / warm["start_to_first_output_s"]}
+                            "ratio": cold["start_to_first_output_s"] / warm["start_to_first_output_s"],
+                            "lazy_cold": lazy_cold, "lazy_warm": lazy_warm}
     results["machine"]["load_average_end"] = load_average()
     print(format_table(results))
     if args.json:
@@ -346,6 +354,10 @@ def format_table(r: dict) -> str:
                      f"(warmup of {s['cold']['programs']} programs {s['cold']['warmup_s']:.1f} s), warm "
                      f"{s['warm']['start_to_first_output_s']:.1f} s (warmup {s['warm']['warmup_s']:.1f} s): "
                      f"{s['ratio']:.1f}x")
+        if "lazy_cold" in s:
+            lines.append(f"lazy start (no warmup, as the CLI) to first token: cold "
+                         f"{s['lazy_cold']['start_to_first_output_s']:.1f} s, warm "
+                         f"{s['lazy_warm']['start_to_first_output_s']:.1f} s")
     la = r["machine"]
     lines.append(f"load average at start {la['load_average_start']}, at end {la['load_average_end']}")
     return "\n".join(lines)

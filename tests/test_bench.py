@@ -27,3 +27,5 @@ def test_bench_generate_quick(tmp_path, smollm2_gguf):
     assert 4.5e8 < r["weight_bytes_per_token"] < 6e8
     for start in ("cold", "warm"):
         assert r["start"][start]["programs"] == 2 and r["start"][start]["start_to_first_output_s"] > 0
+    for start in ("lazy_cold", "lazy_warm"):
+        assert r["start"][start]["programs"] == 0 and r["start"][start]["start_to_first_output_s"] > 0

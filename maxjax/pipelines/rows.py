@@ -24,7 +24,7 @@ def check_context(request_id: str, ctx: object, config: RuntimeConfig, vocab_siz
     if ctx.max_length > config.max_seq_len:
         raise ValueError(f"request {request_id!r}: max_length {ctx.max_length} exceeds the runtime's max_seq_len "
                          f"{config.max_seq_len}")
-    tokens = ctx.all_tokens
+    tokens = ctx.next_tokens  # every token reaches the model through this window once: check only it
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError(f"request {request_id!r}: prompt token ids must be in [0, {vocab_size})")
     params = ctx.sampling_params
@@ -40,11 +40,11 @@ def check_context(request_id: str, ctx: object, config: RuntimeConfig, vocab_siz
                          f"max_logprobs ({config.max_logprobs})")
 
 
-def fill_sampling_row(arrays: dict[str, np.ndarray], row: int, ctx: TextContext, vocab_size: int) -> None:
+def fill_sampling_row(arrays: dict[str, np.ndarray], row: int, ctx: TextContext) -> None:
     """Writes one context's sampling parameters into row ``row`` of the engine's sampling arrays."""
     p = ctx.sampling_params
     arrays["temperature"][row] = p.temperature
-    arrays["top_k"][row] = p.top_k if p.top_k > 0 else vocab_size  # 0: no top-k limit
+    arrays["top_k"][row] = p.top_k  # the sampler reads 0 as no top-k limit
     arrays["top_p"][row] = p.top_p
     arrays["min_p"][row] = p.min_p
     arrays["repetition_penalty"][row] = p.repetition_penalty

@@ -225,7 +225,7 @@ class TextGenerationPipeline:
         rows["logprobs"][r] = ctx.log_probabilities > 0
         if wants_echo(ctx):
             rows["echo_targets"][r, :n] = echo_targets(ctx, n)
-        fill_sampling_row(sampling, r, ctx, self.engine.vocab_size)
+        fill_sampling_row(sampling, r, ctx)
         if ctx.matcher is not None and rows["samples"][r]:
             fill_bitmask(ctx.matcher, sampling["bitmask"], r)
 
@@ -261,7 +261,7 @@ class TextGenerationPipeline:
             rows["steps"][r] = budget
             rows["num_generated"][r] = ctx.num_generated
             rows["logprobs"][r] = ctx.log_probabilities > 0
-            fill_sampling_row(sampling, r, ctx, self.engine.vocab_size)
+            fill_sampling_row(sampling, r, ctx)
             if ctx.matcher is not None:
                 fill_bitmask(ctx.matcher, sampling["bitmask"], r)
         tokens, lp = self.engine.decode(rows, sampling, kv_len)

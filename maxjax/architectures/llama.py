@@ -103,6 +103,18 @@ class LlamaConfig:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if key not in hf_config:
                 raise ValueError(f"config.json is missing {key!r}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"):
+            value = hf_config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"config.json {key} must be a positive int, got {value!r}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = hf_config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"config.json {key} must be a positive number, got {value!r}")
+        for key in ("rope_parameters", "rope_scaling"):
+            if hf_config.get(key) is not None and not isinstance(hf_config[key], dict):
+                raise ValueError(f"config.json {key} must be an object, got {hf_config[key]!r}")
         num_heads = hf_config["num_attention_heads"]
         head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // num_heads
         # transformers >= 5 moves rope_theta / rope_scaling into `rope_parameters`.

@@ -73,6 +73,7 @@ class TextGenerationRequest(Request):
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
 
     def __post_init__(self) -> None:
+        _check_prompt(self.prompt)
         if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or self.logprobs < 0:
             raise ValueError(f"logprobs must be an int >= 0, got {self.logprobs!r}")
         if self.stop is not None and not isinstance(self.stop, str):
@@ -80,6 +81,22 @@ class TextGenerationRequest(Request):
                 raise ValueError(f"stop must be a str or a list of str, got {self.stop!r}")
         if not isinstance(self.sampling_params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(self.sampling_params).__name__}")
+
+
+def _check_prompt(prompt: object) -> None:
+    """A prompt is text or a sequence of token ids: bytes, dicts, sets and scalars are refused, not iterated."""
+    if prompt is None or isinstance(prompt, str):
+        return
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1 or not (prompt.size == 0 or np.issubdtype(prompt.dtype, np.integer)):
+            raise ValueError(f"prompt must be a str or a 1-D sequence of int token ids, got an array of shape "
+                             f"{prompt.shape} and dtype {prompt.dtype}")
+        return
+    if isinstance(prompt, (bytes, bytearray, memoryview)) or not isinstance(prompt, Sequence):
+        raise ValueError(f"prompt must be a str or a sequence of int token ids, got {type(prompt).__name__}")
+    bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
+    if bad:
+        raise ValueError(f"prompt token ids must be ints, got {bad[:3]!r}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,7 @@ class AudioGenerationRequest(Request):
     buffer_speech_tokens: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        _check_prompt(self.prompt)
         if self.input is not None:
             if not isinstance(self.input, str):
                 raise ValueError(f"input must be a str, got {type(self.input).__name__}")

@@ -6,6 +6,15 @@ import math
 import numbers
 from dataclasses import dataclass
 
+INT32_MAX = 2**31 - 1
+UINT32_MAX = 2**32 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+MIN_TEMPERATURE = 1e-6
+"""Positive temperatures below this divide logits into float32 overflow (inf - inf = NaN); 0 means greedy."""
+PENALTY_LIMIT = 1e6
+"""Bound on |frequency_penalty|, |presence_penalty| and on repetition_penalty and its inverse: beyond it a
+penalty removes a token outright already, and the penalised logits stay finite in float32 for any count."""
+
 
 def _check_finite(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -15,10 +24,21 @@ def _check_finite(name: str, value: object) -> float:
     return float(value)
 
 
-def _check_int(name: str, value: object) -> int:
+def _check_int(name: str, value: object, upper: int = INT32_MAX) -> int:
+    """An int within ``upper`` (default: the int32 range the device arrays hold, so nothing overflows later)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {value!r}")
+    if value > upper:
+        raise ValueError(f"{name} must be <= {upper}, got {value!r}")
     return int(value)
+
+
+def _check_float32(name: str, value: object) -> float:
+    """A finite number that stays finite as a float32 on the device."""
+    value = _check_finite(name, value)
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name} must fit a float32 (|x| <= {FLOAT32_MAX:.4g}), got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -48,18 +68,21 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if _check_int("top_k", self.top_k) < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        top_p = _check_finite("top_p", self.top_p)
+        top_p = _check_float32("top_p", self.top_p)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        min_p = _check_finite("min_p", self.min_p)
+        min_p = _check_float32("min_p", self.min_p)
         if not 0.0 <= min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if _check_finite("temperature", self.temperature) < 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        _check_finite("frequency_penalty", self.frequency_penalty)
-        _check_finite("presence_penalty", self.presence_penalty)
-        if _check_finite("repetition_penalty", self.repetition_penalty) <= 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        temperature = _check_float32("temperature", self.temperature)
+        if temperature < 0.0 or 0.0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if abs(_check_float32(name, getattr(self, name))) > PENALTY_LIMIT:
+                raise ValueError(f"{name} must be in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}], got {getattr(self, name)}")
+        if not 1 / PENALTY_LIMIT <= _check_float32("repetition_penalty", self.repetition_penalty) <= PENALTY_LIMIT:
+            raise ValueError(f"repetition_penalty must be in [{1 / PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}], "
+                             f"got {self.repetition_penalty}")
         if self.max_new_tokens is not None and _check_int("max_new_tokens", self.max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens must be >= 1 when set, got {self.max_new_tokens}")
         if _check_int("min_new_tokens", self.min_new_tokens) < 0:
@@ -77,9 +100,9 @@ class SamplingParams:
         if self.stop_token_ids is not None:
             ids = self.stop_token_ids
             if not isinstance(ids, (list, tuple)) or not all(
-                    isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids):
-                raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {ids!r}")
-        if _check_int("seed", self.seed) < 0:
+                    isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i <= INT32_MAX for i in ids):
+                raise ValueError(f"stop_token_ids must be a list of ints in [0, 2**31), got {ids!r}")
+        if _check_int("seed", self.seed, upper=UINT32_MAX) < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     @property

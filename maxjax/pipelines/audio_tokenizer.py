@@ -29,6 +29,7 @@ from maxjax.context import AudioContext
 from maxjax.interfaces import AudioGenerationRequest
 from maxjax.interfaces.requests import AUDIO_INPUT_MAX_CHARS
 from maxjax.pipelines.orpheus import TOKENS_PER_FRAME, OrpheusVocab, build_prompt, prompt_text
+from maxjax.tokenizers.checks import check_text, refuse_adapter
 
 END_OF_AI_CUSTOM_TOKEN = 6  # <custom_token_6> closes an AI turn (used by voice-cloning prompts)
 DEFAULT_MAX_NEW_TOKENS = 1200  # Orpheus's default: about 14 s of speech
@@ -111,7 +112,9 @@ class AudioTokenizer:
         if request.prompt is not None:
             return self._raw_prompt(request.prompt)
         text = request.input
-        if text is None or not isinstance(text, str) or not text.strip():
+        if text is not None:
+            check_text("input", text)
+        if text is None or not text.strip():
             raise ValueError("input: the text to speak is empty (give `input`, or a raw `prompt`)")
         if len(text) > AUDIO_INPUT_MAX_CHARS:
             raise ValueError(f"input is {len(text)} characters; the maximum is {AUDIO_INPUT_MAX_CHARS}")
@@ -147,6 +150,7 @@ class AudioTokenizer:
         """An AudioContext for the request; every check happens before anything is built."""
         if not isinstance(request, AudioGenerationRequest):
             raise ValueError(f"request must be an AudioGenerationRequest, got {type(request).__name__}")
+        refuse_adapter("lora", request.lora)
         prompt = self.prompt_token_ids(request)
         if prompt.size >= self.max_length:
             field = "prompt" if request.prompt is not None else "input"

@@ -17,6 +17,7 @@ import numpy as np
 from maxjax.context import TextContext
 from maxjax.interfaces import TextGenerationRequest
 from maxjax.tokenizers import HFTokenizer
+from maxjax.tokenizers.checks import check_text, refuse_adapter
 
 
 def truncate_tokens(tokens: np.ndarray, max_length: int) -> np.ndarray:
@@ -63,8 +64,7 @@ class EmbeddingsTokenizer:
 
     def encode_text(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         """Word-piece ids (int32) of ``text``, with [CLS]/[SEP] by default, truncated to ``max_length``."""
-        if not isinstance(text, str):
-            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        check_text("text", text)
         ids = np.asarray(self.hf.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids, dtype=np.int32)
         return truncate_tokens(ids, self.max_length) if add_special_tokens else ids[: self.max_length]
 
@@ -84,6 +84,7 @@ class EmbeddingsTokenizer:
         """A TextContext whose prompt tokens are the input's word pieces (``prompt`` text or token ids)."""
         if not isinstance(request, TextGenerationRequest):
             raise ValueError(f"request must be a TextGenerationRequest, got {type(request).__name__}")
+        refuse_adapter("lora_name", request.lora_name)
         if request.messages is not None:
             raise ValueError("messages are not supported for embeddings: send the text as prompt")
         if request.prompt is None:

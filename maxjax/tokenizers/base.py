@@ -18,6 +18,7 @@ from maxjax.context import TextContext
 from maxjax.interfaces import TextGenerationRequest
 
 from .chat import render_chat
+from .checks import check_text, refuse_adapter
 from .stream import StreamDecoder
 
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
@@ -82,8 +83,7 @@ class BaseTokenizer:
 
     def encode_text(self, prompt: str, add_special_tokens: bool = False) -> np.ndarray:
         """Token ids (int32) of ``prompt``; ValueError when it does not fit ``max_length``."""
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        check_text("prompt", prompt)
         ids = np.asarray(self._encode(prompt, add_special_tokens), dtype=np.int32)
         if ids.size >= self.max_length:
             raise ValueError(f"prompt is {ids.size} tokens; the model's maximum length is {self.max_length} "
@@ -141,6 +141,7 @@ class BaseTokenizer:
         """A TextContext for a request; subclasses extend this for other request types."""
         if not isinstance(request, TextGenerationRequest):
             raise ValueError(f"request must be a TextGenerationRequest, got {type(request).__name__}")
+        refuse_adapter("lora_name", request.lora_name)
         prompt = self.prompt_token_ids(request)
         params = request.sampling_params
         max_length = self.max_length
@@ -180,7 +181,10 @@ def json_schema_of(response_format: Any) -> Any:
         return dict(JSON_OBJECT_SCHEMA)
     if kind == "json_schema":
         spec = response_format.get("json_schema")
-        if isinstance(spec, dict) and isinstance(spec.get("schema"), dict):  # OpenAI: {"name", "schema", ...}
+        if isinstance(spec, dict) and "schema" in spec:  # OpenAI: {"name", "schema", ...}
+            if not isinstance(spec["schema"], dict):
+                raise ValueError("response_format.json_schema.schema must be a JSON schema object, got "
+                                 f"{type(spec['schema']).__name__}")
             return spec["schema"]
         if isinstance(spec, (dict, str)) and spec:
             return spec

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from safetensors import safe_open
 
 from maxjax.architectures.bert import BertConfig, Params
+from maxjax.weights.files import read_json_object, read_safetensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 Shape = Callable[[BertConfig], tuple[int, ...]]
@@ -76,9 +76,7 @@ def safetensors_files(path: Path) -> list[Path]:
 def read_tensors(files: list[Path]) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for file in files:
-        with safe_open(str(file), framework="numpy") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        tensors.update(read_safetensors(file))
     return tensors
 
 
@@ -174,7 +172,7 @@ def load_bert(model_dir: str | Path) -> tuple[BertConfig, Params]:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model: {model_dir} has no config.json")
-    hf_config = json.loads(config_file.read_text())
+    hf_config = read_json_object(config_file)
     head = read_sentence_head(model_dir)
     max_positions = int(hf_config.get("max_position_embeddings", 512))
     head["max_seq_length"] = min(head.get("max_seq_length", max_positions), max_positions)

@@ -6,13 +6,12 @@ when loaded, so they are refused with a note on how to convert them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 
 from maxjax.architectures.llama import LlamaConfig
+from maxjax.weights.files import open_safetensors, read_json_object
 from maxjax.weights.llama_names import assemble_params
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -30,17 +29,14 @@ def read_hf_config(folder: Path) -> dict:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (an HF model folder needs config.json and *.safetensors)")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: invalid JSON ({error})") from error
+    return read_json_object(config_path)
 
 
 def safetensors_files(folder: Path) -> list[Path]:
     """The shard files of a folder: from model.safetensors.index.json when present, else every *.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: missing 'weight_map'")
         files = [folder / name for name in sorted(set(weight_map.values()))]
@@ -63,7 +59,7 @@ class SafetensorsReader:
     def __init__(self, files: list[Path]):
         self.location: dict[str, Path] = {}
         for file in files:
-            with safe_open(str(file), framework="numpy") as f:
+            with open_safetensors(file) as f:
                 for name in f.keys():
                     self.location[name] = file
 
@@ -72,10 +68,10 @@ class SafetensorsReader:
 
     def read(self, name: str) -> np.ndarray:
         file = self.location[name]
-        with safe_open(str(file), framework="numpy") as f:
+        with open_safetensors(file) as f:
             if f.get_slice(name).get_dtype() != "BF16":
                 return f.get_tensor(name)
-        with safe_open(str(file), framework="flax") as f:
+        with open_safetensors(file, framework="flax") as f:
             return np.asarray(f.get_tensor(name))
 
 

@@ -13,7 +13,6 @@ which maxjax never loads; convert it once with torch:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxjax.architectures.snac import RESIDUAL_DILATIONS, Params, SnacConfig
+from maxjax.weights.files import read_json_object, read_safetensors
 
 
 def _weight(state: Mapping[str, np.ndarray], prefix: str) -> np.ndarray:
@@ -126,7 +126,7 @@ def load_snac(path: str | Path) -> tuple[Params, SnacConfig]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"path: no config.json in {path}")
-    cfg = SnacConfig.from_dict(json.loads(config_file.read_text()))
+    cfg = SnacConfig.from_dict(read_json_object(config_file))
     weights = path / "model.safetensors"
     if not weights.is_file():
         if (path / "pytorch_model.bin").is_file():
@@ -135,9 +135,8 @@ def load_snac(path: str | Path) -> tuple[Params, SnacConfig]:
                 "model.safetensors (see maxjax.weights.snac's docstring for the one-line torch command)"
             )
         raise ValueError(f"path: no model.safetensors in {path}")
-    from safetensors.numpy import load_file
 
-    return params_from_torch_state(load_file(str(weights)), cfg), cfg
+    return params_from_torch_state(read_safetensors(weights), cfg), cfg
 
 
 def save_params(params: Params, path: str | Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from maxjax.architectures.llama import LlamaConfig
+from maxjax.weights.files import read_json_object
 
 STORE_FORMAT = "maxjax-store"
 STORE_VERSION = 1
@@ -95,7 +96,7 @@ def read_store_config(folder: str | Path) -> tuple[str, LlamaConfig, dict]:
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"model store {folder} has no {CONFIG_FILE}")
-    data = json.loads((folder / CONFIG_FILE).read_text())
+    data = read_json_object(folder / CONFIG_FILE)
     if data.get("format") != STORE_FORMAT:
         raise ValueError(f"{folder / CONFIG_FILE}: not a maxjax model store (format {data.get('format')!r})")
     architecture = data.get("architecture")

@@ -9,15 +9,21 @@ import sys
 import time
 from pathlib import Path
 
+CHAT_EXITS = ("", "exit", "quit", "/exit", "/quit")
+
+
+SAMPLING_RULE = ("default greedy; --temperature, --top-p or --min-p without --top-k samples from the whole "
+                 "vocabulary (top-k 0), as HF and vLLM do")
+
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sampling (defaults: greedy)")
+    g = parser.add_argument_group("sampling", SAMPLING_RULE)
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--min-new-tokens", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=1, help="1 = greedy, 0 = no limit")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1 when sampling)")
+    g.add_argument("--top-k", type=int, default=None, help="1 = greedy, 0 = no limit")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--presence-penalty", type=float, default=0.0)
@@ -34,10 +40,11 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_params(args):
-    from maxjax.interfaces import SamplingParams
+    from maxjax.pipelines.llm import resolve_sampling
 
-    return SamplingParams(
-        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, temperature=args.temperature,
+    given = dict(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, temperature=args.temperature)
+    return resolve_sampling(
+        **{k: v for k, v in given.items() if v is not None},
         frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos, stop=args.stop, seed=args.seed)
@@ -46,11 +53,18 @@ def _sampling_params(args):
 def _load_llm(args, max_batch_size: int = 1):
     from maxjax.pipelines.llm import LLM
 
-    start = time.perf_counter()
-    llm = LLM(args.model, chat=not getattr(args, "raw", False), max_batch_size=max_batch_size,
-              max_seq_len=args.max_seq_len, dtype=args.dtype)
-    print(f"[maxjax] loaded {llm.pipeline.model_name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return llm
+    return LLM(args.model, chat=not getattr(args, "raw", False), max_batch_size=max_batch_size,
+               max_seq_len=args.max_seq_len, dtype=args.dtype)
+
+
+def _read_json_schema(path: str) -> dict:
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--json-schema {path}: cannot read a JSON schema ({error})") from error
+    if not isinstance(schema, dict):
+        raise ValueError(f"--json-schema {path}: a JSON schema is an object, got a {type(schema).__name__}")
+    return schema
 
 
 def _request_fields(args) -> dict:
@@ -58,15 +72,30 @@ def _request_fields(args) -> dict:
     if getattr(args, "logprobs", 0):
         fields["logprobs"] = args.logprobs
     if getattr(args, "json_schema", None):
-        schema = json.loads(Path(args.json_schema).read_text())
+        schema = _read_json_schema(args.json_schema)
         fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
     return fields
 
 
+def _compile_note(compiled_before: int, hits_before: int) -> str:
+    """What the call really did about programs: compiled now, loaded from the compile cache, or neither."""
+    from maxjax.runtime.compile_cache import cache_hit_count, compile_count
+
+    hits = cache_hit_count() - hits_before
+    fresh = compile_count() - compiled_before - hits
+    if not fresh and not hits:
+        return "no compilation"
+    return f"{fresh} programs compiled, {hits} loaded from the compile cache"
+
+
 def cmd_generate(args) -> int:
+    from maxjax.interfaces import GenerationStatus
+    from maxjax.runtime.compile_cache import cache_hit_count, compile_count
+
     params = _sampling_params(args)  # bad flags fail before the model loads
     fields = _request_fields(args)
     llm = _load_llm(args)
+    compiled_before, hits_before = compile_count(), cache_hit_count()
     start = time.perf_counter()
     if fields.get("logprobs"):
         completion = llm.complete([args.prompt], params, **fields)[0]
@@ -75,15 +104,18 @@ def cmd_generate(args) -> int:
             top = ", ".join(f"{llm.tokenizer.decode_tokens([t])!r}: {v:.3f}"
                             for t, v in lp.top_log_probabilities[0].items())
             print(f"  [{step}] {lp.token_log_probabilities[0]:.4f}  top: {top}")
-        count = len(completion.tokens)
+        count, status = len(completion.tokens), completion.final_status
     else:
         for piece in llm.stream(args.prompt, params, **fields):
             print(piece, end="", flush=True)
         print()
-        count = llm.last_num_tokens
+        count, status = llm.last_num_tokens, llm.last_status
     elapsed = time.perf_counter() - start
-    print(f"[maxjax] {count} tokens in {elapsed:.2f} s (first call includes compilation; "
-          f"{llm.pipeline.engine.num_programs} programs compiled)", file=sys.stderr)
+    print(f"[maxjax] {count} tokens in {elapsed:.2f} s ({_compile_note(compiled_before, hits_before)})",
+          file=sys.stderr)
+    if status is GenerationStatus.MAXIMUM_LENGTH:
+        print(f"[maxjax] stopped at the length limit after {count} tokens (--max-new-tokens {args.max_new_tokens}, "
+              f"--max-seq-len {args.max_seq_len}): the text may be cut short", file=sys.stderr)
     return 0
 
 
@@ -91,19 +123,19 @@ def cmd_chat(args) -> int:
     params = _sampling_params(args)
     llm = _load_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("[maxjax] chat: empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
+    print("[maxjax] chat: 'exit', 'quit', an empty line, Ctrl-D or Ctrl-C to leave", file=sys.stderr)
+    try:
+        while True:
             line = input("you> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        messages.append({"role": "user", "content": line})
-        print("model> ", end="", flush=True)
-        reply = "".join(print(p, end="", flush=True) or p for p in llm.stream(messages, params))
-        print()
-        messages.append({"role": "assistant", "content": reply})
+            if line.lower() in CHAT_EXITS:
+                break
+            messages.append({"role": "user", "content": line})
+            print("model> ", end="", flush=True)
+            reply = "".join(print(p, end="", flush=True) or p for p in llm.stream(messages, params))
+            print()
+            messages.append({"role": "assistant", "content": reply})
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)
     return 0
 
 
@@ -133,10 +165,11 @@ def cmd_speak(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from maxjax.weights import convert_to_store
+    from maxjax.weights import convert_to_store, resolve_source
 
     start = time.perf_counter()
-    path = convert_to_store(args.source, args.name, models_dir=args.models_dir, dtype=args.dtype,
+    name = args.name or resolve_source(args.source).name
+    path = convert_to_store(args.source, name, models_dir=args.models_dir, dtype=args.dtype,
                             overwrite=args.overwrite)
     print(f"[maxjax] wrote {path} in {time.perf_counter() - start:.1f} s")
     return 0
@@ -180,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voice", default=None)
 
     p = sub.add_parser("convert", help="convert a GGUF/HF model into the local model store")
-    p.add_argument("source")
-    p.add_argument("--name", required=True)
+    p.add_argument("source", nargs="?", default=None,
+                   help="GGUF file or HF folder (default: the default model, SmolLM2-135M-Instruct)")
+    p.add_argument("--name", default=None, help="store name (default: the source's file or folder name)")
     p.add_argument("--models-dir", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--overwrite", action="store_true")
@@ -203,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"maxjax {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"maxjax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -68,14 +68,15 @@ class Model:
 
 
 def load_model(source: str | Path | None = None, dtype: Any = "float32", tokenizer: bool = True,
-               quantize: str | None = None) -> Model:
+               quantize: str | None = None, progress: bool = False) -> Model:
     """Load `source` (see module docstring) with params in `dtype` ("float32" or "bfloat16") on the device.
 
     `quantize="int8"`: weight-only int8 linear layers and embedding (see `maxjax.weights.quantize`).
+    `progress=True` shows a bar over the tensors as they are read.
     """
     from maxjax.weights.quantize import check_quantize, quantize_params
 
     check_quantize(quantize)
-    weights: Weights = load_weights(source, dtype, with_tokenizer=tokenizer)
+    weights: Weights = load_weights(source, dtype, with_tokenizer=tokenizer, progress=progress)
     params = jax.device_put(quantize_params(weights.params, quantize) if quantize else weights.params)
     return Model(weights.name, weights.config, params, weights.tokenizer, weights.source, weights.architecture)

@@ -8,13 +8,14 @@ from typing import Any
 from maxjax.interfaces import PipelineTask
 
 
-def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
+def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False, progress: bool = False,
                        **runtime: Any) -> tuple[Any, "TextGenerationPipeline"]:
     """Tokenizer and TokenGenerator for a Llama-family model (see ``maxjax.load_model`` for ``model``).
 
     ``runtime`` holds ``RuntimeConfig`` fields (``max_batch_size``, ``max_seq_len``, ``dtype``, ...).
     Programs compile on first use (and land in the persistent compile cache); ``warmup=True`` compiles all
-    of them now, after which no request mix compiles anything.
+    of them now, after which no request mix compiles anything. ``progress=True`` shows a bar while the
+    weights are read.
     """
     import dataclasses
 
@@ -30,7 +31,7 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
         raise ValueError(f"unknown runtime config field(s) {unknown}; see maxjax.runtime.config.RuntimeConfig")
     config = RuntimeConfig(**runtime)
     enable_compile_cache(config.compile_cache_dir)
-    loaded = load_model(model, dtype=config.dtype, quantize=config.quantize)
+    loaded = load_model(model, dtype=config.dtype, quantize=config.quantize, progress=progress)
     if config.max_seq_len > loaded.config.max_position_embeddings:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context length "
                          f"{loaded.config.max_position_embeddings}")

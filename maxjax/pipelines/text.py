@@ -83,19 +83,34 @@ class TextGenerationPipeline:
         for request_id, ctx in batch.items():
             check_context(request_id, ctx, self.config, self.engine.vocab_size)
         live = {rid: ctx for rid, ctx in batch.items() if not ctx.is_done}
-        self._prepare_features(live)
-        self._assign_slots(live)
-        prefilled = self._prefill([ctx for ctx in live.values() if ctx.is_ce])
-        self._decode([ctx for ctx in live.values() if not ctx.is_done], num_steps, prefilled)
+        joining = [rid for rid in live if self.slots.slot_of(rid) is None]
+        try:
+            self._prepare_features(live)
+            self._assign_slots(live)
+            prefilled = self._prefill([ctx for ctx in live.values() if ctx.is_ce])
+            self._decode([ctx for ctx in live.values() if not ctx.is_done], num_steps, prefilled)
+        except BaseException:
+            self._forget(joining)
+            raise
         return {rid: self._output(rid, ctx) for rid, ctx in batch.items()}
+
+    def _forget(self, request_ids: list[str]) -> None:
+        """After a failed call: the requests that joined in it give back their slot and feature state, so a
+        failure never keeps a KV cache slot. (Their contexts may be part-way through the prompt: build new ones
+        to retry.)"""
+        for rid in request_ids:
+            if self.slots.slot_of(rid) is not None:
+                self.release(rid)
+            self._stops.pop(rid, None)
+            self._echo.pop(rid, None)
 
     def release(self, request_id: str) -> None:
         """Frees the request's KV cache slot and its stop checker. Unknown ids raise ValueError."""
         self.slots.release(request_id)
-        ctx = self._contexts.pop(request_id)
+        ctx = self._contexts.pop(request_id, None)
         self._stops.pop(request_id, None)
         self._echo.pop(request_id, None)
-        if ctx.is_assigned_to_cache:
+        if ctx is not None and ctx.is_assigned_to_cache:
             ctx.unassign_from_cache()
 
     # -- feature state ---------------------------------------------------------------------------------

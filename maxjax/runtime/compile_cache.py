@@ -15,8 +15,10 @@ from jax import monitoring
 from maxjax.runtime.config import default_compile_cache_dir
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _lock = threading.Lock()
 _compiles = 0
+_cache_hits = 0
 _listening = False
 
 
@@ -27,6 +29,13 @@ def _on_duration(event: str, duration: float, **_) -> None:
             _compiles += 1
 
 
+def _on_event(event: str, **_) -> None:
+    global _cache_hits
+    if event == _CACHE_HIT_EVENT:
+        with _lock:
+            _cache_hits += 1
+
+
 def compile_count() -> int:
     """How many executables JAX has compiled (or loaded from the persistent cache) in this process so far,
     counted from the first call of this function or of ``enable_compile_cache``."""
@@ -34,8 +43,16 @@ def compile_count() -> int:
     with _lock:
         if not _listening:
             monitoring.register_event_duration_secs_listener(_on_duration)
+            monitoring.register_event_listener(_on_event)
             _listening = True
         return _compiles
+
+
+def cache_hit_count() -> int:
+    """How many of ``compile_count()``'s executables were loaded from the persistent cache, not compiled."""
+    compile_count()
+    with _lock:
+        return _cache_hits
 
 
 def enable_compile_cache(path: str | Path | None = None) -> Path:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxjax.runtime.compile_cache import cache_hit_count
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.sampler import SamplingBatch
 from maxjax.runtime.steps import DecodeRows, PrefillRows, decode_step, prefill_step
@@ -112,9 +113,11 @@ class Engine:
             allowed = self.config.prefill_shapes() if kind == "prefill" else self.config.decode_shapes()
             if shape not in allowed:
                 raise ValueError(f"no {kind} program for shape {shape}: the bucket policy allows {allowed}")
-            start = time.perf_counter()
+            start, hits = time.perf_counter(), cache_hit_count()
+            log.info("compiling the %s program for shape %s (first use of this shape)...", kind, shape)
             program = self._programs[key] = self._lower(kind, shape).compile()
-            log.info("compiled %s%s in %.1f s", kind, shape, time.perf_counter() - start)
+            how = "loaded from the compile cache" if cache_hit_count() > hits else "compiled"
+            log.info("%s %s%s in %.1f s", how, kind, shape, time.perf_counter() - start)
         return program
 
     def all_shapes(self) -> list[tuple[str, tuple[int, ...]]]:

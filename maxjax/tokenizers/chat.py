@@ -52,8 +52,8 @@ def compile_chat_template(template: str) -> jinja2.Template:
     env.globals["strftime_now"] = _strftime_now
     try:
         return compile_bounded(env, template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"chat_template is not a valid jinja template: {e}") from e
+    except Exception as e:  # syntax errors, and errors jinja's constant folding raises while compiling
+        raise ValueError(f"chat_template is not a valid jinja template: {type(e).__name__}: {e}") from e
 
 
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:

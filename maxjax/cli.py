@@ -92,7 +92,9 @@ def cmd_generate(args) -> int:
     from maxjax.interfaces import GenerationStatus
     from maxjax.runtime.compile_cache import cache_hit_count, compile_count
 
-    params = _sampling_params(args)  # bad flags fail before the model loads
+    if not args.prompt:
+        raise ValueError("prompt is empty")
+    params = _sampling_params(args)  # bad input fails before the model loads
     fields = _request_fields(args)
     llm = _load_llm(args)
     compiled_before, hits_before = compile_count(), cache_hit_count()

@@ -11,8 +11,6 @@ import numpy as np
 from maxjax.context import TextContext
 from maxjax.runtime.config import RuntimeConfig
 
-_MAX_SEED = 2**32 - 1
-
 
 def check_context(request_id: str, ctx: object, config: RuntimeConfig, vocab_size: int) -> None:
     """Raises ValueError (naming the request and field) for a context this runtime cannot serve."""
@@ -28,8 +26,10 @@ def check_context(request_id: str, ctx: object, config: RuntimeConfig, vocab_siz
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError(f"request {request_id!r}: prompt token ids must be in [0, {vocab_size})")
     params = ctx.sampling_params
-    if not 0 <= params.seed <= _MAX_SEED:
-        raise ValueError(f"request {request_id!r}: sampling_params.seed must be in [0, 2**32), got {params.seed}")
+    try:
+        params.__post_init__()  # again: a frozen dataclass can still be changed behind its back
+    except ValueError as error:
+        raise ValueError(f"request {request_id!r}: sampling_params: {error}") from None
     if len(ctx.stop_token_ids) > config.max_stop_ids:
         raise ValueError(f"request {request_id!r}: {len(ctx.stop_token_ids)} eos + stop_token_ids exceed the "
                          f"runtime's max_stop_ids ({config.max_stop_ids})")

@@ -144,6 +144,11 @@ class BaseTokenizer:
         refuse_adapter("lora_name", request.lora_name)
         prompt = self.prompt_token_ids(request)
         params = request.sampling_params
+        if request.logprobs > self.vocab_size:
+            raise ValueError(f"logprobs {request.logprobs} exceeds the vocabulary size {self.vocab_size}")
+        if any(t >= self.vocab_size for t in params.stop_token_ids or ()):
+            raise ValueError(f"sampling_params.stop_token_ids must be in [0, {self.vocab_size}), "
+                             f"got {params.stop_token_ids}")
         max_length = self.max_length
         if params.max_new_tokens is not None:
             max_length = min(max_length, prompt.size + params.max_new_tokens)

@@ -340,6 +340,15 @@ def weight_cases(tmp: Path, rng: np.random.Generator) -> list[Case]:
         (folder / "config.json").write_text(json.dumps(base))
         (folder / "model.safetensors").write_bytes(data)
         cases.append(Case("weights", f"model.safetensors garbage {i}", lambda f=folder: load_weights(f, with_tokenizer=False)))
+    from maxjax.tokenizers import load_tokenizer
+
+    for i, (name, data) in enumerate([("tokenizer.json", "{}"), ("tokenizer.json", "[1]"), ("tokenizer.json", "{x"),
+                                      ("tokenizer_config.json", "[]"), ("tokenizer_config.json", "{x")]):
+        folder = tmp / f"tokenizer{i}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(base))
+        (folder / name).write_text(data)
+        cases.append(Case("weights", f"{name} {data!r}", lambda f=folder: load_tokenizer(f)))
     for i, data in enumerate([b"", b"GGUF", b"GGUF" + rng.bytes(60), rng.bytes(256)]):
         path = tmp / f"garbage{i}.gguf"
         path.write_bytes(data)

@@ -33,6 +33,11 @@ PROMPTS = [
     "two and a half hours outside the lunar module, collecting samples and setting up experiments.",
 ]
 FLOAT32_TOLERANCE = 2e-4  # measured 1.41e-4 worst (prompt 0 in the padded batch)
+# Batched and single-sequence logits come from programs of different shapes, whose matmul kernels sum in
+# different orders: each is a float32 rounding of the same float64 logits, off by up to 1.5e-4 (module
+# docstring), so the two may differ by up to twice that (1.1e-4 seen on one machine, 5 of 245 760 logits
+# over 1e-4). Padding bugs are caught at 1e-5 by tests/test_llama.py's tiny-model batching test.
+BATCH_TOLERANCE = 2 * 1.5e-4
 FLOAT64_TOLERANCE = 1e-5  # measured 2.7e-6 (logits), 1.8e-6 (final hidden states)
 
 
@@ -62,16 +67,17 @@ def prompt_ids(ours):
 def test_float32_logits_match_transformers(ours, reference, prompt_ids):
     _, ref_logits = reference
     batch = ours.logits(prompt_ids)  # one batch of unequal lengths, right-padded
-    worst = 0.0
+    worst = batch_gap = 0.0
     for b, ids in enumerate(prompt_ids):
         ref = ref_logits(ids)
         alone = ours.logits([ids])[0]
         for got in (alone, batch[b, : len(ids)]):
             worst = max(worst, float(np.abs(got - ref).max()))
             np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
-        np.testing.assert_allclose(batch[b, : len(ids)], alone, atol=1e-4, rtol=0)  # padding: float32 noise only
-    print(f"float32 max abs logit diff vs transformers: {worst:.2e}")
+        batch_gap = max(batch_gap, float(np.abs(batch[b, : len(ids)] - alone).max()))
+    print(f"float32 max abs logit diff vs transformers: {worst:.2e}; batched vs single: {batch_gap:.2e}")
     assert worst <= FLOAT32_TOLERANCE
+    assert batch_gap <= BATCH_TOLERANCE
 
 
 def test_float64_math_matches_transformers(smollm2_gguf, hf_smollm2, prompt_ids, monkeypatch):

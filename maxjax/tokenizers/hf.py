@@ -33,8 +33,11 @@ def _pick_template(value: Any) -> str | None:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from error
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return data
@@ -79,7 +82,10 @@ class HFTokenizer(BaseTokenizer):
     def from_file(cls, tokenizer_json: str | os.PathLike, tokenizer_config_json: str | os.PathLike | None = None,
                   max_length: int | None = None, eos_token_ids: list[int] | None = None) -> "HFTokenizer":
         """Load tokenizer.json, with bos/eos/chat template from tokenizer_config.json when given."""
-        tk = Tokenizer.from_file(os.fspath(tokenizer_json))
+        try:
+            tk = Tokenizer.from_file(os.fspath(tokenizer_json))
+        except Exception as error:  # the tokenizers library raises its own exception type
+            raise ValueError(f"{tokenizer_json}: not a valid tokenizer.json ({error})") from error
         config = _read_json(Path(tokenizer_config_json)) if tokenizer_config_json else {}
 
         def token_id(key: str) -> int | None:

@@ -5,7 +5,7 @@ compute the same math (logits agree to ~1e-6; what is left is numpy's and torch'
 five of the 32 rope inverse frequencies one ulp apart). In float32 the gap is summation order: against a
 true float64 run, transformers' logits are off by 4e-5..9e-5 and maxjax's by 6e-5..1.5e-4, because XLA
 CPU's matmul kernel (YNNPACK) rounds ~1.5x more than torch's sgemm per layer; so maxjax vs transformers
-float32 measures up to 1.4e-4 on these prompts (within 1e-4 only with that kernel disabled, at 10-30% decode
+float32 measures up to 1.4e-4 on these prompts (9.8e-5 with that kernel disabled, at 10-30% lower decode
 speed, or with split-K matmuls, 2.5x slower on XLA CPU).
 """
 
@@ -171,9 +171,10 @@ def test_store_loads_faster_with_identical_logits(smollm2_gguf, tmp_path, ours, 
 EXACT_MATMUL_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="  # XLA CPU's plain dot kernels (README)
 
 
-def test_float32_logits_within_1e4_with_plain_cpu_matmuls(smollm2_gguf, reference, prompt_ids, tmp_path):
+def test_float32_logits_closer_with_plain_cpu_matmuls(smollm2_gguf, ours, reference, prompt_ids, tmp_path):
     """With XLA CPU's YNNPACK matmul fusion off (set before JAX starts, so in a child process) the float32
-    logits are within 1e-4 of transformers'."""
+    logits are closer to transformers' than with it (measured 9.8e-5 vs 1.4e-4; a fixed bound of 1e-4 sat
+    at the edge of that one measurement, so the test compares the two runs instead)."""
     import json
     import os
     import subprocess
@@ -190,5 +191,6 @@ def test_float32_logits_within_1e4_with_plain_cpu_matmuls(smollm2_gguf, referenc
     _, ref_logits = reference
     worst = max(float(np.abs(np.load(tmp_path / f"{i}.npy") - ref_logits(ids)).max())
                 for i, ids in enumerate(prompt_ids))
-    print(f"float32 max abs logit diff vs transformers, plain matmuls: {worst:.2e}")
-    assert worst <= 1e-4
+    default = max(float(np.abs(ours.logits([ids])[0] - ref_logits(ids)).max()) for ids in prompt_ids)
+    print(f"float32 max abs logit diff vs transformers: plain matmuls {worst:.2e}, default {default:.2e}")
+    assert worst <= FLOAT32_TOLERANCE and worst < default

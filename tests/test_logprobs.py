@@ -13,7 +13,10 @@ from maxjax.runtime.compile_cache import compile_count
 
 pytestmark = pytest.mark.slow
 
-TOLERANCE = 1e-4
+# A log-probability is a logit minus the row's logsumexp, so its float32 error is at most twice the logits'
+# (tests/test_llama_real.py: within 2e-4 of transformers; 1.4e-4 measured). A logprob taken after temperature
+# or penalties, or from the wrong position, is off by orders of magnitude more.
+TOLERANCE = 2 * 2e-4
 LONG_PROMPT = ("In 1969, Apollo 11 landed on the Moon. The astronauts Neil Armstrong and Buzz Aldrin spent about "
                "two and a half hours outside the lunar module, collecting samples.")
 

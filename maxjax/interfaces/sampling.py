@@ -47,7 +47,9 @@ class SamplingParams:
 
     The defaults are greedy decoding (``top_k=1``). Every field is checked in
     ``__post_init__``; a bad value raises ``ValueError`` naming the field, so a
-    malformed request fails before it reaches the device.
+    malformed request fails before it reaches the device: integers must fit the
+    device's int32 (``seed``: uint32), floats must be finite float32 values within
+    the ranges above (``MIN_TEMPERATURE``, ``PENALTY_LIMIT``).
     """
 
     top_k: int = 1

@@ -9,7 +9,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs(capsys):
+def test_quickstart_notebook_runs(capsys, smollm2_gguf, minilm_dir):  # the default models
     cells = json.loads(NOTEBOOK.read_text())["cells"]
     namespace: dict = {}
     for cell in cells:

@@ -18,6 +18,13 @@ CFG = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, n
 RUNTIME = dict(max_batch_size=2, max_seq_len=32, max_num_steps=2, length_buckets=(32,), max_prefill_len=32)
 
 
+@pytest.fixture(autouse=True)
+def no_global_precision():
+    """The suite sets a global default precision (conftest.py); these checks must see the runtime's own."""
+    with jax.default_matmul_precision(None):
+        yield
+
+
 def _engine(**fields):
     return Engine(llama, CFG, llama.init_params(CFG, jax.random.key(0)), RuntimeConfig(**RUNTIME, **fields))
 

@@ -75,7 +75,8 @@ def load_model(source: str | Path | None = None, dtype: Any = "float32", tokeniz
                quantize: str | None = None, matmul_precision: str | None = None) -> Model:
     """Load `source` (see module docstring) with params in `dtype` ("float32", "bfloat16" or "auto") on the device.
 
-    `quantize="int8"`: weight-only int8 linear layers and embedding (see `maxjax.weights.quantize`).
+    `quantize="int8"`: weight-only int8 linear layers and embedding (see `maxjax.weights.quantize`);
+    `quantize="gguf"`: a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K matrices kept in their blocks (`weights.gguf_blocks`).
     `matmul_precision`: see `maxjax.runtime.precision` (default: true float32 dots for float32).
     """
     from maxjax.runtime.precision import resolve_dtype, resolve_matmul_precision
@@ -84,7 +85,7 @@ def load_model(source: str | Path | None = None, dtype: Any = "float32", tokeniz
     check_quantize(quantize)
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) and dtype == "auto" else dtype
     precision = resolve_matmul_precision(matmul_precision, dtype if isinstance(dtype, str) else jnp.dtype(dtype).name)
-    weights: Weights = load_weights(source, dtype, with_tokenizer=tokenizer)
+    weights: Weights = load_weights(source, dtype, with_tokenizer=tokenizer, keep_quantized=quantize == "gguf")
     params = jax.device_put(quantize_params(weights.params, quantize) if quantize else weights.params)
     return Model(weights.name, weights.config, params, weights.tokenizer, weights.source, weights.architecture,
                  precision)

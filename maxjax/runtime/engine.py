@@ -123,6 +123,10 @@ class Engine:
             log.info("compiled %s%s in %.1f s", kind, shape, time.perf_counter() - start)
         return program
 
+    def compiled_text(self, kind: str, shape: tuple[int, ...]) -> str:
+        """The optimized HLO of a program (compiled if needed): what the device runs, for ``hlo_stats``."""
+        return self._program(kind, shape).as_text()
+
     def all_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return ([("prefill", s) for s in self.config.prefill_shapes()]
                 + [("decode", s) for s in self.config.decode_shapes()])

@@ -66,9 +66,10 @@ def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
     return comps, entry
 
 
-def _kernel_ops(comps: dict[str, list[str]], name: str, seen: set[str]) -> Counter:
+def _kernel_ops(comps: dict[str, list[str]], name: str, seen: set[str], pick=max) -> Counter:
     """Opcode counts of the device operations one run of computation ``name`` launches, descending into the
-    loops (one iteration), branches (the largest) and calls it contains; a fusion is one kernel."""
+    loops (times their trip count when XLA knows it, else once), branches (the one ``pick`` (max or min)
+    chooses by size) and calls it contains; a fusion is one kernel."""
     ops: Counter = Counter()
     if name in seen or name not in comps:
         return ops
@@ -82,21 +83,25 @@ def _kernel_ops(comps: dict[str, list[str]], name: str, seen: set[str]) -> Count
             ops[opcode] += 1
         if opcode in ("while", "conditional", "call"):
             callees = [c.strip() for group in _CALLED.findall(line) for c in group.replace("%", "").split(",")]
-            counted = [_kernel_ops(comps, callee, seen) for callee in callees]
-            if opcode == "conditional" and counted:  # one branch runs: count the largest
-                counted = [max(counted, key=lambda c: sum(c.values()))]
+            counted = [_kernel_ops(comps, callee, set(seen), pick) for callee in callees]
+            if opcode == "conditional" and counted:  # one branch runs: count the one `pick` chooses
+                counted = [pick(counted, key=lambda c: sum(c.values()))]
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line) if opcode == "while" else None
             for c in counted:
-                ops += c
+                for opcode_name, count in c.items():  # a loop of known length (a layer scan) runs its body n times
+                    ops[opcode_name] += count * (int(trips.group(1)) if trips else 1)
     return ops
 
 
-def loop_body_ops(text: str) -> Counter:
+def loop_body_ops(text: str, branches: str = "largest") -> Counter:
     """Device operations per iteration of the entry computation's outermost while loop (the decode step):
-    opcode -> count. Empty when the program has no loop."""
+    opcode -> count. Empty when the program has no loop. ``branches``: "largest" counts the costlier side of
+    every conditional (e.g. sampling, log-probabilities), "smallest" the cheaper one (greedy, none asked)."""
+    pick = {"largest": max, "smallest": min}[branches]
     comps, entry = _computations(text)
     for line in comps.get(entry, []):
         match = _HLO_INSTRUCTION.match(line)
         if match and match.group(1) == "while":
             body = re.search(r"\bbody=%?([\w.\-]+)", line)
-            return _kernel_ops(comps, body.group(1), set()) if body else Counter()
+            return _kernel_ops(comps, body.group(1), set(), pick) if body else Counter()
     return Counter()

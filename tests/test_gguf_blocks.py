@@ -52,9 +52,17 @@ def test_blocks_stay_quantized_and_their_matmul_equals_the_dequantized_dot(tenso
     np.testing.assert_array_equal(np.asarray(embed_lookup(w, tokens, jnp.float32)), expected_w[[[0, 5, OUT - 1]]])
 
 
-def test_other_formats_are_refused_by_name():
+def test_other_formats_and_sources_are_refused_by_name(tmp_path):
+    from maxjax.models import load_model
+    from maxjax.runtime.config import RuntimeConfig
+
     with pytest.raises(ValueError, match="Q6_K"):
         blocks_from_raw(np.zeros((4, 210), np.uint8), Q.Q6_K, 4, 256)
+    (tmp_path / "config.json").write_text("{}")  # an HF folder: nothing to keep quantized
+    with pytest.raises(ValueError, match="quantize='gguf'"):
+        load_model(tmp_path, quantize="gguf")
+    with pytest.raises(ValueError, match="quantize"):
+        RuntimeConfig(quantize="q4")
 
 
 # ---- a tiny Llama GGUF with every kept format, through load_model and the serving runtime ------------------

@@ -90,7 +90,8 @@ def test_dtype_auto_and_precision_validation(monkeypatch):
 def test_cli_precision_flags():
     from maxjax.cli import build_parser
 
-    args = build_parser().parse_args(["generate", "hi", "--dtype", "auto", "--matmul-precision", "high"])
-    assert (args.dtype, args.matmul_precision) == ("auto", "high")
+    args = build_parser().parse_args(["generate", "hi", "--dtype", "auto", "--matmul-precision", "high",
+                                      "--quantize", "gguf"])
+    assert (args.dtype, args.matmul_precision, args.quantize) == ("auto", "high", "gguf")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "hi", "--matmul-precision", "tf32"])

@@ -3,7 +3,12 @@
     python benchmarks/bench_generate.py                      # SmolLM2-135M GGUF, float32, batch 1, 8, 32
     python benchmarks/bench_generate.py --quick              # tiny sizes (used by the test suite)
     python benchmarks/bench_generate.py --quantize int8 --batch-sizes 1,8 --json out.json
+    python benchmarks/bench_generate.py --random-shape llama-8b   # random weights of a real shape, no download
     maxjax bench ...                                         # the same script
+
+``--random-shape {smollm2,llama-1b,llama-8b}`` writes a random-weight HF folder of that architecture once into
+``--cache-dir`` (reused later; see random_models.py) and runs both systems on it, on the accelerator when
+there is one (HF on CUDA when torch sees it). On the CPU the large shapes shrink to 2 layers.
 
 Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a ``--prompt-len`` prompt):
 
@@ -11,8 +16,11 @@ Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a `
   prefill (which HF batches and maxjax runs per row) is not counted; end-to-end tokens/s are in the JSON.
   maxjax runs through the public ``next_token`` protocol with multi-step decode (``num_steps``).
 * time to first token for a ``--ttft-len`` prompt, both systems;
-* memory read bandwidth (numpy passes over a buffer larger than the last-level cache, 1 and 2 threads, the
-  best) and the batch-1 roofline: weight bytes read per token / bandwidth;
+* device read bandwidth (the best of a jitted reduction, a jitted matrix-vector product and, on the CPU,
+  numpy on every core: machine.py) and the batch-1 roofline: weight bytes read per token / bandwidth;
+* device operations per decode step, counted in the compiled decode program (fusions, dots, copies, custom
+  calls per loop iteration: a CPU-visible proxy for kernel launches and the per-step fixed cost);
+* load time of both systems and maxjax's compile time;
 * host overhead per decode step: wall time of ``next_token`` minus the time of the engine's decode program
   called directly on the same shapes;
 * XLA compiles during the timed part (must be 0);
@@ -33,34 +41,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))  # sibling modules, also when run through runpy (maxjax bench, tests)
 
+from machine import load_average, read_bandwidth  # noqa: E402
+from random_models import SHAPES, ensure_random_model  # noqa: E402
 
-# ------------------------------------------------------------------------------------------------ machine
-def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
-    """Bytes/s of summing a float32 buffer of ``gib`` GiB (larger than the cache), best of 1 and 2 threads."""
-    buf = np.ones(int(gib * (1 << 30)) // 4, np.float32)
-    best = 0.0
-    for threads in (1, 2):
-        parts = np.array_split(buf, threads)
-        with ThreadPoolExecutor(threads) as pool:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                list(pool.map(np.sum, parts))
-                best = max(best, buf.nbytes / (time.perf_counter() - t0))
-    return best
-
-
-def load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
+DEFAULT_CACHE = os.environ.get("MAXJAX_BENCH_CACHE", str(Path.home() / ".cache" / "maxjax" / "random-models"))
 
 
 # ------------------------------------------------------------------------------------------------ maxjax
@@ -139,23 +130,29 @@ class MaxjaxRunner:
 
 # ------------------------------------------------------------------------------------------------ HF
 class HFRunner:
-    def __init__(self, gguf: Path, threads: int | None):
+    """transformers on the same weights (a GGUF file or an HF folder), on CUDA when maxjax runs on a GPU."""
+
+    def __init__(self, model: Path, threads: int | None, dtype: str = "float32"):
+        import jax
         import torch
         from transformers import AutoModelForCausalLM
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                          torch_dtype=torch.float32).eval()
+        self.device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+        where = dict(gguf_file=model.name) if model.is_file() else {}
+        folder = model.parent if model.is_file() else model
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype),
+                                                          **where).to(self.device).eval()
 
     def generate(self, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
         torch = self.torch
-        ids = torch.from_numpy(prompts.astype(np.int64))
+        ids = torch.from_numpy(prompts.astype(np.int64)).to(self.device)
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-        return out[:, prompts.shape[1]:].numpy()
+        return out[:, prompts.shape[1]:].cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -217,8 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--ttft-len", type=int, default=512)
     parser.add_argument("--num-steps", type=int, default=16, help="decode steps per next_token call")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--quantize", default=None, choices=("int8",))
+    parser.add_argument("--random-shape", default=None, choices=sorted(SHAPES),
+                        help="random weights of a real architecture instead of --model (written once to --cache-dir)")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where --random-shape folders are kept")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                        help="default: float32, or the random shape's own dtype on an accelerator")
+    parser.add_argument("--quantize", default=None, choices=("int8", "gguf"))
     parser.add_argument("--scan-decode", action="store_true", help="scanned instead of unrolled decode layers")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-hf", action="store_true")
@@ -235,11 +236,23 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_sizes, args.prompt_len, args.new_tokens, args.ttft_len = "1", 8, 6, 24
         args.num_steps, args.scan_decode = 4, True  # scanned decode compiles in seconds
 
+    import jax
+
     from maxjax.runtime.compile_cache import compile_count
     from maxjax.weights.quantize import weight_bytes
     from maxjax.weights.sources import default_gguf
 
-    gguf = Path(args.model) if args.model else default_gguf()
+    on_cpu = jax.default_backend() == "cpu"
+    if args.random_shape:
+        t0 = time.perf_counter()
+        random_model = ensure_random_model(args.random_shape, args.cache_dir, cpu=on_cpu, quick=args.quick)
+        print(f"random {args.random_shape} weights in {random_model.folder} ({time.perf_counter() - t0:.1f} s)",
+              file=sys.stderr, flush=True)
+        gguf = random_model.folder
+        args.dtype = args.dtype or ("float32" if on_cpu else random_model.dtype)
+    else:
+        gguf = Path(args.model) if args.model else default_gguf()
+        args.dtype = args.dtype or "float32"
     batches = [int(b) for b in args.batch_sizes.split(",")]
     P, N = args.prompt_len, args.new_tokens
     # Length buckets: the prompt, prompt + new tokens (rounded up), the TTFT prompt (+1 for its first token).
@@ -251,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
                   dtype=args.dtype, quantize=args.quantize, scan_decode_layers=args.scan_decode, max_logprobs=1)
     results: dict = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                 "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                                  "load_average_start": load_average()},
                      "model": str(gguf), "config": {k: v for k, v in fields.items()}}
 
@@ -259,7 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["maxjax_load_s"] = time.perf_counter() - t0
     params = mx.pipe.engine.params
     results["weight_bytes_per_token"] = weight_bytes(params)
-    hf = None if args.no_hf else HFRunner(gguf, args.torch_threads)
+    t0 = time.perf_counter()
+    hf = None if args.no_hf else HFRunner(gguf, args.torch_threads, args.dtype)
+    results["hf_load_s"] = None if hf is None else time.perf_counter() - t0
 
     prompts = {b: make_prompts(b, P, mx.vocab, seed=b) for b in batches}
     ttft_prompt = make_prompts(1, args.ttft_len, mx.vocab, seed=7)
@@ -302,10 +318,12 @@ def main(argv: list[str] | None = None) -> dict:
     results["host_overhead"] = mx.host_overhead(P, calls=max(1, min(4, (span - P - 1) // args.num_steps)))
     results["compiles_during_timed_part"] = compile_count() - compiles_before
 
-    bandwidth = read_bandwidth(0.25 if args.quick else 1.0)
-    roofline = bandwidth / results["weight_bytes_per_token"]
+    results["decode_step_ops"] = decode_step_ops(mx, batches[0], span)
+    rates = read_bandwidth(0.25 if args.quick else (1.0 if on_cpu else 4.0))
+    roofline = rates["best"] / results["weight_bytes_per_token"]
     b1 = next((r for r in rows if r["batch"] == 1), None)
-    results["bandwidth"] = {"read_GB_s": bandwidth / 1e9, "batch1_roofline_tok_s": roofline,
+    results["bandwidth"] = {"read_GB_s": rates["best"] / 1e9, "kernels_GB_s": {k: v / 1e9 for k, v in rates.items()},
+                            "batch1_roofline_tok_s": roofline,
                             "maxjax_fraction": b1["maxjax_decode_tok_s"] / roofline if b1 else None}
     if not args.no_start:
         start_fields = {"dtype": args.dtype, "quantize": args.quantize}
@@ -328,8 +346,19 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int) -> dict:
+    """Device operations per decode-loop iteration of the (batch, span) program, from its optimized HLO."""
+    from maxjax.runtime.hlo_stats import loop_body_ops
+
+    text = mx.pipe.engine.compiled_text("decode", (batch, span))
+    greedy, sampled = loop_body_ops(text, "smallest"), loop_body_ops(text, "largest")
+    return {"batch": batch, "greedy": sum(greedy.values()), "by_opcode": dict(greedy.most_common()),
+            "per_layer": sum(greedy.values()) / mx.pipe.engine.model_config.num_layers,
+            "sampling_and_logprobs": sum(sampled.values())}
+
+
 def format_table(r: dict) -> str:
-    lines = [f"maxjax vs HF transformers - {Path(r['model']).name}, {r['config']['dtype']}"
+    lines = [f"maxjax vs HF transformers on {r['machine']['device']} - {Path(r['model']).name}, {r['config']['dtype']}"
              f"{', ' + r['config']['quantize'] if r['config']['quantize'] else ''} ({r['command']})",
              f"{'batch':>5} | {'maxjax tok/s':>12} | {'HF tok/s':>9} | {'ratio':>6} | {'maxjax e2e':>10} | {'HF e2e':>7}"]
     for row in r["decode"]:
@@ -347,7 +376,12 @@ def format_table(r: dict) -> str:
     lines.append(f"host overhead per decode step (batch 1): {h['host_ms_per_step']:.2f} ms of "
                  f"{h['wall_ms_per_step']:.2f} ms ({h['host_fraction'] * 100:.1f}%)")
     lines.append(f"compiles during the timed part: {r['compiles_during_timed_part']}; programs {r['programs']}, "
-                 f"compiled in {r['maxjax_compile_s']:.1f} s")
+                 f"compiled in {r['maxjax_compile_s']:.1f} s; load: maxjax {r['maxjax_load_s']:.1f} s"
+                 + (f", HF {r['hf_load_s']:.1f} s" if r.get("hf_load_s") is not None else ""))
+    ops = r["decode_step_ops"]
+    lines.append(f"device operations per decode step (batch {ops['batch']}, compiled HLO): greedy {ops['greedy']} "
+                 f"({ops['per_layer']:.1f} per layer; " + ", ".join(f"{k} {v}" for k, v in ops["by_opcode"].items())
+                 + f"), with sampling and logprobs {ops['sampling_and_logprobs']}")
     if "start" in r:
         s = r["start"]
         lines.append(f"start to first output: cold {s['cold']['start_to_first_output_s']:.1f} s "

@@ -36,7 +36,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF file, HF folder or model-store name "
                                                       "(default: SmolLM2-135M-Instruct)")
     parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="auto: bfloat16 on GPU/TPU, float32 on CPU")
+    parser.add_argument("--matmul-precision", default=None, choices=["default", "high", "highest"],
+                        help="float32 dot precision (default: highest for float32; 'default' allows TF32 on GPU)")
+    parser.add_argument("--quantize", default=None, choices=["int8", "gguf"],
+                        help="int8: weight-only int8; gguf: keep a GGUF file's quantized blocks on the device")
 
 
 def _sampling_params(args):
@@ -53,8 +58,12 @@ def _sampling_params(args):
 def _load_llm(args, max_batch_size: int = 1):
     from maxjax.pipelines.llm import LLM
 
-    return LLM(args.model, chat=not getattr(args, "raw", False), max_batch_size=max_batch_size,
-               max_seq_len=args.max_seq_len, dtype=args.dtype)
+    start = time.perf_counter()
+    llm = LLM(args.model, chat=not getattr(args, "raw", False), max_batch_size=max_batch_size,
+              max_seq_len=args.max_seq_len, dtype=args.dtype, matmul_precision=args.matmul_precision,
+              quantize=args.quantize)
+    print(f"[maxjax] loaded {llm.pipeline.model_name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return llm
 
 
 def _read_json_schema(path: str) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from maxjax.architectures import llama
@@ -20,11 +21,12 @@ from maxjax.weights import ModelSource, Weights, load_weights, resolve_source
 __all__ = ["Model", "load_model", "resolve_source"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kv_len"))
-def _forward_logits(params, cfg, tokens, positions, *, kv_len):
-    cache = llama.init_kv_cache(cfg, tokens.shape[0], kv_len, params["final_norm"].dtype)
-    slots = jax.numpy.arange(tokens.shape[0], dtype=jax.numpy.int32)
-    logits, _ = llama.forward(params, cfg, tokens, positions, cache, slots, kv_len=kv_len)
+@functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "precision"))
+def _forward_logits(params, cfg, tokens, positions, *, kv_len, precision):
+    with jax.default_matmul_precision(precision):  # see maxjax.runtime.precision
+        cache = llama.init_kv_cache(cfg, tokens.shape[0], kv_len, params["final_norm"].dtype)
+        slots = jax.numpy.arange(tokens.shape[0], dtype=jax.numpy.int32)
+        logits, _ = llama.forward(params, cfg, tokens, positions, cache, slots, kv_len=kv_len)
     return logits
 
 
@@ -41,6 +43,7 @@ class Model:
     tokenizer: Any  # maxjax.tokenizers.HFTokenizer (None when loaded with tokenizer=False)
     source: ModelSource
     architecture: str = "llama"
+    matmul_precision: str = "highest"
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Float32 logits [B, max_len, V] for one or more token-id sequences (unequal lengths allowed).
@@ -61,22 +64,31 @@ class Model:
         for b, row in enumerate(rows):
             tokens[b, : len(row)] = row
             positions[b, : len(row)] = np.arange(len(row))
-        logits = np.array(_forward_logits(self.params, self.config, tokens, positions, kv_len=padded_len))
+        logits = np.array(_forward_logits(self.params, self.config, tokens, positions, kv_len=padded_len,
+                                          precision=self.matmul_precision))
         logits = logits[:, :max_len]
         logits[positions[:, :max_len] < 0] = np.nan
         return logits
 
 
 def load_model(source: str | Path | None = None, dtype: Any = "float32", tokenizer: bool = True,
-               quantize: str | None = None, progress: bool = False) -> Model:
-    """Load `source` (see module docstring) with params in `dtype` ("float32" or "bfloat16") on the device.
+               quantize: str | None = None, matmul_precision: str | None = None,
+               progress: bool = False) -> Model:
+    """Load `source` (see module docstring) with params in `dtype` ("float32", "bfloat16" or "auto") on the device.
 
-    `quantize="int8"`: weight-only int8 linear layers and embedding (see `maxjax.weights.quantize`).
+    `quantize="int8"`: weight-only int8 linear layers and embedding (see `maxjax.weights.quantize`);
+    `quantize="gguf"`: a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K matrices kept in their blocks (`weights.gguf_blocks`).
+    `matmul_precision`: see `maxjax.runtime.precision` (default: true float32 dots for float32).
     `progress=True` shows a bar over the tensors as they are read.
     """
+    from maxjax.runtime.precision import resolve_dtype, resolve_matmul_precision
     from maxjax.weights.quantize import check_quantize, quantize_params
 
     check_quantize(quantize)
-    weights: Weights = load_weights(source, dtype, with_tokenizer=tokenizer, progress=progress)
+    dtype = resolve_dtype(dtype) if isinstance(dtype, str) and dtype == "auto" else dtype
+    precision = resolve_matmul_precision(matmul_precision, dtype if isinstance(dtype, str) else jnp.dtype(dtype).name)
+    weights: Weights = load_weights(source, dtype, with_tokenizer=tokenizer, keep_quantized=quantize == "gguf",
+                                    progress=progress)
     params = jax.device_put(quantize_params(weights.params, quantize) if quantize else weights.params)
-    return Model(weights.name, weights.config, params, weights.tokenizer, weights.source, weights.architecture)
+    return Model(weights.name, weights.config, params, weights.tokenizer, weights.source, weights.architecture,
+                 precision)

@@ -29,3 +29,27 @@ def test_bench_generate_quick(tmp_path, smollm2_gguf):
         assert r["start"][start]["programs"] == 2 and r["start"][start]["start_to_first_output_s"] > 0
     for start in ("lazy_cold", "lazy_warm"):
         assert r["start"][start]["programs"] == 0 and r["start"][start]["start_to_first_output_s"] > 0
+
+
+@pytest.mark.slow  # HF transformers is the peer
+def test_bench_generate_random_shape_quick(tmp_path):
+    """--random-shape writes a random-weight HF folder once (reused by a second run), runs maxjax and HF on it
+    and reports every figure, including the device operations per decode step from the compiled program."""
+    out = tmp_path / "bench.json"
+    main = runpy.run_path(str(SCRIPT))["main"]
+    args = ["--random-shape", "llama-8b", "--quick", "--no-start", "--cache-dir", str(tmp_path / "cache")]
+    r = main(args + ["--json", str(out)])
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    written = (folder / "done").stat().st_mtime
+    assert json.loads(out.read_text())["decode"] == r["decode"]
+    (row,) = r["decode"]
+    assert row["maxjax_decode_tok_s"] > 0 and row["hf_decode_tok_s"] > 0
+    assert row["greedy_same_tokens"] == 1.0  # same random weights, same greedy tokens
+    assert r["compiles_during_timed_part"] == 0 and r["maxjax_load_s"] > 0 and r["hf_load_s"] > 0
+    assert r["bandwidth"]["read_GB_s"] > 0 and r["bandwidth"]["maxjax_fraction"] > 0
+    ops = r["decode_step_ops"]
+    assert ops["by_opcode"].get("dot", 0) + ops["by_opcode"].get("fusion", 0) > 0
+    assert 0 < ops["greedy"] <= ops["sampling_and_logprobs"]
+    main(args + ["--batch-sizes", "1", "--no-hf"])  # the second run reuses the folder
+    assert (folder / "done").stat().st_mtime == written

@@ -17,7 +17,7 @@ def maxjax(*args, timeout=600):
     return result
 
 
-def test_embed_prints_a_vector_or_a_similarity_matrix():
+def test_embed_prints_a_vector_or_a_similarity_matrix(minilm_dir):  # the default model
     one = maxjax("embed", "The quick brown fox jumps over the lazy dog.")
     vector = np.array(json.loads(one.stdout))
     assert vector.shape == (384,) and abs(np.linalg.norm(vector) - 1) < 1e-4

@@ -285,7 +285,7 @@ def test_embed_helper_default_model(reference):
 
 
 @pytest.mark.slow
-def test_bench_embed_quick(tmp_path):
+def test_bench_embed_quick(tmp_path, minilm_dir):  # the default model
     import importlib.util
     import json
     from pathlib import Path

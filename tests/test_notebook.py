@@ -52,7 +52,7 @@ def _output_text(cell) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
-def test_notebook_runs(name):
+def test_notebook_runs(name, smollm2_gguf, minilm_dir):  # the default models
     nbclient = pytest.importorskip("nbclient")
     nbformat = pytest.importorskip("nbformat")
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.architectures.quantized import embed_lookup, embed_matmul, is_quantized, linear
+from maxjax.architectures.quantized import concat_outputs, embed_lookup, embed_matmul, is_blocks, is_quantized, linear
 
 Params = dict[str, Any]
 
@@ -230,12 +230,19 @@ def fuse_projections(params: Params) -> Params:
     def fuse(layer: dict) -> dict:
         if "wq" not in layer:
             return layer
-        cat = np.concatenate if isinstance(layer["wq"], np.ndarray) else jnp.concatenate
-        out = {k: v for k, v in layer.items() if k not in ("wq", "wk", "wv", "bq", "bk", "bv", "w_gate", "w_up")}
-        out["wqkv"] = cat([layer["wq"], layer["wk"], layer["wv"]], axis=-1)
-        if "bq" in layer:
-            out["bqkv"] = cat([layer["bq"], layer["bk"], layer["bv"]], axis=-1)
-        out["w_gate_up"] = cat([layer["w_gate"], layer["w_up"]], axis=-1)
+        cat = np.concatenate if isinstance(jax.tree.leaves(layer["wq"])[0], np.ndarray) else jnp.concatenate
+        out = dict(layer)
+        wqkv = concat_outputs([layer["wq"], layer["wk"], layer["wv"]], cat)  # None: block formats differ
+        if wqkv is not None:
+            for k in ("wq", "wk", "wv", "bq", "bk", "bv"):
+                out.pop(k, None)
+            out["wqkv"] = wqkv
+            if "bq" in layer:
+                out["bqkv"] = cat([layer["bq"], layer["bk"], layer["bv"]], axis=-1)
+        w_gate_up = concat_outputs([layer["w_gate"], layer["w_up"]], cat)
+        if w_gate_up is not None:
+            del out["w_gate"], out["w_up"]
+            out["w_gate_up"] = w_gate_up
         return out
 
     layers = params["layers"]
@@ -388,7 +395,7 @@ def _mlp(h: jax.Array, layer: Params) -> jax.Array:
         gate_up = linear(h, layer["w_gate_up"])  # [B, T, 2F]
         half = gate_up.shape[-1] // 2
         return linear(jax.nn.silu(gate_up[..., :half]) * gate_up[..., half:], layer["w_down"])
-    if any(is_quantized(layer[name]) for name in ("w_gate", "w_up", "w_down")):
+    if any(is_quantized(layer[name]) or is_blocks(layer[name]) for name in ("w_gate", "w_up", "w_down")):
         return linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
     return mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"])
 

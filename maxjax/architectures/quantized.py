@@ -70,13 +70,94 @@ def int8_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
     return (out * scale.astype(out.dtype)).reshape(*lead, -1)
 
 
+# ---------------------------------------------------------------------------------------------- GGUF blocks
+# A weight kept in a GGUF file's own block quantization (``maxjax.weights.gguf_blocks`` reads them), out-major
+# [O, D] with blocks along D, every component's leading axis O (stacked layers add an axis before it):
+#   "q":         int8 [O, D] (Q8_0), or uint8 [O, D / (2 g), g] of packed nibbles: byte j of a group of 2g
+#                values holds value j (low nibble) and value j + g (high nibble) (g = 16: Q4_0/Q4_1, 32: Q4_K)
+#   "scale":     float16 [O, B], one per block (B = D / block size: 32 for Q8_0/Q4_x, 256 for Q4_K)
+#   "min":       float16 [O, B] (Q4_1: added; Q4_K: its dmin, subtracted), absent for Q8_0/Q4_0
+#   "sub_scale", "sub_min": uint8 [O, D / 32] (Q4_K: 6-bit multipliers of scale and min per 32 values)
+# Value = q * scale + min (Q4_0: (q - 8) * scale; Q4_K: q * (scale * sub_scale) - min * sub_min), computed in
+# float32 exactly as the gguf package dequantizes, so the kept weights equal the file's dequantized ones.
+
+
+def is_blocks(w: Any) -> bool:
+    return isinstance(w, dict) and "q" in w
+
+
+def dequantize_blocks(w: dict[str, jax.Array], dtype=jnp.float32) -> jax.Array:
+    """The float weight [..., O, D] of a GGUF block weight."""
+    q = w["q"]
+    if q.dtype == jnp.int8:
+        values = q.astype(jnp.float32)  # [..., O, D]
+    else:
+        nibbles = jnp.concatenate([q & 0x0F, q >> 4], axis=-1)  # [..., O, G, 2g]
+        values = nibbles.reshape(*q.shape[:-2], -1).astype(jnp.float32)  # [..., O, D]
+        if "min" not in w:
+            values = values - 8.0  # Q4_0: symmetric around 8
+    scale = w["scale"].astype(jnp.float32)  # [..., O, B]
+    offset = w["min"].astype(jnp.float32) if "min" in w else None
+    if "sub_scale" in w:  # K-quant: two-level scales over 32-value sub-blocks
+        per_block = w["sub_scale"].shape[-1] // scale.shape[-1]
+        sub = lambda top, ints: (top[..., None] * ints.reshape(*top.shape, per_block).astype(jnp.float32)  # noqa: E731
+                                 ).reshape(ints.shape)
+        scale, offset = sub(scale, w["sub_scale"]), -sub(offset, w["sub_min"])  # [..., O, D / 32]
+    blocks = values.reshape(*scale.shape, -1)  # [..., O, B, block]
+    blocks = blocks * scale[..., None] + (0.0 if offset is None else offset[..., None])
+    return blocks.reshape(values.shape).astype(dtype)
+
+
+def block_matmul(x: jax.Array, w: dict[str, jax.Array], chunk_elements: int = CHUNK_ELEMENTS) -> jax.Array:
+    """x [..., D] @ W -> [..., O] for a GGUF block weight, dequantized inside the program.
+
+    On the CPU the output channels run in chunks (a loop over [C, O/C, ...] views of every component), for the
+    same reason as ``int8_matmul``: the dequantized chunk stays in cache, main memory is read packed. On GPU/TPU
+    one dequantize + dot, which XLA may fuse.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [N, D]
+    out_features = w["q"].shape[0]
+    chunks = num_chunks(out_features, x.shape[-1], chunk_elements) if jax.default_backend() == "cpu" else 1
+    if chunks == 1:
+        out = jnp.einsum("nd,od->no", x2, dequantize_blocks(w, x.dtype))  # [N, O]
+    else:
+        parts_in = {k: v.reshape(chunks, out_features // chunks, *v.shape[1:]) for k, v in w.items()}
+
+        def chunk(_, wc):  # every component [O/C, ...]
+            return None, jnp.einsum("nd,od->no", x2, dequantize_blocks(wc, x.dtype))  # [N, O/C]
+
+        _, parts = jax.lax.scan(chunk, None, parts_in)  # [C, N, O/C]
+        out = jnp.moveaxis(parts, 0, 1).reshape(x2.shape[0], -1)  # [N, O]
+    return out.reshape(*lead, -1)
+
+
+def concat_outputs(weights: list[Any], cat) -> Any:
+    """Weights [D, O_i] (float) or GGUF block weights concatenated along their outputs (fused projections);
+    None when they cannot be (different block formats, or int8 weights, which are fused before quantizing)."""
+    if all(not isinstance(w, dict) for w in weights):
+        return cat(weights, axis=-1)
+    if not all(is_blocks(w) for w in weights):
+        return None
+    first = weights[0]
+    if any(set(w) != set(first) or any(w[k].dtype != first[k].dtype or w[k].shape[-1] != first[k].shape[-1]
+                                        for k in w) for w in weights):
+        return None
+    trailing = {k: 2 if k == "q" and first[k].dtype == jnp.uint8 else 1 for k in first}  # axes after O
+    return {k: cat([w[k] for w in weights], axis=-1 - trailing[k]) for k in first}
+
+
 def linear(x: jax.Array, w: Any) -> jax.Array:
-    """x @ w for a float [D, O] weight or a quantized one."""
+    """x @ w for a float [D, O] weight, an int8 one or a GGUF block one."""
+    if is_blocks(w):
+        return block_matmul(x, w)
     return int8_matmul(x, w) if is_quantized(w) else x @ w
 
 
 def embed_lookup(embed: Any, tokens: jax.Array, dtype) -> jax.Array:
     """Rows of the embedding (float [V, D] or quantized, its V the output channels) for int tokens."""
+    if is_blocks(embed):
+        return dequantize_blocks({k: v[tokens] for k, v in embed.items()}, dtype)  # [..., D]
     if not is_quantized(embed):
         return embed[tokens]
     q = embed["int8"]
@@ -86,6 +167,6 @@ def embed_lookup(embed: Any, tokens: jax.Array, dtype) -> jax.Array:
 
 def embed_matmul(x: jax.Array, embed: Any) -> jax.Array:
     """x [..., D] against every embedding row: [..., V] (the tied output projection)."""
-    if is_quantized(embed):
-        return int8_matmul(x, embed)
+    if is_quantized(embed) or is_blocks(embed):
+        return linear(x, embed)
     return jnp.einsum("...d,vd->...v", x, embed)

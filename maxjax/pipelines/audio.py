@@ -244,8 +244,12 @@ def load_audio_pipeline(model: str | Path | None = None, task: PipelineTask | st
     windows = max(1, config.max_batch_size * max_windows_per_request(num_steps))
     from maxjax.runtime.config import powers_of_two
 
+    from maxjax.runtime.precision import resolve_matmul_precision
+
+    # The codec runs in float32 whatever the speech dtype: full float32 dots unless a precision was asked for.
     decoder = SnacDecoder(snac_params, snac_cfg, frame_buckets=(STREAM_WINDOW_FRAMES,),
-                          batch_buckets=powers_of_two(1, windows))
+                          batch_buckets=powers_of_two(1, windows),
+                          matmul_precision=resolve_matmul_precision(runtime.get("matmul_precision"), "float32"))
     pipeline = AudioGeneratorPipeline(speech, decoder, tokenizer.vocab, num_steps=num_steps, model_name=name)
     if warmup:
         pipeline.warmup()

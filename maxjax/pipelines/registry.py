@@ -31,7 +31,8 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
         raise ValueError(f"unknown runtime config field(s) {unknown}; see maxjax.runtime.config.RuntimeConfig")
     config = RuntimeConfig(**runtime)
     enable_compile_cache(config.compile_cache_dir)
-    loaded = load_model(model, dtype=config.dtype, quantize=config.quantize, progress=progress)
+    loaded = load_model(model, dtype=config.dtype, quantize=config.quantize,
+                        matmul_precision=config.matmul_precision, progress=progress)
     if config.max_seq_len > loaded.config.max_position_embeddings:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context length "
                          f"{loaded.config.max_position_embeddings}")

@@ -6,6 +6,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from maxjax.runtime.precision import resolve_dtype, resolve_matmul_precision
+
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     """Powers of two from ``lo`` up to ``hi``, with ``hi`` itself last when it is not one."""
@@ -49,8 +51,9 @@ class RuntimeConfig:
     max_prefill_len: int | None = None  # default: the largest length bucket <= 512
     max_logprobs: int = 20
     max_stop_ids: int = 8
-    dtype: str = "float32"
-    quantize: str | None = None  # "int8": weight-only int8 linear layers (see maxjax.weights.quantize)
+    dtype: str = "float32"  # "auto": bfloat16 on GPU/TPU, float32 on CPU (maxjax.runtime.precision)
+    matmul_precision: str | None = None  # None: "highest" for float32, "default" for bfloat16 (see precision.py)
+    quantize: str | None = None  # "int8": weight-only int8 linear layers; "gguf": a GGUF file's blocks kept
     scan_decode_layers: bool = False  # True: decode scans its layers (compiles faster, runs ~1.5x slower on CPU)
     compile_cache_dir: str | None = None
 
@@ -60,10 +63,10 @@ class RuntimeConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 <= self.max_logprobs <= 100:
             raise ValueError(f"max_logprobs must be in [0, 100], got {self.max_logprobs}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {self.quantize!r}")
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
+        object.__setattr__(self, "matmul_precision", resolve_matmul_precision(self.matmul_precision, self.dtype))
+        if self.quantize not in (None, "int8", "gguf"):
+            raise ValueError(f"quantize must be None, 'int8' or 'gguf', got {self.quantize!r}")
         if self.length_buckets is None:
             object.__setattr__(self, "length_buckets", _default_length_buckets(self.max_seq_len))
         if self.batch_buckets is None:

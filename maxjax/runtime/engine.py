@@ -20,6 +20,7 @@ import numpy as np
 
 from maxjax.runtime.compile_cache import cache_hit_count
 from maxjax.runtime.config import RuntimeConfig
+from maxjax.runtime.precision import with_matmul_precision
 from maxjax.runtime.sampler import SamplingBatch
 from maxjax.runtime.steps import DecodeRows, PrefillRows, decode_step, prefill_step
 
@@ -85,10 +86,11 @@ class Engine:
         self.cache = arch.init_kv_cache(model_config, config.max_batch_size, config.max_seq_len, dtype)
         self.counts = jnp.zeros((config.max_batch_size, self.vocab_size), jnp.int32)  # generated-token counts per slot
         k = config.max_logprobs or 1
-        self._prefill = jax.jit(functools.partial(prefill_step, arch, model_config, k),
+        precise = functools.partial(with_matmul_precision, precision=config.matmul_precision)
+        self._prefill = jax.jit(precise(functools.partial(prefill_step, arch, model_config, k)),
                                 static_argnames=("kv_len",), donate_argnums=(1, 2))
-        self._decode = jax.jit(functools.partial(decode_step, arch, model_config, k, config.max_num_steps,
-                                                 scan_layers=config.scan_decode_layers),
+        self._decode = jax.jit(precise(functools.partial(decode_step, arch, model_config, k, config.max_num_steps,
+                                                         scan_layers=config.scan_decode_layers)),
                                static_argnames=("kv_len",), donate_argnums=(1, 2))
         self._programs: dict[tuple, Any] = {}
 
@@ -100,6 +102,10 @@ class Engine:
         else:
             rows = DecodeRows(**empty_decode_rows(shape[0]))
         return rows, sampling
+
+    def lower(self, kind: str, shape: tuple[int, ...]) -> jax.stages.Lowered:
+        """The ``kind`` ("prefill"/"decode") program of ``shape`` before compilation, for inspecting its text."""
+        return self._lower(kind, shape)
 
     def _lower(self, kind: str, shape: tuple[int, ...]):
         rows, sampling = self._example(kind, shape)
@@ -119,6 +125,10 @@ class Engine:
             how = "loaded from the compile cache" if cache_hit_count() > hits else "compiled"
             log.info("%s %s%s in %.1f s", how, kind, shape, time.perf_counter() - start)
         return program
+
+    def compiled_text(self, kind: str, shape: tuple[int, ...]) -> str:
+        """The optimized HLO of a program (compiled if needed): what the device runs, for ``hlo_stats``."""
+        return self._program(kind, shape).as_text()
 
     def all_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return ([("prefill", s) for s in self.config.prefill_shapes()]

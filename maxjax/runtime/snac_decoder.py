@@ -17,6 +17,7 @@ import numpy as np
 
 from maxjax.architectures import snac as snac_arch
 from maxjax.architectures.snac import Params, SnacConfig
+from maxjax.runtime.precision import with_matmul_precision
 
 DEFAULT_FRAME_BUCKETS = (4, 8, 16, 32, 64, 128, 256)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
@@ -42,6 +43,7 @@ class SnacDecoder:
         cfg: SnacConfig,
         frame_buckets: Sequence[int] = DEFAULT_FRAME_BUCKETS,
         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
+        matmul_precision: str = "highest",
     ):
         for name, buckets in (("frame_buckets", frame_buckets), ("batch_buckets", batch_buckets)):
             if not buckets or any(int(b) < 1 for b in buckets):
@@ -50,7 +52,7 @@ class SnacDecoder:
         self.cfg = cfg
         self.frame_buckets = tuple(sorted({int(b) for b in frame_buckets}))
         self.batch_buckets = tuple(sorted({int(b) for b in batch_buckets}))
-        self._jitted = jax.jit(_decode_program, static_argnames=("cfg",))
+        self._jitted = jax.jit(with_matmul_precision(_decode_program, matmul_precision), static_argnames=("cfg",))
         self._compiled: dict[tuple[int, int], jax.stages.Compiled] = {}
 
     @property
@@ -115,12 +117,16 @@ class SnacDecoder:
             out.append(np.asarray(audio)[:count, : n * self.samples_per_frame])
         return np.concatenate(out, axis=0)
 
+    def lower(self, batch: int, frames: int) -> jax.stages.Lowered:
+        """The (batch, frames) program before compilation (its text shows what every backend is asked to do)."""
+        codes = [jax.ShapeDtypeStruct((batch, s), jnp.int32) for s in self.cfg.level_steps(frames)]
+        valid = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        return self._jitted.lower(self.params, codes, valid, cfg=self.cfg)
+
     def _program(self, batch: int, frames: int) -> jax.stages.Compiled:
         key = (batch, frames)
         if key not in self._compiled:
-            codes = [jax.ShapeDtypeStruct((batch, s), jnp.int32) for s in self.cfg.level_steps(frames)]
-            valid = jax.ShapeDtypeStruct((batch,), jnp.int32)
-            self._compiled[key] = self._jitted.lower(self.params, codes, valid, cfg=self.cfg).compile()
+            self._compiled[key] = self.lower(batch, frames).compile()
         return self._compiled[key]
 
     @staticmethod

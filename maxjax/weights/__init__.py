@@ -40,14 +40,21 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
 
 
 def load_weights(source: str | Path | ModelSource | None = None, dtype: Any = "float32",
-                 with_tokenizer: bool = True, progress: bool = False) -> Weights:
-    """Config, params (numpy, `dtype`) and tokenizer of any supported source (see `resolve_source`)."""
+                 with_tokenizer: bool = True, progress: bool = False, keep_quantized: bool = False) -> Weights:
+    """Config, params (numpy, `dtype`) and tokenizer of any supported source (see `resolve_source`).
+
+    `keep_quantized`: a GGUF file's quantized matrices stay in their blocks (`maxjax.weights.gguf_blocks`).
+    """
     resolved = source if isinstance(source, ModelSource) else resolve_source(source)
     np_dtype = _numpy_dtype(dtype)
+    if keep_quantized and resolved.kind != "gguf":
+        raise ValueError(f"quantize='gguf' keeps a GGUF file's blocks, but {resolved.path} is a {resolved.kind} "
+                         "source (use quantize='int8' or a .gguf file)")
     tokenizer = None
     if resolved.kind == "gguf":
         reader = open_gguf(resolved.path)  # opened once for weights and tokenizer
-        cfg, params, _ = load_gguf(resolved.path, np_dtype, progress=progress, reader=reader)
+        cfg, params, _ = load_gguf(resolved.path, np_dtype, progress=progress, reader=reader,
+                                   keep_quantized=keep_quantized)
         if with_tokenizer:
             from maxjax.tokenizers import HFTokenizer
 

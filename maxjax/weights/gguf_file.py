@@ -13,7 +13,8 @@ import gguf
 import numpy as np
 
 from maxjax.architectures.llama import LlamaConfig
-from maxjax.weights.llama_names import assemble_params
+from maxjax.weights.gguf_blocks import KEPT_TYPES, read_blocks
+from maxjax.weights.llama_names import LAYER_TENSORS, assemble_params
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
@@ -112,9 +113,25 @@ def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def kept_quantized_names(cfg: LlamaConfig, tensors: dict[str, Any]) -> set[str]:
+    """The matrices to keep in their file's block format: those of a kept type (`gguf_blocks.KEPT_TYPES`) whose
+    every layer has the same type (layers are stacked into one array per weight). The rest is dequantized."""
+    keep = {name for name in ("token_embd.weight", "output.weight")
+            if name in tensors and tensors[name].tensor_type in KEPT_TYPES}
+    for key, (_, pattern, is_matrix) in LAYER_TENSORS.items():
+        names = [pattern.format(i=i) for i in range(cfg.num_layers)]
+        types = {tensors[n].tensor_type for n in names if n in tensors}
+        if is_matrix and len(types) == 1 and types <= KEPT_TYPES:
+            keep.update(names)
+    return keep
+
+
 def load_gguf(path: str | Path, dtype=np.float32, progress: bool = False,
-              reader: gguf.GGUFReader | None = None) -> tuple[LlamaConfig, dict, dict]:
-    """(config, params, metadata) of a Llama-family GGUF file (`reader`: the file already opened)."""
+              reader: gguf.GGUFReader | None = None, keep_quantized: bool = False) -> tuple[LlamaConfig, dict, dict]:
+    """(config, params, metadata) of a Llama-family GGUF file (`reader`: the file already opened).
+
+    `keep_quantized`: Q8_0/Q4_0/Q4_1/Q4_K matrices stay in their blocks (see `maxjax.weights.gguf_blocks`).
+    """
     source = str(path)
     reader = reader or open_gguf(path)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
@@ -122,14 +139,19 @@ def load_gguf(path: str | Path, dtype=np.float32, progress: bool = False,
     rope_freqs = dequantize(tensors["rope_freqs.weight"], source) if "rope_freqs.weight" in tensors else None
     cfg = config_from_gguf(meta, set(tensors), source, rope_freqs)
     permuted = meta["general.architecture"] in PERMUTED_ARCHITECTURES
+    kept = kept_quantized_names(cfg, tensors) if keep_quantized else set()
 
-    def fix(key: str, array: np.ndarray) -> np.ndarray:
+    def fix(key: str, array: np.ndarray | dict) -> np.ndarray | dict:
+        if isinstance(array, dict):  # block weight: every part has the output rows first
+            return {part: fix(key, value) for part, value in array.items()}
         if permuted and key == "wq" and array.shape[0] == cfg.num_heads * cfg.head_dim:
             return unpermute_rows(array, cfg.num_heads)
         if permuted and key == "wk" and array.shape[0] == cfg.num_kv_heads * cfg.head_dim:
             return unpermute_rows(array, cfg.num_kv_heads)
         return array
 
-    params = assemble_params(cfg, "gguf", lambda name: dequantize(tensors[name], source), set(tensors),
-                             source, dtype=dtype, fix=fix, progress=progress)
+    def read(name: str) -> np.ndarray | dict:
+        return read_blocks(tensors[name]) if name in kept else dequantize(tensors[name], source)
+
+    params = assemble_params(cfg, "gguf", read, set(tensors), source, dtype=dtype, fix=fix, progress=progress)
     return cfg, params, meta

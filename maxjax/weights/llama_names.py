@@ -2,7 +2,8 @@
 
 A loader supplies `read(name) -> np.ndarray` in HF layout ([out, in] for matrices) plus the set of names the
 file holds; `assemble_params` checks every shape, transposes matrices to [in, out], stacks layers on a leading
-axis and casts to the requested dtype.
+axis and casts to the requested dtype. A GGUF block weight (a dict, see `maxjax.weights.gguf_blocks`) is kept
+as stored, out-major.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from maxjax.architectures.llama import LlamaConfig, param_shapes
+from maxjax.weights.gguf_blocks import block_shape
 
 # param key -> (HF name, GGUF name, is_matrix). Matrices are stored [out, in] and transposed to [in, out].
 GLOBAL_TENSORS: dict[str, tuple[str, str, bool]] = {
@@ -74,20 +76,30 @@ def assemble_params(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray
         shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
         raise ValueError(f"{source}: missing tensor(s) {shown} expected for a Llama model with "
                          f"{cfg.num_layers} layers")
+    layer_blocks: dict[str, list] = {}  # GGUF block weights per layer, stacked at the end
     for group, key, layer, name, is_matrix in tqdm(entries, desc="tensors", unit="tensor", disable=not progress):
         array = read(name)
         if fix is not None:
             array = fix(key, array)
         expected = shapes["layers"][key][1:] if group else shapes[key]
         expected_stored = expected[::-1] if is_matrix else expected
-        if tuple(array.shape) != tuple(expected_stored):
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(array.shape)}, expected "
+        stored = block_shape(array) if isinstance(array, dict) else tuple(array.shape)
+        if tuple(stored) != tuple(expected_stored):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(stored)}, expected "
                              f"{tuple(expected_stored)} for config {_shape_summary(cfg)}")
+        if isinstance(array, dict):  # kept quantized: out-major [O, D] as stored, no transpose or cast
+            if group:
+                layer_blocks.setdefault(key, [None] * cfg.num_layers)[layer] = array
+            else:
+                params[key] = array
+            continue
         array = (array.T if is_matrix else array).astype(dtype)
         if group:
             params["layers"][key][layer] = array
         else:
             params[key] = np.ascontiguousarray(array)
+    for key, per_layer in layer_blocks.items():
+        params["layers"][key] = {part: np.stack([w[part] for w in per_layer]) for part in per_layer[0]}
     return params
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from maxjax.architectures import llama
 from maxjax.architectures.quantized import is_quantized, quantize_int8
 
-QUANTIZE_METHODS = (None, "int8")
+QUANTIZE_METHODS = (None, "int8", "gguf")  # "gguf": kept by the GGUF loader, nothing to do here
 _LINEAR = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
 
 
@@ -28,7 +28,7 @@ def check_quantize(quantize: Any) -> None:
 def quantize_params(params: dict, quantize: str | None = "int8") -> dict:
     """``params`` (stacked or unstacked layers, float numpy or jax arrays) with int8 linear weights."""
     check_quantize(quantize)
-    if quantize is None:
+    if quantize in (None, "gguf"):
         return params
     params = llama.fuse_projections(params)
 

@@ -32,7 +32,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME = dict(max_batch_size=4, max_seq_len=256, length_buckets=(256,), max_num_steps=8)
+RUNTIME = dict(max_batch_size=4, max_seq_len=256, length_buckets=(128, 256), max_num_steps=8)  # as test_generate_real: shared compile cache
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Tokyo"]}, "unit": {"enum": ["C", "F"]}},
            "required": ["city", "unit"], "additionalProperties": False}
@@ -91,7 +91,7 @@ def server(tmp_path_factory, smollm2_gguf, minilm_dir):
                "--model", f"smollm2={smollm2_gguf}", "--model", f"minilm={minilm_dir}",
                "--model", f"qwen-tools={tools_dir}", "--model", "orpheus=random-orpheus",
                "--max-batch-size", str(RUNTIME["max_batch_size"]), "--max-seq-len", str(RUNTIME["max_seq_len"]),
-               "--length-buckets", "256", "--max-num-steps", str(RUNTIME["max_num_steps"]),
+               "--length-buckets", "128,256", "--max-num-steps", str(RUNTIME["max_num_steps"]),
                "--drain-timeout", "20", "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = open(tmp / "server.log", "w")

@@ -83,7 +83,9 @@ def create_app(models: dict[str, ServedModel], metrics: Metrics, drain_timeout: 
         def choice_json(i: int, delta: Any, first: bool) -> dict[str, Any]:
             text = choices[i].text if delta is None else delta.text
             echo_text, echo_tokens = echo[i] if first else ("", None)
-            return R.completion_choice(choices[i], echo_text + text, delta, body.logprobs, token_text, echo_tokens)
+            offset = 0 if first else len(echo[i][0]) + len(choices[i].text) - len(text)  # of this chunk's text
+            return R.completion_choice(choices[i], echo_text + text, delta, body.logprobs, token_text, echo_tokens,
+                                       offset)
 
         if body.stream:
             async def events() -> AsyncIterator[str]:
@@ -133,8 +135,7 @@ def create_app(models: dict[str, ServedModel], metrics: Metrics, drain_timeout: 
                 if tools.active:  # the reply is parsed once it is whole: content and calls come last
                     final = {"content": message["content"]}
                     if "tool_calls" in message:
-                        final["tool_calls"] = R.tool_calls_json(R.ToolMode.split(tools, choice.text)[1], request_id,
-                                                                streamed=True)
+                        final["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
                 lp = R.chat_logprobs(choice.tokens, choice.log_probabilities, top, token_text) \
                     if tools.active and top is not None else None
                 yield R.sse(R.chat_chunk(request_id, served.name, created, final, reason, lp))

@@ -95,7 +95,7 @@ def completion_logprobs(tokens: list[int], lps: list[LogProbabilities | None], t
 
 
 def completion_choice(choice: Choice, delta_text: str, delta: TextDelta | None, logprobs: int | None,
-                      token_text: TokenText, echo_tokens: list[int] | None = None) -> dict[str, Any]:
+                      token_text: TokenText, echo_tokens: list[int] | None = None, offset: int = 0) -> dict[str, Any]:
     """One choice of a completion (``delta`` None: the whole accumulated choice)."""
     tokens = choice.tokens if delta is None else delta.tokens
     lps: list[Any] = choice.log_probabilities if delta is None else delta.log_probabilities
@@ -106,7 +106,7 @@ def completion_choice(choice: Choice, delta_text: str, delta: TextDelta | None, 
             prompt_lps = [None] + list(choice.prompt_log_probabilities if delta is None
                                        else delta.prompt_log_probabilities)
             tokens, lps = echo_tokens + tokens, prompt_lps[:len(echo_tokens)] + list(lps)
-        body["logprobs"] = completion_logprobs(tokens, lps, logprobs, token_text)
+        body["logprobs"] = completion_logprobs(tokens, lps, logprobs, token_text, offset)
     return body
 
 
@@ -160,13 +160,9 @@ class ToolMode:
         return (parsed.content or None) if parsed.tool_calls else text, parsed.tool_calls
 
 
-def tool_calls_json(calls: list[ToolCall], request_id: str, streamed: bool = False) -> list[dict[str, Any]]:
-    out = []
-    for i, call in enumerate(calls):
-        item = {"id": f"call_{request_id[-12:]}_{i}", "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments_json}}
-        out.append({"index": i, **item} if streamed else item)
-    return out
+def tool_calls_json(calls: list[ToolCall], request_id: str) -> list[dict[str, Any]]:
+    return [{"id": f"call_{request_id[-12:]}_{i}", "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments_json}} for i, call in enumerate(calls)]
 
 
 def chat_message(choice: Choice, tools: ToolMode, request_id: str) -> tuple[dict[str, Any], str | None]:

@@ -5,8 +5,9 @@ The HTTP side (asyncio) builds a context (which validates the request: nothing b
 
   1. drop cancelled jobs (client gone) and free their KV cache slots;
   2. admit waiting jobs while the pipeline has free slots (``max_batch_size``); the rest stay queued;
-  3. one pipeline call over every active job (``next_token`` with the runtime's ``max_num_steps``,
-     ``encode``, ``next_chunk``): new jobs join running ones between calls (continuous batching);
+  3. one pipeline call over every active job (``next_token`` with the runtime's ``max_num_steps``, one
+     step when it prefills a new job; ``encode``; ``next_chunk``): new jobs join running ones between
+     calls (continuous batching);
   4. hand each job its new output at once (``SchedulerResult.active``), or ``complete`` and release it.
 
 A pipeline call that raises is retried job by job, so a failure fails only the job that caused it.
@@ -214,7 +215,10 @@ class TextScheduler(Scheduler):
 
     def step(self, batch: dict[str, Job]) -> list[str]:
         contexts = {rid: job.context for rid, job in batch.items()}
-        outputs = self.pipeline.next_token(TextGenerationInputs(contexts, self.num_steps))
+        # A call that prefills new requests decodes one step only, so their first token leaves at once
+        # (time to first token) instead of after max_num_steps steps of the running requests.
+        starting = any(job.last_output is None for job in batch.values())
+        outputs = self.pipeline.next_token(TextGenerationInputs(contexts, 1 if starting else self.num_steps))
         now = time.perf_counter()
         finished = []
         for rid, out in outputs.items():

@@ -1,4 +1,4 @@
-"""The ``maxjax`` command: generate | chat | embed | speak | convert | bench."""
+"""The ``maxjax`` command: generate | chat | embed | speak | serve | convert | bench."""
 
 from __future__ import annotations
 
@@ -175,6 +175,21 @@ def cmd_speak(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from maxjax.server.main import serve
+    except ImportError as error:
+        print(f"maxjax serve needs the serve extra (pip install 'maxjax[serve]'): {error}", file=sys.stderr)
+        return 2
+
+    runtime = {"max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len,
+               "max_num_steps": args.max_num_steps, "dtype": args.dtype}
+    if args.length_buckets:
+        runtime["length_buckets"] = tuple(int(b) for b in args.length_buckets.split(","))
+    return serve(args.model, host=args.host, port=args.port, runtime=runtime, warmup=not args.no_warmup,
+                 drain_timeout=args.drain_timeout, log_level=args.log_level)
+
+
 def cmd_convert(args) -> int:
     from maxjax.weights import convert_to_store, resolve_source
 
@@ -223,6 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Orpheus model folder (default: small random weights)")
     p.add_argument("--voice", default=None)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, embeddings, speech)")
+    p.add_argument("--model", action="append", default=None, metavar="[NAME=]SOURCE",
+                   help="repeatable: GGUF/HF/store text model, BERT folder (embeddings), Orpheus folder or "
+                        "'random-orpheus' (speech); default SmolLM2-135M-Instruct")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=8, help="KV cache slots: requests decoded together")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--max-num-steps", type=int, default=8, help="decode steps per device call")
+    p.add_argument("--length-buckets", default=None, help="comma-separated, e.g. 128,512,2048")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--no-warmup", action="store_true", help="compile programs on first use, not at start")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
     p = sub.add_parser("convert", help="convert a GGUF/HF model into the local model store")
     p.add_argument("source", nargs="?", default=None,
                    help="GGUF file or HF folder (default: the default model, SmolLM2-135M-Instruct)")
@@ -242,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(None, argv[1:])
     args = parser.parse_args(argv)
     handlers = {"generate": cmd_generate, "chat": cmd_chat, "embed": cmd_embed, "speak": cmd_speak,
-                "convert": cmd_convert}
+                "serve": cmd_serve, "convert": cmd_convert}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as error:

@@ -83,6 +83,12 @@ def _reference_audio(pipeline, token_ids, prefix_frames=None):
 REQUESTS = [_request("a", "Hello there, how are you?"), _request("b", "Short.", voice=None, max_new_tokens=45)]
 
 
+def test_a_request_naming_an_adapter_is_refused(tts):
+    tokenizer, _ = tts
+    with pytest.raises(ValueError, match="lora"):
+        tokenizer.build_context(_request("adapter", "Hello.", lora="my-voice-adapter"))
+
+
 def test_next_chunk_matches_text_runtime_and_reference_decoder(tts):
     tokenizer, pipeline = tts
     contexts = {r.request_id: tokenizer.build_context(r) for r in REQUESTS}

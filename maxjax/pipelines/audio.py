@@ -243,7 +243,6 @@ def load_audio_pipeline(model: str | Path | None = None, task: PipelineTask | st
     snac_params, snac_cfg = _load_snac(model, snac, seed)
     windows = max(1, config.max_batch_size * max_windows_per_request(num_steps))
     from maxjax.runtime.config import powers_of_two
-
     from maxjax.runtime.precision import resolve_matmul_precision
 
     # The codec runs in float32 whatever the speech dtype: full float32 dots unless a precision was asked for.

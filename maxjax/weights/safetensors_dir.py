@@ -13,6 +13,7 @@ import numpy as np
 from safetensors import safe_open
 
 from maxjax.architectures.llama import LlamaConfig
+from maxjax.architectures.registry import resolve_hf
 from maxjax.weights.llama_names import assemble_params
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -81,13 +82,13 @@ class SafetensorsReader:
 
 def load_safetensors_dir(folder: str | Path, dtype=np.float32,
                          progress: bool = False) -> tuple[LlamaConfig, dict, dict]:
-    """(config, params, hf_config) of an HF Llama/Mistral/Qwen2 folder."""
+    """(config, params, hf_config) of an HF folder of a supported family (`maxjax.architectures.registry`)."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"model folder not found: {folder}")
     refuse_pickle(folder)
     hf_config = read_hf_config(folder)
-    cfg = LlamaConfig.from_hf(hf_config)
+    _, cfg = resolve_hf(hf_config)
     reader = SafetensorsReader(safetensors_files(folder))
     params = assemble_params(cfg, "hf", reader.read, reader.names(), str(folder), dtype=dtype, progress=progress)
     return cfg, params, hf_config

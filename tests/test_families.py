@@ -1,0 +1,154 @@
+"""Model families (Qwen3, Gemma 1/2/3, Phi-3, Qwen3-MoE) against transformers on tiny random models.
+
+Each model is built with transformers' own config class, saved as safetensors and loaded by maxjax: logits
+within 1e-5 (float32) of transformers on prompts longer than the sliding window, and greedy tokens through
+`next_token` (batched, unequal lengths) equal to transformers' `generate`, with no compile after warm-up.
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from maxjax.architectures import llama, moe
+from maxjax.context import TextContext
+from maxjax.interfaces import SamplingParams, TextGenerationInputs
+from maxjax.models import load_model
+from maxjax.pipelines.text import TextGenerationPipeline
+from maxjax.runtime.compile_cache import compile_count
+from maxjax.runtime.config import RuntimeConfig
+from maxjax.runtime.engine import Engine
+from maxjax.weights import load_weights
+
+VOCAB, WINDOW = 128, 8
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
+              initializer_range=0.15, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [2.0 + 0.5 * i for i in range(8)], "rope_theta": 10000.0,
+            "original_max_position_embeddings": 128}
+FAMILIES = {
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=False)),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {}),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(sliding_window=WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                    query_pre_attn_scalar=16, num_hidden_layers=4)),
+    "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+                    dict(sliding_window=WINDOW, query_pre_attn_scalar=16, num_hidden_layers=4,
+                         layer_types=["sliding_attention", "full_attention"] * 2,
+                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                          "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                             "rope_theta": 1e6}})),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+             dict(sliding_window=WINDOW, rope_parameters=LONGROPE, original_max_position_embeddings=128)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
+}
+RUNTIME = RuntimeConfig(max_batch_size=2, max_seq_len=64, max_num_steps=8, length_buckets=(64,),
+                        batch_buckets=(2,), max_prefill_len=64)
+
+
+def build_hf(kind: str, folder):
+    """A random transformers model of `kind`, norms and biases perturbed, saved as safetensors in `folder`."""
+    config_cls, model_cls, extra = FAMILIES[kind]
+    config = config_cls(**{**COMMON, **extra})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # norms away from their trivial init, so a missed or mis-offset norm shows
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.2 * torch.randn_like(param))
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    return request.param, build_hf(request.param, folder), folder
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def test_logits_match_transformers(family):
+    kind, model, folder = family
+    ids = np.random.default_rng(1).integers(3, VOCAB, (2, 40))  # 40 tokens > the sliding window of 8
+    ours = load_model(folder, tokenizer=False)
+    if kind in ("gemma2", "gemma3_text", "phi3"):
+        assert ours.config.sliding_window == WINDOW
+    reference = _hf_logits(model, ids)
+    diff = np.abs(ours.logits(ids) - reference).max()
+    print(f"{kind}: max abs logit diff vs transformers {diff:.2e} (logits up to {np.abs(reference).max():.1f})")
+    assert diff < 1e-5, diff
+    assert (ours.logits(ids).argmax(-1) == reference.argmax(-1)).all()
+
+
+def _greedy_through_next_token(pipeline, prompts, steps=32):
+    contexts = {f"r{i}": TextContext(f"r{i}", np.asarray(p, np.int32), max_length=len(p) + steps,
+                                     sampling_params=SamplingParams(top_k=1)) for i, p in enumerate(prompts)}
+    out = {rid: [] for rid in contexts}
+    while contexts:
+        results = pipeline.next_token(TextGenerationInputs(dict(contexts), num_steps=8))
+        for rid, result in results.items():
+            out[rid] += list(result.tokens)
+            if result.is_done:
+                pipeline.release(rid)
+                del contexts[rid]
+    return [out[f"r{i}"] for i in range(len(prompts))]
+
+
+def test_greedy_next_token_equals_generate_without_recompiles(family):
+    kind, model, folder = family
+    weights = load_weights(folder, with_tokenizer=False)
+    pipeline = TextGenerationPipeline(Engine(llama, weights.config, weights.params, RUNTIME))
+    pipeline.warmup()
+    before = compile_count()
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (20, 9)]  # unequal, the first exceeds the window
+    ours = _greedy_through_next_token(pipeline, prompts)
+    assert compile_count() == before
+    for prompt, tokens in zip(prompts, ours):
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                      attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        assert tokens == expected[0, len(prompt):].tolist(), kind
+
+
+# ---- mixture of experts ----------------------------------------------------------------------------------
+
+def test_moe_routing_equals_transformers(tmp_path):
+    model = build_hf("qwen3_moe", tmp_path / "moe")
+    weights = load_weights(tmp_path / "moe", with_tokenizer=False)
+    hidden = torch.randn(12, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, hf_weights, hf_experts = model.model.layers[1].mlp.gate(hidden)
+    ours_weights, ours_experts = moe.route(hidden.numpy(), weights.params["layers"]["router"][1], 2, True)
+    np.testing.assert_array_equal(np.asarray(ours_experts), hf_experts.numpy())
+    np.testing.assert_allclose(np.asarray(ours_weights), hf_weights.numpy(), atol=1e-6)
+
+
+def _moe_flops(num_tokens: int, num_experts: int) -> float:
+    D, F, k = 64, 128, 2
+    shapes = [(num_tokens, D), (D, num_experts), (num_experts, D, F), (num_experts, D, F), (num_experts, F, D)]
+    args = [jax.ShapeDtypeStruct(s, np.float32) for s in shapes]
+    fn = jax.jit(lambda h, r, g, u, d: moe.sparse_moe(h[None], r, g, u, d, k, True, jax.nn.silu))
+    return fn.lower(*args).compile().cost_analysis()["flops"]
+
+
+def test_moe_computes_only_the_selected_experts():
+    """Decode-sized batches: the cost grows with the tokens' k experts, not with the number of experts."""
+    D, F, k, tokens = 64, 128, 2, 4
+    assert moe.block_size(tokens * k, 16) == 1  # one gathered expert per (token, expert) assignment
+    expert_flops = tokens * k * 3 * 2 * D * F  # gate, up, down matmuls of the selected experts
+    few, many = _moe_flops(tokens, 16), _moe_flops(tokens, 128)
+    dense_many = tokens * 128 * 3 * 2 * D * F  # every expert for every token
+    print(f"MoE flops: 16 experts {few:.0f}, 128 experts {many:.0f}, selected-expert matmuls {expert_flops}, "
+          f"dense over 128 experts {dense_many}")
+    assert expert_flops <= few < many < 1.25 * few  # only the router grows with the number of experts
+    assert many < dense_many / 20

@@ -49,10 +49,10 @@ RUNTIME = RuntimeConfig(max_batch_size=2, max_seq_len=64, max_num_steps=8, lengt
                         batch_buckets=(2,), max_prefill_len=64)
 
 
-def build_hf(kind: str, folder):
+def build_hf(kind: str, folder, **overrides):
     """A random transformers model of `kind`, norms and biases perturbed, saved as safetensors in `folder`."""
     config_cls, model_cls, extra = FAMILIES[kind]
-    config = config_cls(**{**COMMON, **extra})
+    config = config_cls(**{**COMMON, **extra, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = model_cls(config).eval()

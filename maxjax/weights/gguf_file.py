@@ -98,9 +98,11 @@ def _family_switches(meta: dict, arch: str, family: str, num_layers: int, head_d
         # llama.cpp scales Gemma 2/3 scores by the head dim (it writes no query_pre_attn_scalar)
         query_pre_attn_scalar=float(head_dim) if family in ("gemma2", "gemma3_text") else None)
     if family in ("gemma2", "gemma3_text") and window:
-        pattern = int(meta.get(f"{arch}.attention.sliding_window_pattern", 2 if family == "gemma2" else 6))
-        switches["layer_types"] = tuple("sliding_attention" if (i + 1) % pattern else "full_attention"
-                                        for i in range(num_layers))
+        # an int n (every n-th layer is global) or one bool per layer (True: sliding)
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 2 if family == "gemma2" else 6)
+        sliding = ([bool(p) for p in pattern] if isinstance(pattern, (list, tuple))
+                   else [bool((i + 1) % int(pattern)) for i in range(num_layers)])
+        switches["layer_types"] = tuple("sliding_attention" if s else "full_attention" for s in sliding)
     if family == "gemma3_text":
         switches["rope_local_theta"] = 10000.0  # llama.cpp's fixed base for Gemma 3's sliding layers
     if family == "qwen3_moe":
@@ -147,6 +149,9 @@ def load_gguf(path: str | Path, dtype=np.float32, progress: bool = False,
     reader = reader or open_gguf(path)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     meta = metadata(reader)
+    if "rope_factors_long.weight" in tensors:
+        raise ValueError(f"{source}: longrope (rope_factors_long/short tensors, Phi-3 128k) is not supported in "
+                         "GGUF files; load the HF safetensors folder, where it is")
     rope_freqs = dequantize(tensors["rope_freqs.weight"], source) if "rope_freqs.weight" in tensors else None
     cfg = config_from_gguf(meta, set(tensors), source, rope_freqs)
     permuted = meta["general.architecture"] in PERMUTED_ARCHITECTURES

@@ -152,3 +152,35 @@ def test_moe_computes_only_the_selected_experts():
           f"dense over 128 experts {dense_many}")
     assert expert_flops <= few < many < 1.25 * few  # only the router grows with the number of experts
     assert many < dense_many / 20
+
+
+def test_sliding_layers_read_only_their_window_when_unrolled():
+    """Unrolled layers (decode) gather only the window's cache entries on sliding layers: same logits."""
+    cfg = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=16, sliding_window=WINDOW, post_norms=True, norm_offset=1.0,
+                            layer_types=("sliding_attention", "full_attention"), attn_logit_softcap=5.0)
+    params = llama.init_params(cfg, jax.random.key(0))
+    tokens = np.random.default_rng(4).integers(3, VOCAB, (2, 24)).astype(np.int32)
+    positions = np.stack([np.arange(24), np.where(np.arange(24) < 15, np.arange(24), -1)]).astype(np.int32)
+
+    @jax.jit
+    def run(p, t, pos, cache):
+        return llama.forward(p, cfg, t, pos, cache, np.array([0, 1], np.int32), kv_len=64)
+
+    scanned, _ = run(params, tokens, positions, llama.init_kv_cache(cfg, 2, 64))
+    unrolled, cache = llama.unstack_layers(params), llama.init_kv_cache(cfg, 2, 64)
+    for start in range(0, 24, 8):  # chunks of 8 (decode's single tokens: the greedy tests above)
+        chunk, cache = run(unrolled, tokens[:, start:start + 8], positions[:, start:start + 8], cache)
+        real = positions[:, start:start + 8] >= 0
+        np.testing.assert_allclose(chunk[real], scanned[:, start:start + 8][real], atol=1e-5)
+
+
+def test_model_store_round_trip_keeps_family_switches(tmp_path):
+    from maxjax.weights import convert_to_store
+
+    build_hf("gemma3_text", tmp_path / "gemma3")
+    store = convert_to_store(tmp_path / "gemma3", "g3", models_dir=tmp_path / "models", with_tokenizer=False)
+    original, restored = load_model(tmp_path / "gemma3", tokenizer=False), load_model(store, tokenizer=False)
+    assert restored.config == original.config and restored.config.layer_types[1] == "full_attention"
+    ids = np.random.default_rng(5).integers(3, VOCAB, (1, 20))
+    np.testing.assert_array_equal(restored.logits(ids), original.logits(ids))

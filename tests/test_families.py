@@ -184,3 +184,25 @@ def test_model_store_round_trip_keeps_family_switches(tmp_path):
     assert restored.config == original.config and restored.config.layer_types[1] == "full_attention"
     ids = np.random.default_rng(5).integers(3, VOCAB, (1, 20))
     np.testing.assert_array_equal(restored.logits(ids), original.logits(ids))
+
+
+def test_unsupported_families_and_options_fail_clearly():
+    from maxjax.architectures.registry import gguf_model_type, resolve_hf
+
+    with pytest.raises(ValueError, match=r"model_type 'gpt_neox'.*supported model types: llama.*gemma2.*phi3"):
+        resolve_hf({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]})
+    with pytest.raises(ValueError, match=r"general.architecture 'falcon' is not supported \(supported: llama.*"):
+        gguf_model_type("falcon", "x.gguf")
+    _, cfg = resolve_hf({**COMMON, "model_type": None, "architectures": ["Gemma2ForCausalLM"],
+                         "num_hidden_layers": 2})
+    assert cfg.post_norms and cfg.layer_types == ("sliding_attention", "full_attention")
+    moe_config = {**COMMON, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 8, "mlp_only_layers": [0]}
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        resolve_hf(moe_config)
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        resolve_hf({**COMMON, "model_type": "phi3", "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+        resolve_hf({**COMMON, "model_type": "qwen3", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="to_hf writes Llama/Mistral configs"):
+        cfg.to_hf()

@@ -144,6 +144,10 @@ class LlamaConfig:
 
     def to_hf(self) -> dict:
         """A transformers `config.json` dict (model_type llama, or mistral when a sliding window is set)."""
+        llama_like = LlamaConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                    if f.name in _LLAMA_FIELDS})
+        if llama_like != self:
+            raise ValueError("LlamaConfig.to_hf writes Llama/Mistral configs; this config sets family switches")
         rope_scaling = None if self.rope_scaling is None else {k: _thaw(v) for k, v in self.rope_scaling}
         config = {
             "architectures": ["MistralForCausalLM" if self.sliding_window else "LlamaForCausalLM"],
@@ -173,6 +177,11 @@ def _thaw(value: Any) -> Any:
         return [_thaw(v) for v in value]
     return value
 
+
+# The fields a plain Llama / Mistral config.json expresses (the rest are family switches).
+_LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
+                 "tie_word_embeddings", "sliding_window", "attention_bias")
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 

@@ -70,7 +70,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str,
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
+        intermediate_size=int(meta.get(f"{arch}.feed_forward_length") or get("expert_feed_forward_length")),
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=int(get("attention.head_count_kv", num_heads)),
@@ -81,11 +81,12 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str,
         max_position_embeddings=int(get("context_length", 4096)),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
-        **_family_switches(meta, arch, family, num_layers, head_dim),
+        **_family_switches(meta, arch, family, num_layers, head_dim, hidden // num_heads),
     )
 
 
-def _family_switches(meta: dict, arch: str, family: str, num_layers: int, head_dim: int) -> dict[str, Any]:
+def _family_switches(meta: dict, arch: str, family: str, num_layers: int, head_dim: int,
+                     width_per_head: int) -> dict[str, Any]:
     """The LlamaConfig switches of a family, with llama.cpp's metadata keys and conventions."""
     window = meta.get(f"{arch}.attention.sliding_window")
     gemma = family in GEMMA_FAMILIES
@@ -95,8 +96,7 @@ def _family_switches(meta: dict, arch: str, family: str, num_layers: int, head_d
         qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"), post_norms=family in ("gemma2", "gemma3_text"),
         attn_logit_softcap=meta.get(f"{arch}.attn_logit_softcapping"),
         final_logit_softcap=meta.get(f"{arch}.final_logit_softcapping"),
-        # llama.cpp scales Gemma 2/3 scores by the head dim (it writes no query_pre_attn_scalar)
-        query_pre_attn_scalar=float(head_dim) if family in ("gemma2", "gemma3_text") else None)
+        query_pre_attn_scalar=_query_pre_attn_scalar(family, num_layers, head_dim, width_per_head))
     if family in ("gemma2", "gemma3_text") and window:
         # an int n (every n-th layer is global) or one bool per layer (True: sliding)
         pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 2 if family == "gemma2" else 6)
@@ -111,6 +111,15 @@ def _family_switches(meta: dict, arch: str, family: str, num_layers: int, head_d
                         moe_intermediate_size=int(meta[f"{arch}.expert_feed_forward_length"]),
                         norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", True)))
     return switches
+
+
+def _query_pre_attn_scalar(family: str, num_layers: int, head_dim: int, width_per_head: int) -> float | None:
+    """GGUFs carry no query_pre_attn_scalar: llama.cpp's rule is the head dim, but hidden / heads for the 27B
+    Gemma 2 (46 layers) and Gemma 3 (62 layers), as their HF configs say."""
+    if family not in ("gemma2", "gemma3_text"):
+        return None
+    is_27b = num_layers == (46 if family == "gemma2" else 62)
+    return float(width_per_head if is_27b else head_dim)
 
 
 def _rope_scaling(meta: dict, arch: str, source: str, rope_freqs: np.ndarray | None) -> dict | None:

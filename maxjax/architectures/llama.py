@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxjax.architectures import moe
+from maxjax.architectures.attention_span import visible_keys
 from maxjax.architectures.quantized import embed_lookup, embed_matmul, is_quantized, linear
 from maxjax.architectures.rope import apply_rope, rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
 from maxjax.architectures.rope import rope_type as _rope_type
@@ -390,27 +391,6 @@ def _ffn(h: jax.Array, layer: Params, cfg: LlamaConfig) -> jax.Array:
     return _mlp(h, layer, act)
 
 
-def _visible_keys(cache: KVCache, cfg: LlamaConfig, layer_index: Any, slots: jax.Array, positions: jax.Array,
-                  mask: jax.Array, kv_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Keys and values [B, KVH, span, Dh] a layer's queries may see, and the mask [B, T, span] over them.
-
-    A sliding layer (known when layers are unrolled, as in decode) reads only the window's positions:
-    span = sliding_window + T - 1 cache entries ending at each row's last position, instead of all kv_len.
-    """
-    T = positions.shape[1]
-    span = None
-    if isinstance(layer_index, int) and cfg.is_sliding(layer_index):
-        span = cfg.sliding_window + T - 1
-    if span is None or span >= kv_len:
-        return cache.k[layer_index, slots, :, :kv_len], cache.v[layer_index, slots, :, :kv_len], mask
-    start = jnp.clip(jnp.max(positions, axis=1) - span + 1, 0, kv_len - span)  # [B]
-    index = start[:, None] + jnp.arange(span, dtype=jnp.int32)  # [B, span]
-    # Advanced indices split by the head slice: the result is [B, span, KVH, Dh].
-    keys = cache.k[layer_index, slots[:, None], :, index].transpose(0, 2, 1, 3)
-    values = cache.v[layer_index, slots[:, None], :, index].transpose(0, 2, 1, 3)
-    return keys, values, jnp.take_along_axis(mask, index[:, None, :], axis=-1)
-
-
 def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array, cache: KVCache, layer_index: jax.Array, slots: jax.Array,
                   positions: jax.Array, kv_len: int) -> tuple[jax.Array, KVCache]:
@@ -428,7 +408,7 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     v = v.reshape(B, T, KVH, Dh)  # [B, T, KVH, Dh]
     cache = KVCache(k=_write_cache(cache.k, layer_index, k, slots, positions),
                     v=_write_cache(cache.v, layer_index, v, slots, positions))
-    keys, values, mask = _visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
+    keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
     keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap)  # [B, T, H, Dh]

@@ -103,6 +103,7 @@ def _greedy_through_next_token(pipeline, prompts, steps=32):
     return [out[f"r{i}"] for i in range(len(prompts))]
 
 
+@pytest.mark.slow  # transformers' generate as the reference
 def test_greedy_next_token_equals_generate_without_recompiles(family):
     kind, model, folder = family
     weights = load_weights(folder, with_tokenizer=False)

@@ -30,7 +30,8 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh
 def _rope(rope: dict[str, Any] | None, hf_config: dict) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling dict or None) from one rope_parameters / rope_scaling dict."""
     rope = dict(rope or {})
-    theta = rope.pop("rope_theta", None) or hf_config.get("rope_theta", 10000.0)
+    theta = (rope.pop("rope_theta", None) or (hf_config.get("rope_parameters") or {}).get("rope_theta")
+             or hf_config.get("rope_theta", 10000.0))
     kind = rope.pop("rope_type", rope.pop("type", "default"))
     if kind == "default":
         return float(theta), None

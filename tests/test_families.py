@@ -207,3 +207,25 @@ def test_unsupported_families_and_options_fail_clearly():
         resolve_hf({**COMMON, "model_type": "qwen3", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="to_hf writes Llama/Mistral configs"):
         cfg.to_hf()
+
+
+def test_longrope_switches_to_long_factors_at_the_original_context(tmp_path):
+    """Positions from original_max_position_embeddings on use the long factors, as transformers' cached forward
+    does token by token (its `generate` instead re-encodes the whole sequence with them once, at the crossing)."""
+    from transformers import DynamicCache
+
+    model = build_hf("phi3", tmp_path / "phi3", rope_parameters={**LONGROPE, "original_max_position_embeddings": 24},
+                     original_max_position_embeddings=24)
+    weights = load_weights(tmp_path / "phi3", with_tokenizer=False)
+    ids = np.random.default_rng(6).integers(3, VOCAB, 30)
+    forward = jax.jit(lambda p, t, pos, c: llama.forward(p, weights.config, t, pos, c, np.zeros(1, np.int32),
+                                                         kv_len=64))
+    params, cache = jax.device_put(weights.params), llama.init_kv_cache(weights.config, 1, 64)
+    ours, cache = forward(params, ids[None, :20], np.arange(20)[None], cache)
+    hf_cache = DynamicCache(config=model.config)  # updated in place by each call
+    with torch.no_grad():
+        model(torch.tensor(ids[None, :20]), cache=hf_cache, use_cache=True)
+        for t in range(20, 30):  # crosses position 24
+            ours, cache = forward(params, ids[None, t:t + 1], np.array([[t]]), cache)
+            out = model(torch.tensor(ids[None, t:t + 1]), cache=hf_cache, use_cache=True)
+            np.testing.assert_allclose(np.asarray(ours[0, -1]), out.logits[0, -1].numpy(), atol=1e-5)

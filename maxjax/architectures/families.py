@@ -55,8 +55,9 @@ def _layer_types(hf_config: dict, model_type: str, num_layers: int) -> tuple[str
 
 
 def _activation(hf_config: dict, model_type: str) -> str:
-    name = hf_config.get("hidden_activation") or hf_config.get("hidden_act") or (
-        "gelu_pytorch_tanh" if model_type in GEMMA_FAMILIES else "silu")
+    name = hf_config.get("hidden_activation") or hf_config.get("hidden_act") or "silu"
+    if model_type in GEMMA_FAMILIES and name == "gelu":  # Gemma 1 configs say "gelu"; HF runs the tanh form
+        name = "gelu_pytorch_tanh"
     if name not in _ACTIVATIONS:
         raise ValueError(f"config.json hidden_act {name!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
     return _ACTIVATIONS[name]

@@ -3,7 +3,7 @@
 `rope_scaling` is a hashable tuple of HF's rope_scaling dict items (see `LlamaConfig`). Supported rope types:
 default, linear, llama3, freq_factors (GGUF `rope_freqs.weight`) and longrope (Phi-3: short factors for
 positions below `original_max_position_embeddings`, long factors from there on, cos/sin times the
-attention factor).
+attention factor). Per position, so a token's rotation never depends on how long its batch or sequence is.
 """
 
 from __future__ import annotations

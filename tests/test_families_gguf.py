@@ -171,3 +171,27 @@ def test_gguf_longrope_is_refused(tmp_path, spm):
     path = write_gguf(model, "phi3", tmp_path / "phi3.gguf", sp, factors)
     with pytest.raises(ValueError, match="rope_factors_long"):
         load_model(path, tokenizer=False)
+
+
+@pytest.mark.slow  # transformers' generate as the reference
+def test_gguf_with_sentencepiece_vocab_generates_through_llm(tmp_path, spm):
+    """The file is all you need: a Gemma 2 GGUF (sliding window, soft-capping) with a SentencePiece vocabulary
+    through the `LLM` wrapper gives transformers' greedy tokens and sentencepiece's text."""
+    from maxjax.interfaces import SamplingParams
+    from maxjax.pipelines.llm import LLM
+
+    sp, _ = spm
+    model = build_hf("gemma2", tmp_path / "gemma2", vocab_size=sp.get_piece_size())
+    llm = LLM(write_gguf(model, "gemma2", tmp_path / "gemma2.gguf", sp), chat=False, max_seq_len=64,
+              length_buckets=(64,), max_batch_size=1, max_num_steps=8)
+    prompt = "Numbers like 12345 and rivers, naïve 🤖"
+    completion = llm.complete([prompt], SamplingParams(max_new_tokens=16, top_k=1))[0]
+    ids = [sp.bos_id(), *sp.encode(prompt)]
+    assert len(ids) > 8  # longer than the sliding window
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    if sp.eos_id() in expected:
+        expected = expected[:expected.index(sp.eos_id()) + 1]
+    assert completion.tokens == expected
+    assert completion.text == sp.decode([t for t in expected if t != sp.eos_id()])

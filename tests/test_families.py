@@ -134,25 +134,44 @@ def test_moe_routing_equals_transformers(tmp_path):
     np.testing.assert_allclose(np.asarray(ours_weights), hf_weights.numpy(), atol=1e-6)
 
 
-def _moe_flops(num_tokens: int, num_experts: int) -> float:
-    D, F, k = 64, 128, 2
-    shapes = [(num_tokens, D), (D, num_experts), (num_experts, D, F), (num_experts, D, F), (num_experts, F, D)]
+def _matmul_flops(jaxpr, repeat: int = 1) -> int:
+    """Multiply-add FLOPs of every dot in a jaxpr, loops (scan / lax.map) counted once per iteration."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in lhs_contract]))
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += _matmul_flops(inner, times)
+    return total * repeat
+
+
+def _moe_matmul_flops(num_tokens: int, num_experts: int, k: int = 2, D: int = 64, F: int = 128) -> int:
+    shapes = [(1, num_tokens, D), (D, num_experts), (num_experts, D, F), (num_experts, D, F), (num_experts, F, D)]
     args = [jax.ShapeDtypeStruct(s, np.float32) for s in shapes]
-    fn = jax.jit(lambda h, r, g, u, d: moe.sparse_moe(h[None], r, g, u, d, k, True, jax.nn.silu))
-    return fn.lower(*args).compile().cost_analysis()["flops"]
+    jaxpr = jax.make_jaxpr(lambda h, r, g, u, d: moe.sparse_moe(h, r, g, u, d, k, True, jax.nn.silu))(*args)
+    # without the router's logits and the weighted sum of each token's k expert outputs
+    return _matmul_flops(jaxpr.jaxpr) - 2 * num_tokens * D * num_experts - 2 * num_tokens * k * D
 
 
 def test_moe_computes_only_the_selected_experts():
-    """Decode-sized batches: the cost grows with the tokens' k experts, not with the number of experts."""
-    D, F, k, tokens = 64, 128, 2, 4
-    assert moe.block_size(tokens * k, 16) == 1  # one gathered expert per (token, expert) assignment
-    expert_flops = tokens * k * 3 * 2 * D * F  # gate, up, down matmuls of the selected experts
-    few, many = _moe_flops(tokens, 16), _moe_flops(tokens, 128)
-    dense_many = tokens * 128 * 3 * 2 * D * F  # every expert for every token
-    print(f"MoE flops: 16 experts {few:.0f}, 128 experts {many:.0f}, selected-expert matmuls {expert_flops}, "
-          f"dense over 128 experts {dense_many}")
-    assert expert_flops <= few < many < 1.25 * few  # only the router grows with the number of experts
-    assert many < dense_many / 20
+    """The expert matmuls (counted in the program, loops included) scale with the tokens' k experts."""
+    D, F, k, per_row = 64, 128, 2, 3 * 2 * 64 * 128  # gate, up and down of one expert for one token
+    tokens = 4  # decode: one block per (token, expert) assignment, whatever the number of experts
+    for experts in (16, 128):
+        assert _moe_matmul_flops(tokens, experts) == tokens * k * per_row
+    tokens, experts = 40, 8  # prefill: blocks of 8 rows, at most 7 padding rows per expert
+    block = moe.block_size(tokens * k, experts)
+    flops = _moe_matmul_flops(tokens, experts)
+    print(f"MoE expert FLOPs, 40 tokens, top-2 of 8: {flops} (selected {tokens * k * per_row}, "
+          f"every expert {tokens * experts * per_row})")
+    assert block == 8 and tokens * k * per_row <= flops <= (tokens * k + experts * (block - 1)) * per_row
+    assert flops < tokens * experts * per_row / 2
 
 
 def test_sliding_layers_read_only_their_window_when_unrolled():

@@ -6,10 +6,11 @@ weights optionally renormalized to sum to 1. Each (token, expert) assignment is 
 - the assignments are sorted by expert and laid out in blocks of `block` rows, each block holding rows of a
   single expert (an expert's group is padded up to a multiple of `block`), so a block is one small matmul
   against one expert's weights;
-- few tokens (decode: one per row): `block` = 1, every assignment gathers exactly its expert's weights, so
-  the work and the weights read scale with k, not with the number of experts;
-- many tokens (prefill): larger blocks, processed one after another (`lax.map`) so that only one expert's
-  weights are sliced out at a time; at most block - 1 padding rows per expert are wasted.
+- blocks run one after another (`lax.map`), each reading only its own expert's weights;
+- few tokens (decode: one per row): `block` = 1, one block per assignment, so the work and the weights read
+  scale with the tokens' k experts, not with the number of experts;
+- many tokens (prefill): larger blocks, so each expert's weights are read about once per block of tokens;
+  at most block - 1 padding rows per expert are wasted.
 The block size depends only on static shapes, so it never causes a recompile.
 """
 
@@ -63,11 +64,10 @@ def expert_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax
     xs = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])[row_token]  # [P, D]
     xs = xs.reshape(num_blocks, block, D)
     block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right"), E - 1)
-    if block == 1:  # gather each assignment's expert weights: [A, D, F] etc.
-        ys = _gated(xs, w_gate[block_expert], w_up[block_expert], w_down[block_expert], act)
-    else:  # one expert's weights at a time
-        ys = jax.lax.map(lambda item: _gated(item[0][None], w_gate[item[1]][None], w_up[item[1]][None],
-                                             w_down[item[1]][None], act)[0], (xs, block_expert))
+    # One block at a time, indexing its expert's weights in place (measured on XLA CPU, 8 tokens, top-2 of 32:
+    # ~3x faster than gathering every assignment's weights into one batched matmul, which copies them).
+    ys = jax.lax.map(lambda item: _gated(item[0][None], w_gate[item[1]][None], w_up[item[1]][None],
+                                         w_down[item[1]][None], act)[0], (xs, block_expert))
     ys = ys.reshape(num_blocks * block, D)
     position = jnp.zeros(A, jnp.int32).at[order].set(row)  # [A]: row of assignment a (token a // k)
     out = ys[position].reshape(N, k, D)

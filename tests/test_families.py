@@ -248,3 +248,25 @@ def test_longrope_switches_to_long_factors_at_the_original_context(tmp_path):
             ours, cache = forward(params, ids[None, t:t + 1], np.array([[t]]), cache)
             out = model(torch.tensor(ids[None, t:t + 1]), cache=hf_cache, use_cache=True)
             np.testing.assert_allclose(np.asarray(ours[0, -1]), out.logits[0, -1].numpy(), atol=1e-5)
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_decoder(tmp_path):
+    """Gemma 3 4B+ ship as Gemma3ForConditionalGeneration: config in text_config, names under language_model."""
+    text = {**COMMON, **FAMILIES["gemma3_text"][2]}
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=5, boi_token_index=6, eoi_token_index=7)
+    config.text_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "gemma3mm")
+    ours = load_model(tmp_path / "gemma3mm", tokenizer=False)
+    ids = np.random.default_rng(7).integers(8, VOCAB, (1, 20))
+    diff = np.abs(ours.logits(ids) - _hf_logits(model, ids)).max()
+    print(f"gemma3 (multimodal checkpoint, text): max abs logit diff vs transformers {diff:.2e}")
+    assert diff < 1e-5, diff

@@ -18,6 +18,9 @@ HF_ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3",
 }
 
+# Multimodal model_type -> the family of its text decoder (config in "text_config"; the loader reads only it)
+HF_MULTIMODAL = {"gemma3": "gemma3_text"}
+
 # GGUF general.architecture -> model_type (the GGUF loader reads the metadata of these)
 GGUF_ARCHITECTURES = {
     "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
@@ -30,18 +33,22 @@ def hf_model_type(hf_config: dict) -> str:
     model_type = hf_config.get("model_type")
     if model_type in HF_FAMILIES:
         return model_type
+    if model_type in HF_MULTIMODAL and isinstance(hf_config.get("text_config"), dict):
+        return HF_MULTIMODAL[model_type]
     names = hf_config.get("architectures") or []
     for name in names:
         if name in HF_ARCHITECTURES:
             return HF_ARCHITECTURES[name]
     raise ValueError(f"config.json model_type {model_type!r} / architectures {names!r} is not supported "
-                     f"(supported model types: {', '.join(HF_FAMILIES)}; architectures: "
+                     f"(supported model types: {', '.join(HF_FAMILIES + tuple(HF_MULTIMODAL))}; architectures: "
                      f"{', '.join(HF_ARCHITECTURES)})")
 
 
 def resolve_hf(hf_config: dict) -> tuple[ModuleType, llama.LlamaConfig]:
     """(architecture module, config) of a transformers config.json dict."""
     model_type = hf_model_type(hf_config)
+    if hf_config.get("model_type") in HF_MULTIMODAL:
+        hf_config = hf_config["text_config"]
     return llama, config_from_hf(dict(hf_config, model_type=model_type))
 
 

@@ -80,6 +80,21 @@ class SafetensorsReader:
             return np.asarray(f.get_tensor(name))
 
 
+# Multimodal checkpoints (Gemma 3 4B and up) hold the text decoder under a prefix: stored prefix -> HF text name.
+TEXT_DECODER_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                         "language_model.lm_head.": "lm_head."}
+
+
+def text_decoder_aliases(names: set[str]) -> dict[str, str]:
+    """Text-model name -> stored name for the text decoder of a multimodal checkpoint (empty otherwise)."""
+    aliases = {}
+    for name in names:
+        for prefix, text_prefix in TEXT_DECODER_PREFIXES.items():
+            if name.startswith(prefix):
+                aliases[text_prefix + name[len(prefix):]] = name
+    return {} if set(aliases) & names else aliases
+
+
 def load_safetensors_dir(folder: str | Path, dtype=np.float32,
                          progress: bool = False) -> tuple[LlamaConfig, dict, dict]:
     """(config, params, hf_config) of an HF folder of a supported family (`maxjax.architectures.registry`)."""
@@ -90,5 +105,7 @@ def load_safetensors_dir(folder: str | Path, dtype=np.float32,
     hf_config = read_hf_config(folder)
     _, cfg = resolve_hf(hf_config)
     reader = SafetensorsReader(safetensors_files(folder))
-    params = assemble_params(cfg, "hf", reader.read, reader.names(), str(folder), dtype=dtype, progress=progress)
+    aliases = text_decoder_aliases(reader.names())
+    params = assemble_params(cfg, "hf", lambda name: reader.read(aliases.get(name, name)),
+                             reader.names() | set(aliases), str(folder), dtype=dtype, progress=progress)
     return cfg, params, hf_config

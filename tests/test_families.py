@@ -44,6 +44,8 @@ FAMILIES = {
              dict(sliding_window=WINDOW, rope_parameters=LONGROPE, original_max_position_embeddings=128)),
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
                   dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=WINDOW)),
 }
 RUNTIME = RuntimeConfig(max_batch_size=2, max_seq_len=64, max_num_steps=8, length_buckets=(64,),
                         batch_buckets=(2,), max_prefill_len=64)
@@ -80,7 +82,7 @@ def test_logits_match_transformers(family):
     kind, model, folder = family
     ids = np.random.default_rng(1).integers(3, VOCAB, (2, 40))  # 40 tokens > the sliding window of 8
     ours = load_model(folder, tokenizer=False)
-    if kind in ("gemma2", "gemma3_text", "phi3"):
+    if kind in ("gemma2", "gemma3_text", "phi3", "mixtral"):
         assert ours.config.sliding_window == WINDOW
     reference = _hf_logits(model, ids)
     diff = np.abs(ours.logits(ids) - reference).max()

@@ -16,7 +16,7 @@ from maxjax.tokenizers import HFTokenizer
 from test_families import build_hf
 
 GGUF_ARCH = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen3": "qwen3",
-             "qwen3_moe": "qwen3moe", "phi3": "phi3"}
+             "qwen3_moe": "qwen3moe", "phi3": "phi3", "mixtral": "llama"}  # llama.cpp writes Mixtral as llama
 TEXTS = ["Hello world", "  two  leading spaces and\ttabs\nnewline", "digits 12345 and 3.14159",
          "unicode: naïve café, Ελληνικά, 日本語, emoji 🤖", "trailing space ", "x" * 30]
 CORPUS = "\n".join(["The quick brown fox jumps over the lazy dog.", "Hello world, hello tokens.",
@@ -84,6 +84,9 @@ def _add_hparams(writer, kind, cfg):
         writer.add_expert_used_count(cfg.num_experts_per_tok)
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         writer.add_expert_weights_norm(cfg.norm_topk_prob)
+    if kind == "mixtral":
+        writer.add_expert_count(cfg.num_local_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
 
 
 def _gguf_tensors(model, kind):
@@ -104,8 +107,17 @@ def _gguf_tensors(model, kind):
         assert target is not None, f"gguf has no name for {name}"
         if kind.startswith("gemma") and name.endswith("norm.weight"):
             array = array + 1.0  # llama.cpp's Gemma converter folds the +1 into the norm weights
+        if GGUF_ARCH[kind] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = model.config.num_attention_heads if "q_proj" in name else model.config.num_key_value_heads
+            array = _llama_cpp_rope_permute(array, heads)
         out[f"{target}.weight"] = np.ascontiguousarray(array, np.float32)
     return out
+
+
+def _llama_cpp_rope_permute(weight, heads):
+    """llama.cpp's converter interleaves the two rope halves of each Q/K head for "llama" files."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
 
 
 def write_gguf(model, kind, path, sp, extra_tensors=None):

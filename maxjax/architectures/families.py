@@ -7,6 +7,7 @@ A family differs from Llama only by `LlamaConfig` switches:
 | llama, mistral, qwen2    | (Mistral: sliding window on every layer; Qwen2: Q/K/V biases)                     |
 | qwen3                    | qk_norm                                                                           |
 | qwen3_moe                | qk_norm, routed experts (num_experts, num_experts_per_tok, moe_intermediate_size) |
+| mixtral                  | routed experts (weights always renormalized), Mistral's sliding window            |
 | gemma                    | gelu_tanh GeGLU, norm_offset 1, embed_scale                                       |
 | gemma2                   | + post_norms, attention / final soft-capping, query_pre_attn_scalar, alternating   |
 |                          |   sliding and global layers                                                        |
@@ -21,7 +22,8 @@ from typing import Any
 from maxjax.architectures.llama import LlamaConfig
 
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
-HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "phi3")
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "gemma2", "gemma3_text",
+               "phi3")
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
                 "gelu_new": "gelu_tanh"}
@@ -44,7 +46,7 @@ def _rope(rope: dict[str, Any] | None, hf_config: dict) -> tuple[float, dict | N
 
 
 def _layer_types(hf_config: dict, model_type: str, num_layers: int) -> tuple[str, ...] | None:
-    if model_type in ("llama", "mistral"):  # the window, when set, applies to every layer
+    if model_type in ("llama", "mistral", "mixtral"):  # the window, when set, applies to every layer
         return None
     if hf_config.get("layer_types"):
         return tuple(hf_config["layer_types"])
@@ -71,6 +73,9 @@ def _sliding_window(hf_config: dict, model_type: str) -> int | None:
 
 
 def _moe(hf_config: dict, model_type: str) -> dict[str, Any]:
+    if model_type == "mixtral":  # every layer routed; the expert MLP width is intermediate_size
+        return dict(num_experts=hf_config["num_local_experts"], num_experts_per_tok=hf_config["num_experts_per_tok"],
+                    moe_intermediate_size=hf_config["intermediate_size"], norm_topk_prob=True)
     if model_type != "qwen3_moe":
         return {}
     if hf_config.get("mlp_only_layers") or hf_config.get("decoder_sparse_step", 1) != 1:

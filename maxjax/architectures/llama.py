@@ -1,5 +1,5 @@
 """Llama-family decoder as pure functions over a param pytree: Llama 2/3, Mistral, Qwen2/3, SmolLM, Gemma 1/2/3
-text, Phi-3 and Qwen3-MoE are switches of one `LlamaConfig` (which family sets which: `families.py`).
+text, Phi-3, Qwen3-MoE and Mixtral are switches of one `LlamaConfig` (which family sets which: `families.py`).
 
 Params (plain nested dicts; layers stacked on a leading axis L so the forward is one `lax.scan`):
 

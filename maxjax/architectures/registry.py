@@ -14,14 +14,16 @@ from maxjax.architectures.families import HF_FAMILIES, config_from_hf
 # config.json "architectures" class name -> model_type
 HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma",
+    "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
+    "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3",
 }
 
 # Multimodal model_type -> the family of its text decoder (config in "text_config"; the loader reads only it)
 HF_MULTIMODAL = {"gemma3": "gemma3_text"}
 
-# GGUF general.architecture -> model_type (the GGUF loader reads the metadata of these)
+# GGUF general.architecture -> model_type (the GGUF loader reads the metadata of these; Mixtral GGUFs are
+# "llama" files with expert tensors and {arch}.expert_count)
 GGUF_ARCHITECTURES = {
     "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
     "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3",

@@ -105,10 +105,11 @@ def _family_switches(meta: dict, arch: str, family: str, num_layers: int, head_d
         switches["layer_types"] = tuple("sliding_attention" if s else "full_attention" for s in sliding)
     if family == "gemma3_text":
         switches["rope_local_theta"] = 10000.0  # llama.cpp's fixed base for Gemma 3's sliding layers
-    if family == "qwen3_moe":
+    if f"{arch}.expert_count" in meta:  # Qwen3-MoE, or Mixtral as a "llama" GGUF
         switches.update(num_experts=int(meta[f"{arch}.expert_count"]),
                         num_experts_per_tok=int(meta[f"{arch}.expert_used_count"]),
-                        moe_intermediate_size=int(meta[f"{arch}.expert_feed_forward_length"]),
+                        moe_intermediate_size=int(meta.get(f"{arch}.expert_feed_forward_length")
+                                                  or meta[f"{arch}.feed_forward_length"]),
                         norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", True)))
     return switches
 

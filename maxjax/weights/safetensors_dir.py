@@ -7,6 +7,7 @@ when loaded, so they are refused with a note on how to convert them.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -80,19 +81,26 @@ class SafetensorsReader:
             return np.asarray(f.get_tensor(name))
 
 
-# Multimodal checkpoints (Gemma 3 4B and up) hold the text decoder under a prefix: stored prefix -> HF text name.
-TEXT_DECODER_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
-                         "language_model.lm_head.": "lm_head."}
+# Checkpoint names that differ from the ones `llama_names` maps, as (pattern, replacement): the text decoder of
+# multimodal checkpoints (Gemma 3 4B and up) sits under a prefix; Mixtral names its experts w1/w3/w2.
+NAME_ALIASES = ((r"^(?:language_model\.model|model\.language_model)\.", "model."),
+                (r"^language_model\.lm_head\.", "lm_head."),
+                (r"\.block_sparse_moe\.", ".mlp."),
+                (r"(\.mlp\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
+                (r"(\.mlp\.experts\.\d+)\.w3\.", r"\1.up_proj."),
+                (r"(\.mlp\.experts\.\d+)\.w2\.", r"\1.down_proj."))
 
 
-def text_decoder_aliases(names: set[str]) -> dict[str, str]:
-    """Text-model name -> stored name for the text decoder of a multimodal checkpoint (empty otherwise)."""
+def checkpoint_aliases(names: set[str]) -> dict[str, str]:
+    """Mapped name -> stored name for every stored name that NAME_ALIASES renames."""
     aliases = {}
     for name in names:
-        for prefix, text_prefix in TEXT_DECODER_PREFIXES.items():
-            if name.startswith(prefix):
-                aliases[text_prefix + name[len(prefix):]] = name
-    return {} if set(aliases) & names else aliases
+        mapped = name
+        for pattern, replacement in NAME_ALIASES:
+            mapped = re.sub(pattern, replacement, mapped)
+        if mapped != name and mapped not in names:
+            aliases[mapped] = name
+    return aliases
 
 
 def load_safetensors_dir(folder: str | Path, dtype=np.float32,
@@ -105,7 +113,7 @@ def load_safetensors_dir(folder: str | Path, dtype=np.float32,
     hf_config = read_hf_config(folder)
     _, cfg = resolve_hf(hf_config)
     reader = SafetensorsReader(safetensors_files(folder))
-    aliases = text_decoder_aliases(reader.names())
+    aliases = checkpoint_aliases(reader.names())
     params = assemble_params(cfg, "hf", lambda name: reader.read(aliases.get(name, name)),
                              reader.names() | set(aliases), str(folder), dtype=dtype, progress=progress)
     return cfg, params, hf_config

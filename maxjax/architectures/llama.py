@@ -95,7 +95,7 @@ class LlamaConfig:
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power instead of head_dim's (Gemma 2/3)
     layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" / "full_attention"
     rope_local_theta: float | None = None  # rope base of sliding layers, unscaled (Gemma 3); None: as global ones
-    num_experts: int = 0  # > 0: a top-k routed mixture of experts replaces the MLP (Qwen3-MoE)
+    num_experts: int = 0  # > 0: a top-k routed mixture of experts replaces the MLP (Qwen3-MoE, Mixtral)
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1

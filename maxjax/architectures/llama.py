@@ -1,11 +1,16 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2-style, SmolLM) as pure functions over a param pytree.
+"""Llama-family decoder as pure functions over a param pytree: Llama 2/3, Mistral, Qwen2/3, SmolLM, Gemma 1/2/3
+text, Phi-3, Qwen3-MoE and Mixtral are switches of one `LlamaConfig` (which family sets which: `families.py`).
 
 Params (plain nested dicts; layers stacked on a leading axis L so the forward is one `lax.scan`):
 
     {"embed": [V, D],
      "layers": {"attn_norm": [L, D], "wq": [L, D, H*Dh], "wk": [L, D, KVH*Dh], "wv": [L, D, KVH*Dh],
                 "bq": [L, H*Dh], "bk": [L, KVH*Dh], "bv": [L, KVH*Dh]   (only when attention_bias, e.g. Qwen2),
-                "wo": [L, H*Dh, D], "mlp_norm": [L, D], "w_gate": [L, D, F], "w_up": [L, D, F], "w_down": [L, F, D]},
+                "wo": [L, H*Dh, D], "mlp_norm": [L, D], "w_gate": [L, D, F], "w_up": [L, D, F], "w_down": [L, F, D],
+                "q_norm": [L, Dh], "k_norm": [L, Dh]                        (only when qk_norm: Qwen3, Gemma 3),
+                "post_attn_norm": [L, D], "post_mlp_norm": [L, D]             (only when post_norms: Gemma 2/3),
+                "router": [L, D, E], "e_gate": [L, E, D, Fe], "e_up": [L, E, D, Fe], "e_down": [L, E, Fe, D]
+                                                                   (instead of w_gate/w_up/w_down when num_experts)},
      "final_norm": [D],
      "lm_head": [D, V]}                                                 (only when the embedding is untied)
 
@@ -15,8 +20,9 @@ KV cache: `KVCache(k, v)`, each [L, num_slots, KVH, max_seq_len, Dh] (heads befo
 keys for one head are contiguous and attention reads them without a transposing copy). Row b of a batch owns
 slot `slots[b]`; the token at position p writes cache index p; a position < 0 is padding and writes nothing.
 Attention reads only `cache[:, slot, :, :kv_len]` and masks by position (key j visible to a query at p
-iff j <= p, and j > p - sliding_window when set), so the same program serves any mix of prompt lengths and
-decode steps.
+iff j <= p, and j > p - sliding_window on sliding layers), so the same program serves any mix of prompt lengths
+and decode steps. Sliding layers are every layer when `layer_types` is None (Mistral), else the ones it marks
+"sliding_attention" (Gemma 2/3 alternate local and global layers).
 The whole cache is carried through the layer scan and updated at the layer index, so a donated cache is
 updated in place.
 """
@@ -31,7 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.architectures.quantized import concat_outputs, embed_lookup, embed_matmul, is_blocks, is_quantized, linear
+from maxjax.architectures import moe
+from maxjax.architectures.attention_span import visible_keys
+from maxjax.architectures.quantized import (concat_outputs, embed_lookup, embed_matmul, is_blocks, is_quantized,
+                                                linear)
+from maxjax.architectures.rope import apply_rope, rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
+from maxjax.architectures.rope import rope_type as _rope_type
 
 Params = dict[str, Any]
 
@@ -74,6 +85,21 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     attention_bias: bool = False  # biases on the Q/K/V projections (Qwen2)
+    # Family switches; the defaults are Llama's.
+    hidden_act: str = "silu"  # gated MLP activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight): Gemma stores weight - 1
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    qk_norm: bool = False  # RMSNorm over each head of Q and K before rope (Qwen3, Gemma 3)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before the residual add (Gemma 2/3)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power instead of head_dim's (Gemma 2/3)
+    layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" / "full_attention"
+    rope_local_theta: float | None = None  # rope base of sliding layers, unscaled (Gemma 3); None: as global ones
+    num_experts: int = 0  # > 0: a top-k routed mixture of experts replaces the MLP (Qwen3-MoE, Mixtral)
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -90,64 +116,40 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.sliding_window must be positive or None, got {self.sliding_window}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            bad = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
+            if len(self.layer_types) != self.num_layers or bad:
+                raise ValueError(f"LlamaConfig.layer_types must name 'sliding_attention' or 'full_attention' for "
+                                 f"each of the {self.num_layers} layers, got {self.layer_types!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"LlamaConfig.hidden_act {self.hidden_act!r} is not supported "
+                             f"(supported: {', '.join(ACTIVATIONS)})")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"LlamaConfig.num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                             f"[1, num_experts={self.num_experts}]")
         if self.rope_scaling is not None:
             _rope_type(self.rope_scaling)  # validates early
 
     @classmethod
     def from_hf(cls, hf_config: dict) -> "LlamaConfig":
-        """From a transformers `config.json` dict (model_type llama, mistral or qwen2)."""
-        model_type = hf_config.get("model_type", "llama")
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"config.json model_type {model_type!r} is not a Llama-family model "
-                             "(supported: llama, mistral, qwen2)")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in hf_config:
-                raise ValueError(f"config.json is missing {key!r}")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"):
-            value = hf_config.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"config.json {key} must be a positive int, got {value!r}")
-        for key in ("rms_norm_eps", "rope_theta"):
-            value = hf_config.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise ValueError(f"config.json {key} must be a positive number, got {value!r}")
-        for key in ("rope_parameters", "rope_scaling"):
-            if hf_config.get(key) is not None and not isinstance(hf_config[key], dict):
-                raise ValueError(f"config.json {key} must be an object, got {hf_config[key]!r}")
-        num_heads = hf_config["num_attention_heads"]
-        head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // num_heads
-        # transformers >= 5 moves rope_theta / rope_scaling into `rope_parameters`.
-        rope = dict(hf_config.get("rope_parameters") or {})
-        rope_theta = rope.pop("rope_theta", None) or hf_config.get("rope_theta", 10000.0)
-        scaling = hf_config.get("rope_scaling") or rope
-        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        rope_scaling = None if rope_type == "default" else dict(scaling, rope_type=rope_type)
-        if rope_scaling is not None:
-            rope_scaling.pop("type", None)
-        sliding_window = hf_config.get("sliding_window")
-        if model_type == "qwen2" and not hf_config.get("use_sliding_window", False):
-            sliding_window = None
-        return cls(
-            vocab_size=hf_config["vocab_size"],
-            hidden_size=hf_config["hidden_size"],
-            intermediate_size=hf_config["intermediate_size"],
-            num_layers=hf_config["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=hf_config.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(rope_theta),
-            rope_scaling=_freeze(rope_scaling),
-            max_position_embeddings=hf_config.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-            sliding_window=sliding_window,
-            attention_bias=bool(hf_config.get("attention_bias", model_type == "qwen2")),
-        )
+        """From a transformers `config.json` dict of any supported family (see `families.config_from_hf`)."""
+        from maxjax.architectures.families import config_from_hf
+
+        return config_from_hf(hf_config)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends within `sliding_window` (all layers when layer_types is None)."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
     def to_hf(self) -> dict:
         """A transformers `config.json` dict (model_type llama, or mistral when a sliding window is set)."""
+        llama_like = LlamaConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                    if f.name in _LLAMA_FIELDS})
+        if llama_like != self:
+            raise ValueError("LlamaConfig.to_hf writes Llama/Mistral configs; this config sets family switches")
         rope_scaling = None if self.rope_scaling is None else {k: _thaw(v) for k, v in self.rope_scaling}
         config = {
             "architectures": ["MistralForCausalLM" if self.sliding_window else "LlamaForCausalLM"],
@@ -178,13 +180,12 @@ def _thaw(value: Any) -> Any:
     return value
 
 
-def _rope_type(rope_scaling: tuple) -> str:
-    scaling = dict(rope_scaling)
-    rope_type = scaling.get("rope_type", "default")
-    if rope_type not in ("default", "linear", "llama3", "freq_factors"):
-        raise ValueError(f"LlamaConfig.rope_scaling rope_type {rope_type!r} is not supported "
-                         "(supported: default, linear, llama3, freq_factors)")
-    return rope_type
+# The fields a plain Llama / Mistral config.json expresses (the rest are family switches).
+_LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
+                 "tie_word_embeddings", "sliding_window", "attention_bias")
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,18 +196,25 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     """Random params (normal, std 0.02; norms near 1) for tests."""
     D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = {
-        "wq": (L, D, q_dim), "wk": (L, D, kv_dim), "wv": (L, D, kv_dim), "wo": (L, q_dim, D),
-        "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
-    }
+    shapes = {"wq": (L, D, q_dim), "wk": (L, D, kv_dim), "wv": (L, D, kv_dim), "wo": (L, q_dim, D)}
+    if cfg.num_experts:
+        E, Fe = cfg.num_experts, cfg.moe_intermediate_size
+        shapes.update(router=(L, D, E), e_gate=(L, E, D, Fe), e_up=(L, E, D, Fe), e_down=(L, E, Fe, D))
+    else:
+        shapes.update(w_gate=(L, D, F), w_up=(L, D, F), w_down=(L, F, D))
     if cfg.attention_bias:
         shapes.update(bq=(L, q_dim), bk=(L, kv_dim), bv=(L, kv_dim))
-    keys = iter(jax.random.split(key, len(shapes) + 6))
+    norms = {"attn_norm": (L, D), "mlp_norm": (L, D)}
+    if cfg.qk_norm:
+        norms.update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
+    if cfg.post_norms:
+        norms.update(post_attn_norm=(L, D), post_mlp_norm=(L, D))
+    keys = iter(jax.random.split(key, len(shapes) + len(norms) + 3))
     normal = lambda shape, std=0.02: (std * jax.random.normal(next(keys), shape)).astype(dtype)  # noqa: E731
+    norm = lambda shape: (1.0 - cfg.norm_offset + normal(shape, 0.1)).astype(dtype)  # noqa: E731  scale near 1
     layers = {name: normal(shape) for name, shape in shapes.items()}
-    layers["attn_norm"] = (1.0 + normal((L, D), 0.1)).astype(dtype)
-    layers["mlp_norm"] = (1.0 + normal((L, D), 0.1)).astype(dtype)
-    params = {"embed": normal((V, D)), "layers": layers, "final_norm": (1.0 + normal((D,), 0.1)).astype(dtype)}
+    layers.update({name: norm(shape) for name, shape in norms.items()})
+    params = {"embed": normal((V, D)), "layers": layers, "final_norm": norm((D,))}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = normal((D, V))
     return params
@@ -239,8 +247,8 @@ def fuse_projections(params: Params) -> Params:
             out["wqkv"] = wqkv
             if "bq" in layer:
                 out["bqkv"] = cat([layer["bq"], layer["bk"], layer["bv"]], axis=-1)
-        w_gate_up = concat_outputs([layer["w_gate"], layer["w_up"]], cat)
-        if w_gate_up is not None:
+        w_gate_up = concat_outputs([layer["w_gate"], layer["w_up"]], cat) if "w_gate" in layer else None
+        if w_gate_up is not None:  # None: mixture-of-experts layers have no dense MLP
             del out["w_gate"], out["w_up"]
             out["w_gate_up"] = w_gate_up
         return out
@@ -274,60 +282,31 @@ def init_kv_cache(cfg: LlamaConfig, num_slots: int, max_seq_len: int, dtype=jnp.
 # Math
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in at least float32, result cast back to x's dtype before the weight (as HF does)."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """RMSNorm computed in at least float32, result cast back to x's dtype before the weight (as HF does).
+
+    `offset`: the scale is (offset + weight), Gemma's convention (its checkpoints store weight - 1).
+    """
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64 (parity checks)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:
+        return ((offset + weight.astype(x32.dtype)) * normed).astype(x.dtype)
     return weight * normed.astype(x.dtype)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies [Dh/2] in float32, with linear, llama3 or explicit per-frequency scaling."""
-    dim = cfg.head_dim
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)  # [Dh/2]
-    if cfg.rope_scaling is None:
-        return inv_freq
-    scaling = dict(cfg.rope_scaling)
-    rope_type = _rope_type(cfg.rope_scaling)
-    if rope_type == "linear":
-        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
-    if rope_type == "freq_factors":  # GGUF `rope_freqs.weight`: per-frequency divisors
-        factors = np.asarray(scaling["factors"], np.float32)
-        if factors.shape != inv_freq.shape:
-            raise ValueError(f"rope freq_factors has {factors.shape[0]} entries, expected {inv_freq.shape[0]}")
-        return (inv_freq / factors).astype(np.float32)
-    if rope_type == "llama3":
-        factor = scaling["factor"]
-        low_freq_factor = scaling["low_freq_factor"]
-        high_freq_factor = scaling["high_freq_factor"]
-        old_context_len = scaling["original_max_position_embeddings"]
-        low_freq_wavelen = old_context_len / low_freq_factor
-        high_freq_wavelen = old_context_len / high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-        return np.where(is_medium, smoothed, scaled).astype(np.float32)
-    return inv_freq
+    """Inverse frequencies [Dh/2] in float32 of the global layers (see `maxjax.architectures.rope`)."""
+    return _rope_inv_freq(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling)
 
 
-def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin [B, T, Dh] in float32 for integer positions [B, T] (rotate-half layout)."""
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))  # [Dh/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, Dh]
-    return jnp.cos(angles), jnp.sin(angles)
+def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, Dh] in float32 for integer positions [B, T] (`local`: of the sliding layers)."""
+    if local and cfg.rope_local_theta is not None:
+        return _rope_cos_sin(cfg.rope_local_theta, cfg.head_dim, None, positions)
+    return _rope_cos_sin(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling, positions)
 
 
-def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x [B, T, heads, Dh] by the angles in cos/sin [B, T, Dh] (HF rotate-half convention)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)  # [B, T, heads, Dh]
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+rope = apply_rope
 
 
 def attention_mask(positions: jax.Array, kv_len: int, sliding_window: int | None) -> jax.Array:
@@ -340,16 +319,25 @@ def attention_mask(positions: jax.Array, kv_len: int, sliding_window: int | None
     return mask  # padding queries (position < 0) see nothing
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap): bounds scores or logits smoothly to (-cap, cap) (Gemma 2); identity when None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
+              logit_cap: float | None = None) -> jax.Array:
     """Grouped-query attention. q [B, T, H, Dh]; k, v [B, KVH, S, Dh]; mask [B, T, S] -> [B, T, H, Dh].
 
     Query head h uses kv head h // (H // KVH), as HF's repeat_kv does. Scores and softmax in at least float32.
+    Scores are scaled by `scale` (default 1/sqrt(Dh)) and soft-capped at `logit_cap` before masking.
     """
     B, T, H, Dh = q.shape
     KVH = k.shape[1]
     q = q.reshape(B, T, KVH, H // KVH, Dh)  # [B, T, KVH, G, Dh]
     score_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(score_dtype) / math.sqrt(Dh)  # [B, KVH, G, T, S]
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(score_dtype)  # [B, KVH, G, T, S]
+    scores = scores / math.sqrt(Dh) if scale is None else scores * scale
+    scores = softcap(scores, logit_cap)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, KVH, G, T, S]
     # Output in the operands' order, then transposed: asking XLA CPU for btkgd directly keeps a slow
@@ -358,9 +346,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(B, T, H, Dh)
 
 
-def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """SwiGLU: (silu(x @ W_gate) * (x @ W_up)) @ W_down. x [B, T, D] -> [B, T, D]."""
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down  # [B, T, F] -> [B, T, D]
+def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, act=jax.nn.silu) -> jax.Array:
+    """Gated MLP: (act(x @ W_gate) * (x @ W_up)) @ W_down (SwiGLU with silu, GeGLU with gelu).
+    x [..., D] -> [..., D]."""
+    return (act(x @ w_gate) * (x @ w_up)) @ w_down  # [..., F] -> [..., D]
 
 
 def _write_cache(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, slots: jax.Array,
@@ -389,15 +378,24 @@ def _qkv(h: jax.Array, layer: Params, cfg: LlamaConfig) -> tuple[jax.Array, jax.
     return q, k, v
 
 
-def _mlp(h: jax.Array, layer: Params) -> jax.Array:
-    """SwiGLU from separate or fused gate/up weights: [B, T, D] -> [B, T, D]."""
+def _mlp(h: jax.Array, layer: Params, act=jax.nn.silu) -> jax.Array:
+    """Gated MLP from separate or fused gate/up weights: [B, T, D] -> [B, T, D]."""
     if "w_gate_up" in layer:
         gate_up = linear(h, layer["w_gate_up"])  # [B, T, 2F]
         half = gate_up.shape[-1] // 2
-        return linear(jax.nn.silu(gate_up[..., :half]) * gate_up[..., half:], layer["w_down"])
+        return linear(act(gate_up[..., :half]) * gate_up[..., half:], layer["w_down"])
     if any(is_quantized(layer[name]) or is_blocks(layer[name]) for name in ("w_gate", "w_up", "w_down")):
-        return linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
-    return mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"])
+        return linear(act(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
+    return mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], act)
+
+
+def _ffn(h: jax.Array, layer: Params, cfg: LlamaConfig) -> jax.Array:
+    """The layer's feed-forward: the dense gated MLP, or the routed experts (`maxjax.architectures.moe`)."""
+    act = ACTIVATIONS[cfg.hidden_act]
+    if cfg.num_experts:
+        return moe.sparse_moe(h, layer["router"], layer["e_gate"], layer["e_up"], layer["e_down"],
+                              cfg.num_experts_per_tok, cfg.norm_topk_prob, act)
+    return _mlp(h, layer, act)
 
 
 def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
@@ -406,19 +404,25 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     """One pre-norm block: x [B, T, D] -> [B, T, D]; writes this layer's K/V into the cache, then attends."""
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)  # [B, T, D]
+    eps, offset = cfg.rms_norm_eps, cfg.norm_offset
+    h = rms_norm(x, layer["attn_norm"], eps, offset)  # [B, T, D]
     q, k, v = _qkv(h, layer, cfg)  # [B, T, H*Dh], [B, T, KVH*Dh] x2
-    q = rope(q.reshape(B, T, H, Dh), cos, sin)  # [B, T, H, Dh]
-    k = rope(k.reshape(B, T, KVH, Dh), cos, sin)  # [B, T, KVH, Dh]
+    q, k = q.reshape(B, T, H, Dh), k.reshape(B, T, KVH, Dh)
+    if cfg.qk_norm:
+        q, k = rms_norm(q, layer["q_norm"], eps, offset), rms_norm(k, layer["k_norm"], eps, offset)
+    q = rope(q, cos, sin)  # [B, T, H, Dh]
+    k = rope(k, cos, sin)  # [B, T, KVH, Dh]
     v = v.reshape(B, T, KVH, Dh)  # [B, T, KVH, Dh]
     cache = KVCache(k=_write_cache(cache.k, layer_index, k, slots, positions),
                     v=_write_cache(cache.v, layer_index, v, slots, positions))
-    keys = cache.k[layer_index, slots, :, :kv_len].astype(x.dtype)  # [B, KVH, S, Dh]
-    values = cache.v[layer_index, slots, :, :kv_len].astype(x.dtype)  # [B, KVH, S, Dh]
-    attn = attention(q, keys, values, mask)  # [B, T, H, Dh]
-    x = x + linear(attn.reshape(B, T, H * Dh), layer["wo"])  # [B, T, D]
-    h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)  # [B, T, D]
-    x = x + _mlp(h, layer)  # [B, T, D]
+    keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
+    keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+    attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap)  # [B, T, H, Dh]
+    h = linear(attn.reshape(B, T, H * Dh), layer["wo"])  # [B, T, D]
+    x = x + (rms_norm(h, layer["post_attn_norm"], eps, offset) if cfg.post_norms else h)  # [B, T, D]
+    h = _ffn(rms_norm(x, layer["mlp_norm"], eps, offset), layer, cfg)  # [B, T, D]
+    x = x + (rms_norm(h, layer["post_mlp_norm"], eps, offset) if cfg.post_norms else h)  # [B, T, D]
     return x, cache
 
 
@@ -437,8 +441,13 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
     dtype = params["final_norm"].dtype
     tokens, positions, slots = tokens.astype(jnp.int32), positions.astype(jnp.int32), slots.astype(jnp.int32)
     x = embed_lookup(params["embed"], tokens, dtype)  # [B, T, D]
-    cos, sin = rope_cos_sin(cfg, positions)  # [B, T, Dh] each
-    mask = attention_mask(positions, kv_len, cfg.sliding_window)  # [B, T, S]
+    if cfg.embed_scale:  # HF rounds sqrt(D) to the activation dtype first
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+    # Global and sliding ("local") layers may differ in rope base and mask: both sets are built once.
+    rope_global, rope_local = rope_cos_sin(cfg, positions), rope_cos_sin(cfg, positions, local=True)  # [B, T, Dh]
+    mask_global = attention_mask(positions, kv_len, None)  # [B, T, S]
+    mask_local = attention_mask(positions, kv_len, cfg.sliding_window)
+    local_layers = np.array([cfg.is_sliding(i) for i in range(cfg.num_layers)])
     layers = params["layers"]
     unstacked = isinstance(layers, (list, tuple))
     if scan is None:
@@ -447,28 +456,34 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
     if not scan:
         for layer_index in range(cfg.num_layers):
             layer = layers[layer_index] if unstacked else jax.tree.map(lambda a, i=layer_index: a[i], layers)
+            local = local_layers[layer_index]
+            (cos, sin), mask = (rope_local, mask_local) if local else (rope_global, mask_global)
             x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len)
-        return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
+        return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), cache
 
     if unstacked:
         layers = jax.tree.map(lambda *a: jnp.stack(a), *layers)
 
     def body(carry, scanned):
         x, cache = carry
-        layer, layer_index = scanned
+        layer, layer_index, local = scanned
+        cos, sin, mask = (jnp.where(local, a, b) for a, b in zip((*rope_local, mask_local),
+                                                                 (*rope_global, mask_global)))
         x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len)
         return (x.astype(dtype), cache), None
 
     layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (layers, layer_indices))
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache  # [B, T, D]
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (layers, layer_indices, jnp.asarray(local_layers)))
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), cache  # [B, T, D]
 
 
 def lm_head(params: Params, cfg: LlamaConfig, hidden: jax.Array) -> jax.Array:
     """Logits [..., V] in float32 from hidden states [..., D] (tied: the embedding matrix transposed)."""
     if cfg.tie_word_embeddings:
-        return embed_matmul(hidden, params["embed"]).astype(jnp.float32)
-    return linear(hidden, params["lm_head"]).astype(jnp.float32)
+        logits = embed_matmul(hidden, params["embed"]).astype(jnp.float32)
+    else:
+        logits = linear(hidden, params["lm_head"]).astype(jnp.float32)
+    return softcap(logits, cfg.final_logit_softcap)
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,

@@ -1,4 +1,5 @@
-"""Build a ``tokenizers`` byte-level BPE from the vocabulary stored in a GGUF file."""
+"""Build a ``tokenizers`` tokenizer from the vocabulary stored in a GGUF file: byte-level BPE (``gpt2``) or
+SentencePiece BPE with byte fallback (``llama``, see ``gguf_spm``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from .gguf_spm import sentencepiece_tokenizer
 
 # Control (3) tokens are added as special tokens, user-defined (4) as plain added tokens.
 _CONTROL, _USER_DEFINED = 3, 4
@@ -64,21 +67,8 @@ def _fields(reader: Any) -> dict[str, Any]:
             if name.startswith("tokenizer.") or name == "general.architecture" or name.endswith(".context_length")}
 
 
-def read_gguf_tokenizer(source: str | os.PathLike | Any) -> GGUFTokenizerSpec:
-    """Read the tokenizer of a GGUF file (a path or an open ``gguf.GGUFReader``)."""
-    if isinstance(source, (str, os.PathLike)):
-        import gguf  # only needed for GGUF files
-
-        source = gguf.GGUFReader(os.fspath(source))
-    meta = _fields(source)
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"GGUF tokenizer.ggml.model {kind!r} is not supported (only byte-level BPE 'gpt2'); "
-                         "load the model's tokenizer.json or tokenizer.model directory instead")
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -> Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-
     alphabet = _byte_alphabet()
     spelled = set(alphabet.values())
     # A token outside the byte alphabet is stored as raw text; respell it in bytes, as the merges are.
@@ -91,7 +81,27 @@ def read_gguf_tokenizer(source: str | os.PathLike | Any) -> GGUFTokenizerSpec:
                            for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= spelled])
     tk.add_tokens([AddedToken(t, normalized=False, special=False)
                    for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab])
+    return tk
 
+
+def read_gguf_tokenizer(source: str | os.PathLike | Any) -> GGUFTokenizerSpec:
+    """Read the tokenizer of a GGUF file (a path or an open ``gguf.GGUFReader``)."""
+    if isinstance(source, (str, os.PathLike)):
+        import gguf  # only needed for GGUF files
+
+        source = gguf.GGUFReader(os.fspath(source))
+    meta = _fields(source)
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(f"GGUF tokenizer.ggml.model {kind!r} is not supported (supported: byte-level BPE 'gpt2', "
+                         "SentencePiece 'llama'); load the model's tokenizer.json or tokenizer.model directory instead")
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    if kind == "llama":
+        scores = list(meta.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))])
+        tk = sentencepiece_tokenizer(tokens, scores, types, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+    else:
+        tk = _byte_level_bpe(meta, tokens, types)
     bos = meta.get("tokenizer.ggml.bos_token_id")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     if add_bos:

@@ -1,7 +1,8 @@
-"""GGUF (llama.cpp) files -> LlamaConfig and Llama params, dequantized with the `gguf` package.
+"""GGUF (llama.cpp) files -> LlamaConfig and Llama-family params, dequantized with the `gguf` package.
 
 llama.cpp's converter permutes the rows of Q and K in each head for its interleaved rope; the HF
 rotate-half layout used by maxjax is restored here (as transformers' `reverse_permute_weights` does).
+Gemma GGUFs store RMSNorm scales with the +1 folded in; it is taken out again (maxjax keeps HF's weights).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any
 import gguf
 import numpy as np
 
+from maxjax.architectures.families import GEMMA_FAMILIES
 from maxjax.architectures.llama import LlamaConfig
+from maxjax.architectures.registry import GGUF_ARCHITECTURES, gguf_model_type
 from maxjax.weights.gguf_blocks import KEPT_TYPES, read_blocks
 from maxjax.weights.llama_names import LAYER_TENSORS, assemble_params
 
@@ -21,7 +24,7 @@ SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_
                              Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 # Architectures whose GGUF Q/K rows carry llama.cpp's rope permutation.
 PERMUTED_ARCHITECTURES = ("llama", "mistral")
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
@@ -47,9 +50,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str,
                      rope_freqs: np.ndarray | None = None) -> LlamaConfig:
     """LlamaConfig from `{arch}.*` metadata; the output embedding is tied when `output.weight` is absent."""
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{source}: GGUF general.architecture {arch!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    family = gguf_model_type(arch, source)
 
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -66,11 +67,12 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str,
     vocab_size = int(meta.get(f"{arch}.vocab_size") or meta.get("tokenizer.vocab_size") or 0)
     if not vocab_size:
         raise ValueError(f"{source}: GGUF has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
+    num_layers = int(get("block_count"))
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
+        intermediate_size=int(meta.get(f"{arch}.feed_forward_length") or get("expert_feed_forward_length")),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=int(get("attention.head_count_kv", num_heads)),
         head_dim=head_dim,
@@ -79,9 +81,47 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str,
         rope_scaling=_rope_scaling(meta, arch, source, rope_freqs),
         max_position_embeddings=int(get("context_length", 4096)),
         tie_word_embeddings="output.weight" not in tensor_names,
-        sliding_window=None,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
+        **_family_switches(meta, arch, family, num_layers, head_dim, hidden // num_heads),
     )
+
+
+def _family_switches(meta: dict, arch: str, family: str, num_layers: int, head_dim: int,
+                     width_per_head: int) -> dict[str, Any]:
+    """The LlamaConfig switches of a family, with llama.cpp's metadata keys and conventions."""
+    window = meta.get(f"{arch}.attention.sliding_window")
+    gemma = family in GEMMA_FAMILIES
+    switches: dict[str, Any] = dict(
+        sliding_window=int(window) if window else None,
+        hidden_act="gelu_tanh" if gemma else "silu", norm_offset=1.0 if gemma else 0.0, embed_scale=gemma,
+        qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"), post_norms=family in ("gemma2", "gemma3_text"),
+        attn_logit_softcap=meta.get(f"{arch}.attn_logit_softcapping"),
+        final_logit_softcap=meta.get(f"{arch}.final_logit_softcapping"),
+        query_pre_attn_scalar=_query_pre_attn_scalar(family, num_layers, head_dim, width_per_head))
+    if family in ("gemma2", "gemma3_text") and window:
+        # an int n (every n-th layer is global) or one bool per layer (True: sliding)
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 2 if family == "gemma2" else 6)
+        sliding = ([bool(p) for p in pattern] if isinstance(pattern, (list, tuple))
+                   else [bool((i + 1) % int(pattern)) for i in range(num_layers)])
+        switches["layer_types"] = tuple("sliding_attention" if s else "full_attention" for s in sliding)
+    if family == "gemma3_text":
+        switches["rope_local_theta"] = 10000.0  # llama.cpp's fixed base for Gemma 3's sliding layers
+    if f"{arch}.expert_count" in meta:  # Qwen3-MoE, or Mixtral as a "llama" GGUF
+        switches.update(num_experts=int(meta[f"{arch}.expert_count"]),
+                        num_experts_per_tok=int(meta[f"{arch}.expert_used_count"]),
+                        moe_intermediate_size=int(meta.get(f"{arch}.expert_feed_forward_length")
+                                                  or meta[f"{arch}.feed_forward_length"]),
+                        norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", True)))
+    return switches
+
+
+def _query_pre_attn_scalar(family: str, num_layers: int, head_dim: int, width_per_head: int) -> float | None:
+    """GGUFs carry no query_pre_attn_scalar: llama.cpp's rule is the head dim, but hidden / heads for the 27B
+    Gemma 2 (46 layers) and Gemma 3 (62 layers), as their HF configs say."""
+    if family not in ("gemma2", "gemma3_text"):
+        return None
+    is_27b = num_layers == (46 if family == "gemma2" else 62)
+    return float(width_per_head if is_27b else head_dim)
 
 
 def _rope_scaling(meta: dict, arch: str, source: str, rope_freqs: np.ndarray | None) -> dict | None:
@@ -136,6 +176,9 @@ def load_gguf(path: str | Path, dtype=np.float32, progress: bool = False,
     reader = reader or open_gguf(path)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     meta = metadata(reader)
+    if "rope_factors_long.weight" in tensors:
+        raise ValueError(f"{source}: longrope (rope_factors_long/short tensors, Phi-3 128k) is not supported in "
+                         "GGUF files; load the HF safetensors folder, where it is")
     rope_freqs = dequantize(tensors["rope_freqs.weight"], source) if "rope_freqs.weight" in tensors else None
     cfg = config_from_gguf(meta, set(tensors), source, rope_freqs)
     permuted = meta["general.architecture"] in PERMUTED_ARCHITECTURES
@@ -144,6 +187,8 @@ def load_gguf(path: str | Path, dtype=np.float32, progress: bool = False,
     def fix(key: str, array: np.ndarray | dict) -> np.ndarray | dict:
         if isinstance(array, dict):  # block weight: every part has the output rows first
             return {part: fix(key, value) for part, value in array.items()}
+        if cfg.norm_offset and key.endswith("norm"):
+            return array - np.float32(cfg.norm_offset)
         if permuted and key == "wq" and array.shape[0] == cfg.num_heads * cfg.head_dim:
             return unpermute_rows(array, cfg.num_heads)
         if permuted and key == "wk" and array.shape[0] == cfg.num_kv_heads * cfg.head_dim:

@@ -1,9 +1,10 @@
-"""Checkpoint tensor names -> Llama param paths, for HF safetensors and GGUF, and the stacking of layers.
+"""Checkpoint tensor names -> Llama-family param paths, for HF safetensors and GGUF, and the stacking of layers.
 
 A loader supplies `read(name) -> np.ndarray` in HF layout ([out, in] for matrices) plus the set of names the
-file holds; `assemble_params` checks every shape, transposes matrices to [in, out], stacks layers on a leading
-axis and casts to the requested dtype. A GGUF block weight (a dict, see `maxjax.weights.gguf_blocks`) is kept
-as stored, out-major.
+file holds; `assemble_params` checks every shape, transposes matrices to [in, out], stacks layers (and the
+experts of a mixture-of-experts layer, `{j}` in HF names) on a leading axis and casts to the requested dtype.
+Checkpoints with fused Q/K/V or gate/up tensors (Phi-3) are split first (`unfuse`). A GGUF block weight (a dict, see
+`maxjax.weights.gguf_blocks`) is kept as stored, out-major.
 """
 
 from __future__ import annotations
@@ -37,26 +38,93 @@ LAYER_TENSORS: dict[str, tuple[str, str, bool]] = {
     "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", True),
     "w_up": ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", True),
     "w_down": ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", True),
+    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight", False),
+    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight", False),
+    "post_mlp_norm": ("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight", False),
+    "router": ("model.layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight", True),
+    "e_gate": ("model.layers.{i}.mlp.experts.{j}.gate_proj.weight", "blk.{i}.ffn_gate_exps.weight", True),
+    "e_up": ("model.layers.{i}.mlp.experts.{j}.up_proj.weight", "blk.{i}.ffn_up_exps.weight", True),
+    "e_down": ("model.layers.{i}.mlp.experts.{j}.down_proj.weight", "blk.{i}.ffn_down_exps.weight", True),
+}
+
+# Gemma 2/3 norm around both sub-blocks: HF's "post_attention_layernorm" is then the attention's output norm.
+POST_NORM_TENSORS: dict[str, tuple[str, str, bool]] = {
+    "post_attn_norm": ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight",
+                       False),
+    "mlp_norm": ("model.layers.{i}.pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight", False),
+}
+
+# Fused checkpoint tensors (Phi-3) -> the separate params they hold, in row order.
+FUSED_TENSORS: dict[str, tuple[tuple[str, str], tuple[str, ...]]] = {
+    "qkv": (("model.layers.{i}.self_attn.qkv_proj.weight", "blk.{i}.attn_qkv.weight"), ("wq", "wk", "wv")),
+    "gate_up": (("model.layers.{i}.mlp.gate_up_proj.weight", "blk.{i}.ffn_up.weight"), ("w_gate", "w_up")),
 }
 
 FORMAT_COLUMN = {"hf": 0, "gguf": 1}
 
 
-def checkpoint_name(key: str, fmt: str, layer: int | None = None) -> str:
+def layer_tensors(cfg: LlamaConfig | None = None) -> dict[str, tuple[str, str, bool]]:
+    """The per-layer name table of a config (Gemma 2/3 name their norms differently)."""
+    if cfg is not None and cfg.post_norms:
+        return {**LAYER_TENSORS, **POST_NORM_TENSORS}
+    return LAYER_TENSORS
+
+
+def checkpoint_name(key: str, fmt: str, layer: int | None = None, cfg: LlamaConfig | None = None) -> str:
     """The tensor name of param `key` (a global key, or a layer key with its index) in format `fmt`."""
-    table = GLOBAL_TENSORS if layer is None else LAYER_TENSORS
-    return table[key][FORMAT_COLUMN[fmt]].format(i=layer)
+    table = GLOBAL_TENSORS if layer is None else layer_tensors(cfg)
+    return table[key][FORMAT_COLUMN[fmt]].format(i=layer, j="{j}")
 
 
 def _entries(cfg: LlamaConfig, fmt: str) -> Iterable[tuple[str | None, str, int | None, str, bool]]:
     """(group, key, layer, checkpoint name, is_matrix) for every tensor the config needs."""
     shapes = param_shapes(cfg)
+    table = layer_tensors(cfg)
     for key in shapes:
         if key != "layers":
             yield None, key, None, checkpoint_name(key, fmt), GLOBAL_TENSORS[key][2]
     for layer in range(cfg.num_layers):
         for key in shapes["layers"]:
-            yield "layers", key, layer, checkpoint_name(key, fmt, layer), LAYER_TENSORS[key][2]
+            yield "layers", key, layer, checkpoint_name(key, fmt, layer, cfg), table[key][2]
+
+
+def unfuse(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray],
+           names: set[str]) -> tuple[Callable[[str], np.ndarray], set[str]]:
+    """`read` and `names` with fused Q/K/V and gate/up tensors also readable under their separate names."""
+    rows = {"wq": cfg.num_heads * cfg.head_dim, "wk": cfg.num_kv_heads * cfg.head_dim,
+            "wv": cfg.num_kv_heads * cfg.head_dim, "w_gate": cfg.intermediate_size, "w_up": cfg.intermediate_size}
+    parts: dict[str, tuple[str, int, int]] = {}  # separate name -> (fused name, first row, end row)
+    for layer in range(cfg.num_layers):
+        for fused_names, keys in FUSED_TENSORS.values():
+            fused = fused_names[FORMAT_COLUMN[fmt]].format(i=layer)
+            separate = [checkpoint_name(key, fmt, layer, cfg) for key in keys]
+            if fused not in names or separate[0] in names:
+                continue
+            start = 0
+            for key, name in zip(keys, separate):
+                parts[name] = (fused, start, start + rows[key])
+                start += rows[key]
+    if not parts:
+        return read, names
+
+    def read_part(name: str) -> np.ndarray:
+        if name not in parts:
+            return read(name)
+        fused, start, end = parts[name]
+        return read(fused)[start:end]
+
+    return read_part, names | set(parts)
+
+
+def _read_stacked(read: Callable[[str], np.ndarray], name: str, count: int) -> np.ndarray:
+    """A tensor, or (HF per-expert names with `{j}`) the `count` experts' tensors stacked on axis 0."""
+    if "{j}" not in name:
+        return read(name)
+    return np.stack([read(name.format(j=j)) for j in range(count)])
+
+
+def _expand(name: str, count: int) -> list[str]:
+    return [name.format(j=j) for j in range(count)] if "{j}" in name else [name]
 
 
 def assemble_params(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray], names: set[str],
@@ -70,19 +138,20 @@ def assemble_params(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray
     shapes = param_shapes(cfg)
     params: dict = {key: None for key in shapes if key != "layers"}
     params["layers"] = {key: np.empty(shape, dtype) for key, shape in shapes["layers"].items()}
+    read, names = unfuse(cfg, fmt, read, names)
     entries = list(_entries(cfg, fmt))
-    missing = [name for *_, name, _ in entries if name not in names]
+    missing = [part for *_, name, _ in entries for part in _expand(name, cfg.num_experts) if part not in names]
     if missing:
         shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise ValueError(f"{source}: missing tensor(s) {shown} expected for a Llama model with "
+        raise ValueError(f"{source}: missing tensor(s) {shown} expected for a Llama-family model with "
                          f"{cfg.num_layers} layers")
     layer_blocks: dict[str, list] = {}  # GGUF block weights per layer, stacked at the end
     for group, key, layer, name, is_matrix in tqdm(entries, desc="tensors", unit="tensor", disable=not progress):
-        array = read(name)
+        array = _read_stacked(read, name, cfg.num_experts)
         if fix is not None:
             array = fix(key, array)
         expected = shapes["layers"][key][1:] if group else shapes[key]
-        expected_stored = expected[::-1] if is_matrix else expected
+        expected_stored = (*expected[:-2], expected[-1], expected[-2]) if is_matrix else expected
         stored = block_shape(array) if isinstance(array, dict) else tuple(array.shape)
         if tuple(stored) != tuple(expected_stored):
             raise ValueError(f"{source}: tensor {name} has shape {tuple(stored)}, expected "
@@ -93,7 +162,7 @@ def assemble_params(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray
             else:
                 params[key] = array
             continue
-        array = (array.T if is_matrix else array).astype(dtype)
+        array = (array.swapaxes(-1, -2) if is_matrix else array).astype(dtype)
         if group:
             params["layers"][key][layer] = array
         else:

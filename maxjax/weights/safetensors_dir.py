@@ -6,11 +6,13 @@ when loaded, so they are refused with a note on how to convert them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from maxjax.architectures.llama import LlamaConfig
+from maxjax.architectures.registry import resolve_hf
 from maxjax.weights.files import open_safetensors, read_json_object
 from maxjax.weights.llama_names import assemble_params
 
@@ -75,15 +77,39 @@ class SafetensorsReader:
             return np.asarray(f.get_tensor(name))
 
 
+# Checkpoint names that differ from the ones `llama_names` maps, as (pattern, replacement): the text decoder of
+# multimodal checkpoints (Gemma 3 4B and up) sits under a prefix; Mixtral names its experts w1/w3/w2.
+NAME_ALIASES = ((r"^(?:language_model\.model|model\.language_model)\.", "model."),
+                (r"^language_model\.lm_head\.", "lm_head."),
+                (r"\.block_sparse_moe\.", ".mlp."),
+                (r"(\.mlp\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
+                (r"(\.mlp\.experts\.\d+)\.w3\.", r"\1.up_proj."),
+                (r"(\.mlp\.experts\.\d+)\.w2\.", r"\1.down_proj."))
+
+
+def checkpoint_aliases(names: set[str]) -> dict[str, str]:
+    """Mapped name -> stored name for every stored name that NAME_ALIASES renames."""
+    aliases = {}
+    for name in names:
+        mapped = name
+        for pattern, replacement in NAME_ALIASES:
+            mapped = re.sub(pattern, replacement, mapped)
+        if mapped != name and mapped not in names:
+            aliases[mapped] = name
+    return aliases
+
+
 def load_safetensors_dir(folder: str | Path, dtype=np.float32,
                          progress: bool = False) -> tuple[LlamaConfig, dict, dict]:
-    """(config, params, hf_config) of an HF Llama/Mistral/Qwen2 folder."""
+    """(config, params, hf_config) of an HF folder of a supported family (`maxjax.architectures.registry`)."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"model folder not found: {folder}")
     refuse_pickle(folder)
     hf_config = read_hf_config(folder)
-    cfg = LlamaConfig.from_hf(hf_config)
+    _, cfg = resolve_hf(hf_config)
     reader = SafetensorsReader(safetensors_files(folder))
-    params = assemble_params(cfg, "hf", reader.read, reader.names(), str(folder), dtype=dtype, progress=progress)
+    aliases = checkpoint_aliases(reader.names())
+    params = assemble_params(cfg, "hf", lambda name: reader.read(aliases.get(name, name)),
+                             reader.names() | set(aliases), str(folder), dtype=dtype, progress=progress)
     return cfg, params, hf_config

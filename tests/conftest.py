@@ -34,3 +34,28 @@ def hf_smollm2(smollm2_gguf):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def add_random_lora():
+    """A function that adds a PEFT LoRA adapter with random non-zero B (PEFT starts B at zero) to an HF model
+    (wrapping it in a PeftModel the first time) and saves it to ``folder/name``; returns the PeftModel."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    def add(model, folder, name, targets, r, alpha, rslora=False, seed=0, std=0.05):
+        config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
+                                 lora_dropout=0.0)
+        if isinstance(model, peft.PeftModel):
+            model.add_adapter(name, config)
+        else:
+            model = peft.get_peft_model(model, config, adapter_name=name)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if f"lora_B.{name}." in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+        model.save_pretrained(str(folder), selected_adapters=[name])
+        return model.eval()
+
+    return add

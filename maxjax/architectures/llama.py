@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxjax.architectures.lora import lora_delta
 from maxjax.architectures.quantized import embed_lookup, embed_matmul, is_quantized, linear
 
 Params = dict[str, Any]
@@ -356,39 +357,52 @@ def _write_cache(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, slots: j
     return cache_kv.at[layer, slots[:, None], :, write_pos].set(new.astype(cache_kv.dtype), mode="drop")
 
 
-def _qkv(h: jax.Array, layer: Params, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _project(h: jax.Array, layer: Params, key: str, lora_index: jax.Array | None) -> jax.Array:
+    """``h @ layer[key]``, plus each row's LoRA update when the layer carries adapters for it
+    (``layer["lora"][key]``, see ``maxjax.architectures.lora``; ``lora_index`` [B] picks each row's slot)."""
+    out = linear(h, layer[key])
+    lora = layer.get("lora", {}).get(key)
+    if lora is None or lora_index is None:
+        return out
+    return out + lora_delta(h, lora, lora_index).astype(out.dtype)
+
+
+def _qkv(h: jax.Array, layer: Params, cfg: LlamaConfig,
+         lora_index: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Q, K, V projections [B, T, H*Dh], [B, T, KVH*Dh] x2, from separate or fused (`fuse_projections`) weights."""
     if "wqkv" in layer:
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        qkv = linear(h, layer["wqkv"])  # [B, T, (H + 2 KVH) * Dh]
+        qkv = _project(h, layer, "wqkv", lora_index)  # [B, T, (H + 2 KVH) * Dh]
         if cfg.attention_bias:
             qkv = qkv + layer["bqkv"]
         return qkv[..., :q_dim], qkv[..., q_dim:q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
-    q, k, v = linear(h, layer["wq"]), linear(h, layer["wk"]), linear(h, layer["wv"])
+    q, k, v = (_project(h, layer, key, lora_index) for key in ("wq", "wk", "wv"))
     if cfg.attention_bias:
         q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
     return q, k, v
 
 
-def _mlp(h: jax.Array, layer: Params) -> jax.Array:
+def _mlp(h: jax.Array, layer: Params, lora_index: jax.Array | None = None) -> jax.Array:
     """SwiGLU from separate or fused gate/up weights: [B, T, D] -> [B, T, D]."""
     if "w_gate_up" in layer:
-        gate_up = linear(h, layer["w_gate_up"])  # [B, T, 2F]
+        gate_up = _project(h, layer, "w_gate_up", lora_index)  # [B, T, 2F]
         half = gate_up.shape[-1] // 2
-        return linear(jax.nn.silu(gate_up[..., :half]) * gate_up[..., half:], layer["w_down"])
-    if any(is_quantized(layer[name]) for name in ("w_gate", "w_up", "w_down")):
-        return linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
+        return _project(jax.nn.silu(gate_up[..., :half]) * gate_up[..., half:], layer, "w_down", lora_index)
+    if "lora" in layer or any(is_quantized(layer[name]) for name in ("w_gate", "w_up", "w_down")):
+        gate, up = _project(h, layer, "w_gate", lora_index), _project(h, layer, "w_up", lora_index)
+        return _project(jax.nn.silu(gate) * up, layer, "w_down", lora_index)
     return mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"])
 
 
 def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array, cache: KVCache, layer_index: jax.Array, slots: jax.Array,
-                  positions: jax.Array, kv_len: int) -> tuple[jax.Array, KVCache]:
-    """One pre-norm block: x [B, T, D] -> [B, T, D]; writes this layer's K/V into the cache, then attends."""
+                  positions: jax.Array, kv_len: int, lora_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """One pre-norm block: x [B, T, D] -> [B, T, D]; writes this layer's K/V into the cache, then attends.
+    ``lora_index`` [B]: each row's LoRA adapter slot, when the layer carries adapters (0: the base model)."""
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)  # [B, T, D]
-    q, k, v = _qkv(h, layer, cfg)  # [B, T, H*Dh], [B, T, KVH*Dh] x2
+    q, k, v = _qkv(h, layer, cfg, lora_index)  # [B, T, H*Dh], [B, T, KVH*Dh] x2
     q = rope(q.reshape(B, T, H, Dh), cos, sin)  # [B, T, H, Dh]
     k = rope(k.reshape(B, T, KVH, Dh), cos, sin)  # [B, T, KVH, Dh]
     v = v.reshape(B, T, KVH, Dh)  # [B, T, KVH, Dh]
@@ -397,21 +411,23 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     keys = cache.k[layer_index, slots, :, :kv_len].astype(x.dtype)  # [B, KVH, S, Dh]
     values = cache.v[layer_index, slots, :, :kv_len].astype(x.dtype)  # [B, KVH, S, Dh]
     attn = attention(q, keys, values, mask)  # [B, T, H, Dh]
-    x = x + linear(attn.reshape(B, T, H * Dh), layer["wo"])  # [B, T, D]
+    x = x + _project(attn.reshape(B, T, H * Dh), layer, "wo", lora_index)  # [B, T, D]
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)  # [B, T, D]
-    x = x + _mlp(h, layer)  # [B, T, D]
+    x = x + _mlp(h, layer, lora_index)  # [B, T, D]
     return x, cache
 
 
 def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-                   slots: jax.Array, *, kv_len: int, scan: bool | None = None) -> tuple[jax.Array, KVCache]:
+                   slots: jax.Array, *, kv_len: int, scan: bool | None = None,
+                   lora_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [B, T, D] for tokens/positions [B, T] (int32), and the updated cache.
 
     Every real token's K/V is written to `cache[:, slots[b], :, positions[b, t]]` before attention, so a prefill
     chunk sees earlier chunks. All positions must be < kv_len <= max_seq_len (kv_len is static).
     `scan`: one scanned layer body (True) or an unrolled program (False); None follows the params' layout
     (stacked: scan, a list from `unstack_layers`: unrolled). Unstacked layers are stacked inside the program
-    when scanned.
+    when scanned. `lora_index` [B] int32: each row's LoRA adapter slot (layers carry them as "lora", see
+    `maxjax.architectures.lora`); None or adapter-free layers: the base model.
     """
     if kv_len > cache.k.shape[3]:
         raise ValueError(f"kv_len ({kv_len}) exceeds the cache's max_seq_len ({cache.k.shape[3]})")
@@ -428,7 +444,8 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
     if not scan:
         for layer_index in range(cfg.num_layers):
             layer = layers[layer_index] if unstacked else jax.tree.map(lambda a, i=layer_index: a[i], layers)
-            x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len)
+            x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len,
+                                     lora_index)
         return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
 
     if unstacked:
@@ -437,7 +454,8 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
     def body(carry, scanned):
         x, cache = carry
         layer, layer_index = scanned
-        x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len)
+        x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len,
+                                 lora_index)
         return (x.astype(dtype), cache), None
 
     layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)

@@ -38,8 +38,9 @@ def hf_smollm2(smollm2_gguf):
 
 @pytest.fixture(scope="session")
 def add_random_lora():
-    """A function that adds a PEFT LoRA adapter with random non-zero B (PEFT starts B at zero) to an HF model
-    (wrapping it in a PeftModel the first time) and saves it to ``folder/name``; returns the PeftModel."""
+    """A function that adds a PEFT LoRA adapter to an HF model (wrapping it in a PeftModel the first time) and
+    saves it to ``folder/name``; returns the PeftModel. A and B are drawn from ``seed`` (PEFT starts B at zero, and
+    draws A from the global RNG): A ~ N(0, 1/in), B ~ N(0, std^2)."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
 
@@ -53,9 +54,30 @@ def add_random_lora():
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for param_name, param in model.named_parameters():
-                if f"lora_B.{name}." in param_name:
+                if f"lora_A.{name}." in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+                elif f"lora_B.{name}." in param_name:
                     param.copy_(torch.randn(param.shape, generator=generator) * std)
         model.save_pretrained(str(folder), selected_adapters=[name])
         return model.eval()
 
     return add
+
+
+@pytest.fixture(scope="session")
+def run_requests():
+    """A function: ``next_token`` over the contexts until all are done (``num_steps`` per call); returns
+    {request_id: generated tokens} and releases them."""
+    from maxjax.interfaces import TextGenerationInputs
+
+    def run(pipeline, contexts, num_steps=8):
+        out = {rid: [] for rid in contexts}
+        while any(not c.is_done for c in contexts.values()):
+            live = {rid: c for rid, c in contexts.items() if not c.is_done}
+            for rid, o in pipeline.next_token(TextGenerationInputs(live, num_steps)).items():
+                out[rid] += o.tokens
+        for rid in contexts:
+            pipeline.release(rid)
+        return out
+
+    return run

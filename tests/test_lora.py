@@ -30,7 +30,7 @@ RUNTIME = RuntimeConfig(max_batch_size=4, max_seq_len=64, max_num_steps=8, lengt
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PARAM_OF = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w_gate",
             "up_proj": "w_up", "down_proj": "w_down"}
-LOGITS_TOLERANCE = 1e-5  # float32: (x W) + (x A) B vs x (W + A B); measured below 1e-6
+LOGITS_TOLERANCE = 1e-5  # float32: (x W) + (x A) B vs x (W + A B); measured 2.8e-6
 
 
 @pytest.fixture(scope="module")
@@ -113,18 +113,6 @@ def context(rid, prompt, lora_name=None, max_new=10):
     return TextContext(rid, prompt, max_length=len(prompt) + max_new, lora_name=lora_name)
 
 
-def generate(pipe, contexts):
-    """next_token until every context is done; returns {rid: tokens} and releases them."""
-    out = {rid: [] for rid in contexts}
-    while any(not c.is_done for c in contexts.values()):
-        live = {rid: c for rid, c in contexts.items() if not c.is_done}
-        for rid, o in pipe.next_token(TextGenerationInputs(live, 8)).items():
-            out[rid] += o.tokens
-    for rid in contexts:
-        pipe.release(rid)
-    return out
-
-
 def test_logits_of_mixed_rows_equal_merged_weights(pipeline, params, adapters):
     rows = prompts(6, 11, 9)
     names = [None, "qv", "all"]
@@ -150,20 +138,20 @@ def references(params, adapters, rows, names):
     return [reference_greedy(params if n is None else merged(params, adapters[n]), p, 10) for p, n in zip(rows, names)]
 
 
-def test_mixed_batch_equals_each_row_alone_and_merged_reference(pipeline, params, adapters):
+def test_mixed_batch_equals_each_row_alone_and_merged_reference(pipeline, params, adapters, run_requests):
     rows = prompts(5, 9, 7, 12, seed=1)
     names = [None, "qv", "all", "qv"]
     expected = references(params, adapters, rows, names)
     assert expected[1] != reference_greedy(params, rows[1], 10)  # the adapter changes the text
     before = compile_count()
-    batch = generate(pipeline, {f"r{i}": context(f"r{i}", p, n) for i, (p, n) in enumerate(zip(rows, names))})
+    batch = run_requests(pipeline, {f"r{i}": context(f"r{i}", p, n) for i, (p, n) in enumerate(zip(rows, names))})
     for i, (p, n) in enumerate(zip(rows, names)):
-        alone = generate(pipeline, {"alone": context("alone", p, n)})["alone"]
+        alone = run_requests(pipeline, {"alone": context("alone", p, n)})["alone"]
         assert batch[f"r{i}"] == alone == expected[i], (i, n)
     assert compile_count() == before
 
 
-def test_add_remove_and_mix_compile_nothing(pipeline, params, adapters):
+def test_add_remove_and_mix_compile_nothing(pipeline, params, adapters, run_requests):
     rows = prompts(8, 6, 10, seed=2)
     names = ["mlp", None, "all"]
     expected = references(params, adapters, rows, names)
@@ -171,14 +159,14 @@ def test_add_remove_and_mix_compile_nothing(pipeline, params, adapters):
     pipeline.remove_lora("qv")
     pipeline.add_lora("mlp", adapters["mlp"])  # takes the freed slot
     assert sorted(pipeline.lora_names) == ["all", "mlp"]
-    out = generate(pipeline, {f"r{i}": context(f"r{i}", p, n) for i, (p, n) in enumerate(zip(rows, names))})
+    out = run_requests(pipeline, {f"r{i}": context(f"r{i}", p, n) for i, (p, n) in enumerate(zip(rows, names))})
     assert [out[f"r{i}"] for i in range(3)] == expected
     pipeline.remove_lora("mlp")
     pipeline.add_lora("qv", adapters["qv"])
     assert compile_count() == before
 
 
-def test_bad_adapters_and_names_fail_clearly_and_leave_others_unharmed(pipeline, params, adapters):
+def test_bad_adapters_and_names_fail_clearly_and_leave_others_unharmed(pipeline, params, adapters, run_requests):
     good, bad = prompts(7, 5, seed=3)
     expected = references(params, adapters, [good], ["qv"])[0]
     before = compile_count()
@@ -199,7 +187,7 @@ def test_bad_adapters_and_names_fail_clearly_and_leave_others_unharmed(pipeline,
                                          r"loaded: \['all', 'qv'\]"):
         pipeline.next_token(TextGenerationInputs(contexts, 8))
     assert pipeline.slots.num_free == RUNTIME.max_batch_size  # nothing assigned, nothing leaked
-    assert generate(pipeline, {"good": contexts["good"]})["good"] == expected
+    assert run_requests(pipeline, {"good": contexts["good"]})["good"] == expected
 
     ctx = context("busy", good, "all")
     pipeline.next_token(TextGenerationInputs({"busy": ctx}, 1))
@@ -221,7 +209,7 @@ def test_lora_off_rejects_lora_names(params):
         pipe.add_lora("qv", "/nonexistent")
 
 
-def test_audio_requests_pick_their_adapter(tmp_path, add_random_lora):
+def test_audio_requests_pick_their_adapter(tmp_path, add_random_lora, run_requests):
     """The speech stage of the (random) Orpheus pipeline serves `AudioGenerationRequest.lora` per row."""
     transformers = pytest.importorskip("transformers")
     from maxjax.pipelines.audio import load_audio_pipeline
@@ -241,8 +229,17 @@ def test_audio_requests_pick_their_adapter(tmp_path, add_random_lora):
     with pytest.raises(ValueError, match=r"lora 'nope' is not a loaded LoRA adapter; loaded: \['voice'\]"):
         tokenizer.build_context(request("x", "nope"))
     contexts = {rid: tokenizer.build_context(request(rid, lora)) for rid, lora in (("base", None), ("voice", "voice"))}
-    mixed = generate(pipeline, contexts)
-    alone = {rid: generate(pipeline, {rid: tokenizer.build_context(request(rid, lora))})[rid]
+    mixed = run_requests(pipeline, contexts)
+    alone = {rid: run_requests(pipeline, {rid: tokenizer.build_context(request(rid, lora))})[rid]
              for rid, lora in (("base", None), ("voice", "voice"))}
     assert mixed == alone
     assert mixed["base"] != mixed["voice"]
+
+
+def test_cli_lora_flags_are_checked_before_loading(capsys):
+    from maxjax.cli import main
+
+    assert main(["generate", "hi", "--lora", "no-equals-sign"]) == 2
+    assert "--lora 'no-equals-sign': expected NAME=PATH" in capsys.readouterr().err
+    assert main(["generate", "hi", "--lora", "a=x", "--lora", "a=y"]) == 2
+    assert "adapter name 'a' given twice" in capsys.readouterr().err

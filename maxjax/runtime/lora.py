@@ -63,11 +63,11 @@ class LoraSlots:
         self._adapters[self.slot_of(name)] = None
 
     def _stacked(self, key: str) -> dict[str, Any]:
-        """Host arrays of one projection for every layer: a [L, S, in, k*R], b: k x [L, S, R, out_i]."""
+        """Host arrays of one projection for every layer: a [L, in, S, k*R], b: k x [L, S, R, out_i]."""
         modules = self.projections[key]
         L, S, R = self.cfg.num_layers, self.max_loras + 1, self.max_rank
         d_in = MODULE_SHAPES[modules[0]](self.cfg)[0]
-        a = np.zeros((L, S, d_in, len(modules) * R), np.float32)
+        a = np.zeros((L, d_in, S, len(modules) * R), np.float32)
         bs = [np.zeros((L, S, R, MODULE_SHAPES[m](self.cfg)[1]), np.float32) for m in modules]
         for slot, adapter in enumerate(self._adapters):
             for piece, module in enumerate(modules):
@@ -75,7 +75,7 @@ class LoraSlots:
                     continue
                 module_a, module_b = adapter.weights[module]  # [L, in, r], [L, r, out]
                 r = module_a.shape[-1]
-                a[:, slot, :, piece * R:piece * R + r] = module_a
+                a[:, :, slot, piece * R:piece * R + r] = module_a
                 bs[piece][:, slot, :r] = module_b
         return {"a": a, "b": bs}
 

@@ -31,7 +31,9 @@ MODULE_SHAPES = {
     "up_proj": lambda c: (c.hidden_size, c.intermediate_size),
     "down_proj": lambda c: (c.intermediate_size, c.hidden_size),
 }
-_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(" + "|".join(MODULE_SHAPES) + r")\.lora_([AB])\.weight$")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(" + "|".join(MODULE_SHAPES)
+                     + r")\.lora_([AB])\.weight$")
 # Config switches for LoRA variants whose math differs from plain LoRA: refused rather than served wrong.
 _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "layer_replication": "layer replication",
                 "alora_invocation_tokens": "activated LoRA", "trainable_token_indices": "trainable tokens",
@@ -129,7 +131,7 @@ def load_lora_adapter(path: str | Path, cfg: LlamaConfig, name: str | None = Non
     weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     max_rank = 0
     for (layer, module), pair in sorted(pairs.items()):
-        module_path = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
+        module_path = f"model.layers.{layer}.{'mlp' if module in MLP_MODULES else 'self_attn'}.{module}"
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{file}: {module_path} has lora_{''.join(pair)} without its pair")
         rank = _pattern_value(config.get("rank_pattern"), module_path, config["r"])

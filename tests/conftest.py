@@ -44,9 +44,9 @@ def add_random_lora():
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
 
-    def add(model, folder, name, targets, r, alpha, rslora=False, seed=0, std=0.05):
+    def add(model, folder, name, targets, r, alpha, rslora=False, seed=0, std=0.05, **config):
         config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
-                                 lora_dropout=0.0)
+                                 lora_dropout=0.0, **config)
         if isinstance(model, peft.PeftModel):
             model.add_adapter(name, config)
         else:

@@ -41,19 +41,22 @@ def params():
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, add_random_lora):
-    """PEFT adapter folders: three that fit, one of rank 16 (above the max), one for other shapes, a pickle."""
+    """PEFT adapter folders: four that fit (one with per-module ranks and alphas), one of rank 16 (above the
+    max), one for other shapes, a pickle."""
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("lora")
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG.to_hf()))
     model = add_random_lora(hf, folder, "qv", ["q_proj", "v_proj"], r=4, alpha=8, seed=1)
     model = add_random_lora(model, folder, "all", ALL, r=8, alpha=16, rslora=True, seed=2)
     model = add_random_lora(model, folder, "mlp", ["gate_proj", "up_proj", "down_proj"], r=2, alpha=2, seed=3)
+    model = add_random_lora(model, folder, "pattern", ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, seed=7,
+                            rank_pattern={"q_proj": 2, "down_proj": 8}, alpha_pattern={"v_proj": 12})
     add_random_lora(model, folder, "wide", ["q_proj"], r=16, alpha=16, seed=4)
     other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(CFG.to_hf(), intermediate_size=96)))
     add_random_lora(other, folder, "other", ALL, r=4, alpha=4, seed=5)
     shutil.copytree(folder / "qv", folder / "pickled")
     (folder / "pickled" / "adapter_model.safetensors").rename(folder / "pickled" / "adapter_model.bin")
-    return {name: folder / name for name in ("qv", "all", "mlp", "wide", "other", "pickled")}
+    return {name: folder / name for name in ("qv", "all", "mlp", "pattern", "wide", "other", "pickled")}
 
 
 def merged(params, folder):
@@ -61,12 +64,13 @@ def merged(params, folder):
     from safetensors.numpy import load_file
 
     config = json.loads((folder / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config["use_rslora"] else config["r"])
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     layers = {k: np.array(v) for k, v in params["layers"].items()}
     for name, a in tensors.items():
         if "lora_A" in name:
             layer, module = int(re.search(r"layers\.(\d+)\.", name)[1]), name.split(".")[-3]
+            r, alpha = a.shape[0], config["alpha_pattern"].get(module, config["lora_alpha"])
+            scale = alpha / (math.sqrt(r) if config["use_rslora"] else r)
             layers[PARAM_OF[module]][layer] += (tensors[name.replace("lora_A", "lora_B")] @ a).T * scale
     return dict(params, layers=layers)
 
@@ -152,17 +156,23 @@ def test_mixed_batch_equals_each_row_alone_and_merged_reference(pipeline, params
 
 
 def test_add_remove_and_mix_compile_nothing(pipeline, params, adapters, run_requests):
-    rows = prompts(8, 6, 10, seed=2)
-    names = ["mlp", None, "all"]
+    rows = prompts(8, 6, 10, 9, seed=2)
+    names = ["mlp", None, "all", "pattern"]
     expected = references(params, adapters, rows, names)
     before = compile_count()
     pipeline.remove_lora("qv")
     pipeline.add_lora("mlp", adapters["mlp"])  # takes the freed slot
     assert sorted(pipeline.lora_names) == ["all", "mlp"]
-    out = run_requests(pipeline, {f"r{i}": context(f"r{i}", p, n) for i, (p, n) in enumerate(zip(rows, names))})
-    assert [out[f"r{i}"] for i in range(3)] == expected
+    out = run_requests(pipeline, {f"r{i}": context(f"r{i}", p, n) for i, (p, n) in enumerate(zip(rows[:3], names))})
+    assert [out[f"r{i}"] for i in range(3)] == expected[:3]
+    pipeline.remove_lora("all")
+    pipeline.add_lora("pattern", adapters["pattern"])  # per-module ranks 2/4/8 and alphas
+    out = run_requests(pipeline, {"r3": context("r3", rows[3], "pattern"), "r0": context("r0", rows[0], "mlp")})
+    assert [out["r3"], out["r0"]] == [expected[3], expected[0]]
     pipeline.remove_lora("mlp")
+    pipeline.remove_lora("pattern")
     pipeline.add_lora("qv", adapters["qv"])
+    pipeline.add_lora("all", adapters["all"])
     assert compile_count() == before
 
 

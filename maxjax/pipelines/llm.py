@@ -47,6 +47,7 @@ class LLM:
     ``model`` is anything ``maxjax.load_model`` takes (None: SmolLM2-135M-Instruct); ``runtime`` holds
     ``RuntimeConfig`` fields. A string prompt is rendered with the model's chat template when it has one
     (``chat=False`` sends it raw); a list of ``{"role", "content"}`` dicts is always a conversation.
+    ``lora_adapters={name: PEFT folder}`` loads LoRA adapters; ``generate(..., lora_name=name)`` uses one.
     """
 
     def __init__(self, model: str | Path | None = None, *, chat: bool = True, **runtime: Any):

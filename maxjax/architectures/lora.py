@@ -11,9 +11,10 @@ its own B, and the expanded pieces are concatenated in the fused weight's column
 which add nothing. B carries the adapter's scale (``maxjax.weights.lora``).
 
 Each row picks its slot with a one-hot mask between two dense matmuls over all slots (shrink x @ A for every
-slot, zero the other slots' ranks, expand with every slot's B), instead of gathering each row's A and B: on
-XLA CPU the gathered per-row matmuls (BGMV) made a SmolLM2-shaped batch-8 decode step ~6x slower, while the
-masked dense form costs about nothing next to the base weights (S small). Its cost grows with S, not the batch.
+slot, zero the other slots' ranks, expand with every slot's B), instead of gathering each row's A and B:
+measured on XLA CPU over SmolLM2's 30 layers of projections at batch 8 (rank 16, S = 5), per-row gathered
+matmuls (BGMV) took 5-7x the time of the projections alone, the masked dense form was within noise of them.
+Its cost grows with S, not with the batch.
 """
 
 from __future__ import annotations

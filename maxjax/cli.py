@@ -42,6 +42,21 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="float32 dot precision (default: highest for float32; 'default' allows TF32 on GPU)")
     parser.add_argument("--quantize", default=None, choices=["int8", "gguf"],
                         help="int8: weight-only int8; gguf: keep a GGUF file's quantized blocks on the device")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                        help="load the PEFT LoRA adapter folder PATH as NAME (repeatable)")
+    parser.add_argument("--lora-name", default=None, help="generate with this adapter (default: the first --lora)")
+
+
+def _lora_adapters(args) -> dict[str, str]:
+    adapters = {}
+    for spec in args.lora:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora {spec!r}: expected NAME=PATH")
+        if name in adapters:
+            raise ValueError(f"--lora {spec!r}: adapter name {name!r} given twice")
+        adapters[name] = path
+    return adapters
 
 
 def _sampling_params(args):
@@ -61,7 +76,7 @@ def _load_llm(args, max_batch_size: int = 1):
     start = time.perf_counter()
     llm = LLM(args.model, chat=not getattr(args, "raw", False), max_batch_size=max_batch_size,
               max_seq_len=args.max_seq_len, dtype=args.dtype, matmul_precision=args.matmul_precision,
-              quantize=args.quantize)
+              quantize=args.quantize, lora_adapters=_lora_adapters(args))
     print(f"[maxjax] loaded {llm.pipeline.model_name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return llm
 
@@ -78,6 +93,9 @@ def _read_json_schema(path: str) -> dict:
 
 def _request_fields(args) -> dict:
     fields = {}
+    lora_name = args.lora_name or next(iter(_lora_adapters(args)), None)
+    if lora_name:
+        fields["lora_name"] = lora_name
     if getattr(args, "logprobs", 0):
         fields["logprobs"] = args.logprobs
     if getattr(args, "json_schema", None):
@@ -132,6 +150,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     params = _sampling_params(args)
+    fields = _request_fields(args)
     llm = _load_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("[maxjax] chat: 'exit', 'quit', an empty line, Ctrl-D or Ctrl-C to leave", file=sys.stderr)
@@ -142,7 +161,7 @@ def cmd_chat(args) -> int:
                 break
             messages.append({"role": "user", "content": line})
             print("model> ", end="", flush=True)
-            reply = "".join(print(p, end="", flush=True) or p for p in llm.stream(messages, params))
+            reply = "".join(print(p, end="", flush=True) or p for p in llm.stream(messages, params, **fields))
             print()
             messages.append({"role": "assistant", "content": reply})
     except (EOFError, KeyboardInterrupt):

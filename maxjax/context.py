@@ -27,6 +27,7 @@ Life of a request:
 from __future__ import annotations
 
 import numbers
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,15 @@ def _check_index(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {value!r}")
     return int(value)
+
+
+def check_lora_name(name: object, loaded: Collection[str] | None = None, field: str = "lora_name") -> str | None:
+    """``name`` if it is None or (when ``loaded`` is given) a loaded adapter; ValueError naming it otherwise."""
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"{field} must be a non-empty str or None, got {name!r}")
+    if name is not None and loaded is not None and name not in loaded:
+        raise ValueError(f"{field} {name!r} is not a loaded LoRA adapter; loaded: {sorted(loaded) or 'none'}")
+    return name
 
 
 class TextContext:
@@ -57,6 +67,7 @@ class TextContext:
         log_probabilities_echo: also return log-probabilities of the prompt tokens.
         json_schema: structured-output schema (raw, compiled later by the runtime).
         stop: stop strings, checked by the pipeline on the detokenized text.
+        lora_name: the LoRA adapter to generate with (None: the base model).
         chunk_size: the token array grows in multiples of this.
     """
 
@@ -72,6 +83,7 @@ class TextContext:
         log_probabilities_echo: bool = False,
         json_schema: Any = None,
         stop: list[str] | None = None,
+        lora_name: str | None = None,
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
         prompt = np.asarray(tokens)
@@ -112,6 +124,7 @@ class TextContext:
         self._log_probabilities_echo = bool(log_probabilities_echo)
         self._json_schema = json_schema
         self._stop = list(stop) if stop else []
+        self._lora_name = check_lora_name(lora_name)
         self._matcher: Any = None
         self._status = GenerationStatus.ACTIVE
         self._is_initial_prompt = True
@@ -160,6 +173,10 @@ class TextContext:
     @property
     def log_probabilities_echo(self) -> bool:
         return self._log_probabilities_echo
+
+    @property
+    def lora_name(self) -> str | None:
+        return self._lora_name
 
     @property
     def json_schema(self) -> Any:

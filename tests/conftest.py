@@ -47,3 +47,50 @@ def hf_smollm2(smollm2_gguf):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def add_random_lora():
+    """A function that adds a PEFT LoRA adapter to an HF model (wrapping it in a PeftModel the first time) and
+    saves it to ``folder/name``; returns the PeftModel. A and B are drawn from ``seed`` (PEFT starts B at zero, and
+    draws A from the global RNG): A ~ N(0, 1/in), B ~ N(0, std^2)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    def add(model, folder, name, targets, r, alpha, rslora=False, seed=0, std=0.05, **config):
+        config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
+                                 lora_dropout=0.0, **config)
+        if isinstance(model, peft.PeftModel):
+            model.add_adapter(name, config)
+        else:
+            model = peft.get_peft_model(model, config, adapter_name=name)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if f"lora_A.{name}." in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+                elif f"lora_B.{name}." in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+        model.save_pretrained(str(folder), selected_adapters=[name])
+        return model.eval()
+
+    return add
+
+
+@pytest.fixture(scope="session")
+def run_requests():
+    """A function: ``next_token`` over the contexts until all are done (``num_steps`` per call); returns
+    {request_id: generated tokens} and releases them."""
+    from maxjax.interfaces import TextGenerationInputs
+
+    def run(pipeline, contexts, num_steps=8):
+        out = {rid: [] for rid in contexts}
+        while any(not c.is_done for c in contexts.values()):
+            live = {rid: c for rid, c in contexts.items() if not c.is_done}
+            for rid, o in pipeline.next_token(TextGenerationInputs(live, num_steps)).items():
+                out[rid] += o.tokens
+        for rid in contexts:
+            pipeline.release(rid)
+        return out
+
+    return run

@@ -39,6 +39,7 @@ import numpy as np
 
 from maxjax.architectures import moe
 from maxjax.architectures.attention_span import visible_keys
+from maxjax.architectures.lora import lora_delta
 from maxjax.architectures.quantized import (concat_outputs, embed_lookup, embed_matmul, is_blocks, is_quantized,
                                                 linear)
 from maxjax.architectures.rope import apply_rope, rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
@@ -364,49 +365,63 @@ def _write_cache(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, slots: j
     return cache_kv.at[layer, slots[:, None], :, write_pos].set(new.astype(cache_kv.dtype), mode="drop")
 
 
-def _qkv(h: jax.Array, layer: Params, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _project(h: jax.Array, layer: Params, key: str, lora_index: jax.Array | None) -> jax.Array:
+    """``h @ layer[key]``, plus each row's LoRA update when the layer carries adapters for it
+    (``layer["lora"][key]``, see ``maxjax.architectures.lora``; ``lora_index`` [B] picks each row's slot)."""
+    out = linear(h, layer[key])
+    lora = layer.get("lora", {}).get(key)
+    if lora is None or lora_index is None:
+        return out
+    return out + lora_delta(h, lora, lora_index).astype(out.dtype)
+
+
+def _qkv(h: jax.Array, layer: Params, cfg: LlamaConfig,
+         lora_index: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Q, K, V projections [B, T, H*Dh], [B, T, KVH*Dh] x2, from separate or fused (`fuse_projections`) weights."""
     if "wqkv" in layer:
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        qkv = linear(h, layer["wqkv"])  # [B, T, (H + 2 KVH) * Dh]
+        qkv = _project(h, layer, "wqkv", lora_index)  # [B, T, (H + 2 KVH) * Dh]
         if cfg.attention_bias:
             qkv = qkv + layer["bqkv"]
         return qkv[..., :q_dim], qkv[..., q_dim:q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
-    q, k, v = linear(h, layer["wq"]), linear(h, layer["wk"]), linear(h, layer["wv"])
+    q, k, v = (_project(h, layer, key, lora_index) for key in ("wq", "wk", "wv"))
     if cfg.attention_bias:
         q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
     return q, k, v
 
 
-def _mlp(h: jax.Array, layer: Params, act=jax.nn.silu) -> jax.Array:
+def _mlp(h: jax.Array, layer: Params, act=jax.nn.silu, lora_index: jax.Array | None = None) -> jax.Array:
     """Gated MLP from separate or fused gate/up weights: [B, T, D] -> [B, T, D]."""
     if "w_gate_up" in layer:
-        gate_up = linear(h, layer["w_gate_up"])  # [B, T, 2F]
+        gate_up = _project(h, layer, "w_gate_up", lora_index)  # [B, T, 2F]
         half = gate_up.shape[-1] // 2
-        return linear(act(gate_up[..., :half]) * gate_up[..., half:], layer["w_down"])
-    if any(is_quantized(layer[name]) or is_blocks(layer[name]) for name in ("w_gate", "w_up", "w_down")):
-        return linear(act(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
+        return _project(act(gate_up[..., :half]) * gate_up[..., half:], layer, "w_down", lora_index)
+    if "lora" in layer or any(is_quantized(layer[name]) or is_blocks(layer[name])
+                              for name in ("w_gate", "w_up", "w_down")):
+        gate, up = _project(h, layer, "w_gate", lora_index), _project(h, layer, "w_up", lora_index)
+        return _project(act(gate) * up, layer, "w_down", lora_index)
     return mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], act)
 
 
-def _ffn(h: jax.Array, layer: Params, cfg: LlamaConfig) -> jax.Array:
+def _ffn(h: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | None = None) -> jax.Array:
     """The layer's feed-forward: the dense gated MLP, or the routed experts (`maxjax.architectures.moe`)."""
     act = ACTIVATIONS[cfg.hidden_act]
     if cfg.num_experts:
         return moe.sparse_moe(h, layer["router"], layer["e_gate"], layer["e_up"], layer["e_down"],
                               cfg.num_experts_per_tok, cfg.norm_topk_prob, act)
-    return _mlp(h, layer, act)
+    return _mlp(h, layer, act, lora_index)
 
 
 def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array, cache: KVCache, layer_index: jax.Array, slots: jax.Array,
-                  positions: jax.Array, kv_len: int) -> tuple[jax.Array, KVCache]:
-    """One pre-norm block: x [B, T, D] -> [B, T, D]; writes this layer's K/V into the cache, then attends."""
+                  positions: jax.Array, kv_len: int, lora_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """One pre-norm block: x [B, T, D] -> [B, T, D]; writes this layer's K/V into the cache, then attends.
+    ``lora_index`` [B]: each row's LoRA adapter slot, when the layer carries adapters (0: the base model)."""
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
     h = rms_norm(x, layer["attn_norm"], eps, offset)  # [B, T, D]
-    q, k, v = _qkv(h, layer, cfg)  # [B, T, H*Dh], [B, T, KVH*Dh] x2
+    q, k, v = _qkv(h, layer, cfg, lora_index)  # [B, T, H*Dh], [B, T, KVH*Dh] x2
     q, k = q.reshape(B, T, H, Dh), k.reshape(B, T, KVH, Dh)
     if cfg.qk_norm:
         q, k = rms_norm(q, layer["q_norm"], eps, offset), rms_norm(k, layer["k_norm"], eps, offset)
@@ -419,22 +434,24 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap)  # [B, T, H, Dh]
-    h = linear(attn.reshape(B, T, H * Dh), layer["wo"])  # [B, T, D]
+    h = _project(attn.reshape(B, T, H * Dh), layer, "wo", lora_index)  # [B, T, D]
     x = x + (rms_norm(h, layer["post_attn_norm"], eps, offset) if cfg.post_norms else h)  # [B, T, D]
-    h = _ffn(rms_norm(x, layer["mlp_norm"], eps, offset), layer, cfg)  # [B, T, D]
+    h = _ffn(rms_norm(x, layer["mlp_norm"], eps, offset), layer, cfg, lora_index)  # [B, T, D]
     x = x + (rms_norm(h, layer["post_mlp_norm"], eps, offset) if cfg.post_norms else h)  # [B, T, D]
     return x, cache
 
 
 def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-                   slots: jax.Array, *, kv_len: int, scan: bool | None = None) -> tuple[jax.Array, KVCache]:
+                   slots: jax.Array, *, kv_len: int, scan: bool | None = None,
+                   lora_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [B, T, D] for tokens/positions [B, T] (int32), and the updated cache.
 
     Every real token's K/V is written to `cache[:, slots[b], :, positions[b, t]]` before attention, so a prefill
     chunk sees earlier chunks. All positions must be < kv_len <= max_seq_len (kv_len is static).
     `scan`: one scanned layer body (True) or an unrolled program (False); None follows the params' layout
     (stacked: scan, a list from `unstack_layers`: unrolled). Unstacked layers are stacked inside the program
-    when scanned.
+    when scanned. `lora_index` [B] int32: each row's LoRA adapter slot (layers carry them as "lora", see
+    `maxjax.architectures.lora`); None or adapter-free layers: the base model.
     """
     if kv_len > cache.k.shape[3]:
         raise ValueError(f"kv_len ({kv_len}) exceeds the cache's max_seq_len ({cache.k.shape[3]})")
@@ -458,7 +475,8 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
             layer = layers[layer_index] if unstacked else jax.tree.map(lambda a, i=layer_index: a[i], layers)
             local = local_layers[layer_index]
             (cos, sin), mask = (rope_local, mask_local) if local else (rope_global, mask_global)
-            x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len)
+            x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len,
+                                     lora_index)
         return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), cache
 
     if unstacked:
@@ -469,7 +487,8 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
         layer, layer_index, local = scanned
         cos, sin, mask = (jnp.where(local, a, b) for a, b in zip((*rope_local, mask_local),
                                                                  (*rope_global, mask_global)))
-        x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len)
+        x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len,
+                                 lora_index)
         return (x.astype(dtype), cache), None
 
     layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)

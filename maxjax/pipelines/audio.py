@@ -93,6 +93,13 @@ class AudioGeneratorPipeline:
         n += self.decoder.warmup([(b, window) for b in self.decoder.batch_buckets])
         return n
 
+    def add_lora(self, name: str, path: str | Path) -> None:
+        """Loads a PEFT adapter of the speech model as `name`; requests pick it with `lora` (compiles nothing)."""
+        self.speech.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.speech.remove_lora(name)
+
     def next_chunk(self, batch: dict[str, AudioContext]) -> dict[str, AudioGeneratorOutput]:
         start = time.perf_counter()
         for rid, ctx in batch.items():
@@ -192,16 +199,19 @@ def load_audio_pipeline(model: str | Path | None = None, task: PipelineTask | st
                         *, snac: str | Path | None = None, num_steps: int = DEFAULT_NUM_STEPS,
                         voice: str | None = None, voices: list[str] | None = None,
                         max_new_tokens: int | None = None, warmup: bool = False, seed: int = 0,
+                        lora_adapters: dict[str, str | Path] | None = None,
                         **runtime: Any) -> tuple[AudioTokenizer, Any]:
     """(AudioTokenizer, AudioGeneratorPipeline) for an Orpheus checkpoint (see the module docstring for the layout),
     or small random models when `model` is None.
 
     task=SPEECH_TOKEN_GENERATION returns the token stage alone: (AudioTokenizer, TextGenerationPipeline).
     `runtime` holds `RuntimeConfig` fields of the speech stage (max_batch_size, max_seq_len, length_buckets, ...).
+    `lora_adapters` ({name: PEFT folder}) adapt the speech stage; a request's `lora` picks one.
     """
     import jax
 
     from maxjax.architectures import llama
+    from maxjax.pipelines.registry import read_lora_adapters, serve_lora_adapters, size_for_lora
     from maxjax.pipelines.text import TextGenerationPipeline
     from maxjax.runtime.compile_cache import enable_compile_cache
     from maxjax.runtime.engine import Engine
@@ -231,10 +241,13 @@ def load_audio_pipeline(model: str | Path | None = None, task: PipelineTask | st
     if config.max_seq_len > cfg.max_position_embeddings:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context length "
                          f"{cfg.max_position_embeddings}")
+    adapters = read_lora_adapters(lora_adapters, cfg)
+    config = size_for_lora(config, adapters, runtime)
     text_tokenizer.max_length = min(text_tokenizer.max_length, config.max_seq_len)
     tokenizer = AudioTokenizer(text_tokenizer, voice=voice, voices=voices,
                                **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}))
     speech = TextGenerationPipeline(Engine(llama, cfg, jax.device_put(params), config), tokenizer, name)
+    serve_lora_adapters(speech, tokenizer, adapters)
     if task is PipelineTask.SPEECH_TOKEN_GENERATION:
         if warmup:
             speech.warmup()

@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from maxjax.context import AudioContext
+from maxjax.context import AudioContext, check_lora_name
 from maxjax.interfaces import AudioGenerationRequest
 from maxjax.interfaces.requests import AUDIO_INPUT_MAX_CHARS
 from maxjax.pipelines.orpheus import TOKENS_PER_FRAME, OrpheusVocab, build_prompt, prompt_text
-from maxjax.tokenizers.checks import check_text, refuse_adapter
+from maxjax.tokenizers.base import loaded_lora_names
+from maxjax.tokenizers.checks import check_text
 
 END_OF_AI_CUSTOM_TOKEN = 6  # <custom_token_6> closes an AI turn (used by voice-cloning prompts)
 DEFAULT_MAX_NEW_TOKENS = 1200  # Orpheus's default: about 14 s of speech
@@ -56,6 +57,7 @@ class AudioTokenizer:
     """
 
     context_class = AudioContext
+    lora_adapters: Any = None  # the speech stage's resident LoRA adapters (`.names`), set by load_audio_pipeline
 
     def __init__(self, tokenizer: Any, vocab: OrpheusVocab | None = None, *, voice: str | None = None,
                  voices: tuple[str, ...] | list[str] | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
@@ -150,7 +152,6 @@ class AudioTokenizer:
         """An AudioContext for the request; every check happens before anything is built."""
         if not isinstance(request, AudioGenerationRequest):
             raise ValueError(f"request must be an AudioGenerationRequest, got {type(request).__name__}")
-        refuse_adapter("lora", request.lora)
         prompt = self.prompt_token_ids(request)
         if prompt.size >= self.max_length:
             field = "prompt" if request.prompt is not None else "input"
@@ -168,4 +169,4 @@ class AudioTokenizer:
             eos_token_ids=set(self.vocab.stop_token_ids), sampling_params=params,
             audio_prompt_tokens=np.asarray(request.audio_prompt_tokens, np.int32).reshape(-1),
             audio_prompt_transcription=request.audio_prompt_transcription, buffer_speech_tokens=buffer,
-            streaming=request.streaming)
+            streaming=request.streaming, lora_name=check_lora_name(request.lora, loaded_lora_names(self), "lora"))

@@ -82,6 +82,7 @@ class LLM:
     Sampling: a ``SamplingParams`` and/or its fields by name (``generate(p, temperature=0.7, seed=1)``),
     under the rule of ``resolve_sampling``. ``progress=True`` (default) reports loading and each program's
     compilation (or load from the compile cache) on stderr.
+    ``lora_adapters={name: PEFT folder}`` loads LoRA adapters; ``generate(..., lora_name=name)`` uses one.
     """
 
     def __init__(self, model: str | Path | None = None, *, chat: bool = True, progress: bool = True,

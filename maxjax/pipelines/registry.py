@@ -2,20 +2,57 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from maxjax.interfaces import PipelineTask
 
 
+def read_lora_adapters(lora_adapters: Mapping[str, str | Path] | None, model_config: Any) -> list[Any]:
+    """``{name: PEFT adapter folder}`` -> loaded ``LoraAdapter``s, checked against the model's shapes."""
+    if not lora_adapters:
+        return []
+    if not isinstance(lora_adapters, Mapping):
+        raise ValueError(f"lora_adapters must be a dict of name -> adapter folder, got {type(lora_adapters).__name__}")
+    from maxjax.context import check_lora_name
+    from maxjax.weights.lora import load_lora_adapter
+
+    return [load_lora_adapter(path, model_config, check_lora_name(name, field="lora_adapters name"))
+            for name, path in lora_adapters.items()]
+
+
+def size_for_lora(config: Any, adapters: list[Any], runtime: dict[str, Any]) -> Any:
+    """``config`` with room for ``adapters`` where the caller left ``max_loras`` / ``max_lora_rank`` unset."""
+    import dataclasses
+
+    if not adapters:
+        return config
+    changes = {}
+    if "max_loras" not in runtime:
+        changes["max_loras"] = len(adapters)
+    if "max_lora_rank" not in runtime:
+        changes["max_lora_rank"] = max([config.max_lora_rank] + [a.rank for a in adapters])
+    return dataclasses.replace(config, **changes)
+
+
+def serve_lora_adapters(pipeline: Any, tokenizer: Any, adapters: list[Any]) -> None:
+    """Makes ``adapters`` resident on the pipeline's engine and lets the tokenizer check request names."""
+    for adapter in adapters:
+        pipeline.engine.add_lora(adapter)
+    tokenizer.lora_adapters = pipeline.engine.lora
+
+
 def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False, progress: bool = False,
+                       lora_adapters: Mapping[str, str | Path] | None = None,
                        **runtime: Any) -> tuple[Any, "TextGenerationPipeline"]:
     """Tokenizer and TokenGenerator for a Llama-family model (see ``maxjax.load_model`` for ``model``).
 
     ``runtime`` holds ``RuntimeConfig`` fields (``max_batch_size``, ``max_seq_len``, ``dtype``, ...).
     Programs compile on first use (and land in the persistent compile cache); ``warmup=True`` compiles all
     of them now, after which no request mix compiles anything. ``progress=True`` shows a bar while the
-    weights are read.
+    weights are read. ``lora_adapters`` ({name: PEFT folder}) are loaded and servable by
+    ``lora_name``; ``max_loras`` / ``max_lora_rank`` default to fit them.
     """
     import dataclasses
 
@@ -36,9 +73,12 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     if config.max_seq_len > loaded.config.max_position_embeddings:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context length "
                          f"{loaded.config.max_position_embeddings}")
+    adapters = read_lora_adapters(lora_adapters, loaded.config)
+    config = size_for_lora(config, adapters, runtime)
     tokenizer = loaded.tokenizer
     tokenizer.max_length = min(tokenizer.max_length, config.max_seq_len)
     pipeline = TextGenerationPipeline(Engine(llama, loaded.config, loaded.params, config), tokenizer, loaded.name)
+    serve_lora_adapters(pipeline, tokenizer, adapters)
     if warmup:
         pipeline.warmup()
     return tokenizer, pipeline

@@ -23,6 +23,9 @@ Generation features (all are data to the compiled programs: none compiles anythi
   constrained row runs one step per device call (``num_steps`` calls, masks filled in between); batches
   without one keep multi-step decode. Constrained and free rows share the same programs.
 * **Tools**: ``tool_parser`` parses a finished text into tool calls (``maxjax.pipelines.tools``).
+* **LoRA adapters** (``ctx.lora_name``, runtime ``max_loras > 0``): each row carries its adapter's slot into
+  the programs, so rows with different adapters and base rows share one batch. ``add_lora`` / ``remove_lora``
+  change the resident adapters between calls without compiling anything.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from maxjax.context import TextContext
+from maxjax.context import TextContext, check_lora_name
 from maxjax.interfaces import GenerationStatus, LogProbabilities, TextGenerationInputs, TextGenerationOutput
 from maxjax.pipelines.rows import check_context, decode_budget, echo_targets, fill_sampling_row, wants_echo
 from maxjax.pipelines.stops import StopChecker
@@ -82,6 +85,7 @@ class TextGenerationPipeline:
         batch = inputs.batch
         for request_id, ctx in batch.items():
             check_context(request_id, ctx, self.config, self.engine.vocab_size)
+            check_lora_name(ctx.lora_name, self.lora_names, f"request {request_id!r}: lora_name")
         live = {rid: ctx for rid, ctx in batch.items() if not ctx.is_done}
         joining = [rid for rid in live if self.slots.slot_of(rid) is None]
         try:
@@ -112,6 +116,27 @@ class TextGenerationPipeline:
         self._echo.pop(request_id, None)
         if ctx is not None and ctx.is_assigned_to_cache:
             ctx.unassign_from_cache()
+
+    # -- LoRA adapters -------------------------------------------------------------------------------
+    @property
+    def lora_names(self) -> list[str]:
+        """The resident LoRA adapters a request's ``lora_name`` may name."""
+        return [] if self.engine.lora is None else self.engine.lora.names
+
+    def add_lora(self, name: str, path: Any) -> None:
+        """Loads the PEFT adapter folder ``path`` as ``name`` (up to ``max_loras`` resident). Compiles nothing."""
+        from maxjax.weights.lora import load_lora_adapter
+
+        check_lora_name(name, field="LoRA adapter name")
+        self.engine.require_lora()
+        self.engine.add_lora(load_lora_adapter(path, self.engine.model_config, name))
+
+    def remove_lora(self, name: str) -> None:
+        """Unloads adapter ``name``; ValueError while a request that uses it holds a KV cache slot."""
+        users = sorted(rid for rid, ctx in self._contexts.items() if ctx.lora_name == name)
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} is in use by request(s) {users}: release them first")
+        self.engine.remove_lora(name)
 
     # -- feature state ---------------------------------------------------------------------------------
     def stop_checker(self, request_id: str) -> StopChecker | None:
@@ -238,6 +263,7 @@ class TextGenerationPipeline:
         rows["samples"][r] = n == ctx.active_length
         rows["num_generated"][r] = ctx.num_generated
         rows["logprobs"][r] = ctx.log_probabilities > 0
+        rows["lora_index"][r] = self.engine.lora_slot(ctx.lora_name)
         if wants_echo(ctx):
             rows["echo_targets"][r, :n] = echo_targets(ctx, n)
         fill_sampling_row(sampling, r, ctx)
@@ -276,6 +302,7 @@ class TextGenerationPipeline:
             rows["steps"][r] = budget
             rows["num_generated"][r] = ctx.num_generated
             rows["logprobs"][r] = ctx.log_probabilities > 0
+            rows["lora_index"][r] = self.engine.lora_slot(ctx.lora_name)
             fill_sampling_row(sampling, r, ctx)
             if ctx.matcher is not None:
                 fill_bitmask(ctx.matcher, sampling["bitmask"], r)

@@ -56,11 +56,15 @@ class RuntimeConfig:
     quantize: str | None = None  # "int8": weight-only int8 linear layers; "gguf": a GGUF file's blocks kept
     scan_decode_layers: bool = False  # True: decode scans its layers (compiles faster, runs ~1.5x slower on CPU)
     compile_cache_dir: str | None = None
+    max_loras: int = 0  # LoRA adapters resident at once (0: LoRA off, the programs carry no adapter math)
+    max_lora_rank: int = 16  # adapters of higher rank are refused; lower ranks are zero-padded to this
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_seq_len", "max_num_steps", "max_stop_ids"):
+        for name in ("max_batch_size", "max_seq_len", "max_num_steps", "max_stop_ids", "max_lora_rank"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.max_loras, int) or self.max_loras < 0:
+            raise ValueError(f"max_loras must be a non-negative integer, got {self.max_loras!r}")
         if not 0 <= self.max_logprobs <= 100:
             raise ValueError(f"max_logprobs must be in [0, 100], got {self.max_logprobs}")
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype))

@@ -20,6 +20,7 @@ import numpy as np
 
 from maxjax.runtime.compile_cache import cache_hit_count
 from maxjax.runtime.config import RuntimeConfig
+from maxjax.runtime.lora import LoraSlots
 from maxjax.runtime.precision import with_matmul_precision
 from maxjax.runtime.sampler import SamplingBatch
 from maxjax.runtime.steps import DecodeRows, PrefillRows, decode_step, prefill_step
@@ -58,6 +59,7 @@ def empty_prefill_rows(num_rows: int, length: int) -> dict[str, np.ndarray]:
         num_generated=np.zeros(num_rows, np.int32),
         echo_targets=np.full((num_rows, length), -1, np.int32),
         logprobs=np.zeros(num_rows, bool),
+        lora_index=np.zeros(num_rows, np.int32),
     )
 
 
@@ -69,6 +71,7 @@ def empty_decode_rows(num_rows: int) -> dict[str, np.ndarray]:
         steps=np.zeros(num_rows, np.int32),
         num_generated=np.zeros(num_rows, np.int32),
         logprobs=np.zeros(num_rows, bool),
+        lora_index=np.zeros(num_rows, np.int32),
     )
 
 
@@ -83,6 +86,13 @@ class Engine:
         # The serving layout (e.g. fused projections, unstacked layers: see llama.runtime_params).
         self.params = arch.runtime_params(params) if hasattr(arch, "runtime_params") else params
         dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+        self.lora: LoraSlots | None = None  # resident LoRA adapters (max_loras > 0), in every layer's "lora"
+        if config.max_loras:
+            if not isinstance(self.params.get("layers"), list):
+                raise ValueError("LoRA (max_loras > 0) needs an architecture with unstacked runtime layers")
+            self.lora = LoraSlots(model_config, set(self.params["layers"][0]), config.max_loras,
+                                  config.max_lora_rank, dtype)
+            self.params = self.lora.attach(self.params)
         self.cache = arch.init_kv_cache(model_config, config.max_batch_size, config.max_seq_len, dtype)
         self.counts = jnp.zeros((config.max_batch_size, self.vocab_size), jnp.int32)  # generated-token counts per slot
         k = config.max_logprobs or 1
@@ -146,6 +156,28 @@ class Engine:
     @property
     def num_programs(self) -> int:
         return len(self._programs)
+
+    # -- LoRA adapters -------------------------------------------------------------------------------
+    def require_lora(self) -> LoraSlots:
+        if self.lora is None:
+            raise ValueError("LoRA is off for this runtime: load with max_loras > 0 (or lora_adapters=...)")
+        return self.lora
+
+    def add_lora(self, adapter: Any) -> int:
+        """Makes a loaded ``maxjax.weights.lora.LoraAdapter`` servable; returns its slot. Compiles nothing."""
+        slot = self.require_lora().add(adapter)
+        self.params = self.lora.attach(self.params)
+        return slot
+
+    def remove_lora(self, name: str) -> None:
+        self.require_lora().remove(name)
+        self.params = self.lora.attach(self.params)
+
+    def lora_slot(self, name: str | None) -> int:
+        """The slot rows of adapter ``name`` use (0: the base model); ValueError naming an unknown one."""
+        if name is None:
+            return 0
+        return self.require_lora().slot_of(name)
 
     # -- running -------------------------------------------------------------------------------------
     def prefill(self, rows: dict[str, np.ndarray], sampling: dict[str, np.ndarray], kv_len: int):

@@ -29,6 +29,7 @@ class PrefillRows:
     num_generated: jax.Array  # i32 [B]: tokens generated before (non-zero only when re-encoding after reset())
     echo_targets: jax.Array  # i32 [B, T]: the prompt token that follows each position, -1 where none/not asked
     logprobs: jax.Array  # bool [B]: the row asked for log-probabilities
+    lora_index: jax.Array  # i32 [B]: the row's LoRA adapter slot (0: the base model)
 
 
 @struct.dataclass
@@ -39,6 +40,7 @@ class DecodeRows:
     steps: jax.Array  # i32 [B]: how many tokens the row may generate in this call (0 for padding rows)
     num_generated: jax.Array  # i32 [B]: tokens generated before this call
     logprobs: jax.Array  # bool [B]
+    lora_index: jax.Array  # i32 [B]: the row's LoRA adapter slot (0: the base model)
 
 
 @struct.dataclass
@@ -82,7 +84,7 @@ def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: j
     # Scanned layers: prefill is compute-bound, so the scan's per-layer weight copy costs little and the
     # program compiles several times faster than an unrolled one.
     hidden, cache = arch.forward_hidden(params, cfg, rows.tokens, rows.positions, cache, rows.slots,
-                                        kv_len=kv_len, scan=True)  # [B, T, D]
+                                        kv_len=kv_len, scan=True, lora_index=rows.lora_index)  # [B, T, D]
     batch = jnp.arange(rows.tokens.shape[0])
     logits = arch.lm_head(params, cfg, hidden[batch, rows.last_index])  # [B, V]
     row_counts = jnp.zeros((rows.tokens.shape[0], counts.shape[1]), counts.dtype)  # [B, V]
@@ -126,7 +128,8 @@ def decode_step(arch: Any, cfg: Any, k: int, max_steps: int, params: Any, cache:
     def body(carry):
         i, active, cache, row_counts, tokens, positions, num_generated, out_tokens, out_lp = carry
         hidden, cache = arch.forward_hidden(params, cfg, tokens[:, None], jnp.where(active, positions, -1)[:, None],
-                                            cache, rows.slots, kv_len=kv_len, scan=scan_layers)  # [B, 1, D]
+                                            cache, rows.slots, kv_len=kv_len, scan=scan_layers,
+                                            lora_index=rows.lora_index)  # [B, 1, D]
         logits = arch.lm_head(params, cfg, hidden[:, 0])  # [B, V]
         new = sample(logits, row_counts, num_generated, sampling)  # [B]
         lp = _maybe_logprobs(rows.logprobs & active, logits, new, k)

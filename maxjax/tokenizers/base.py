@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from maxjax.context import TextContext
+from maxjax.context import TextContext, check_lora_name
 from maxjax.interfaces import TextGenerationRequest
 
 from .chat import render_chat
-from .checks import check_text, refuse_adapter
+from .checks import check_text
 from .stream import StreamDecoder
 
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
@@ -35,6 +35,7 @@ class BaseTokenizer:
     """
 
     context_class: type[TextContext] = TextContext
+    lora_adapters: Any = None  # the pipeline's resident LoRA adapters (`.names`), set by load_pipeline
 
     def __init__(self, *, max_length: int, eos_token_ids: Sequence[int], bos_token_id: int | None = None,
                  chat_template: str | None = None, special_tokens: dict[str, str | None] | None = None) -> None:
@@ -141,7 +142,6 @@ class BaseTokenizer:
         """A TextContext for a request; subclasses extend this for other request types."""
         if not isinstance(request, TextGenerationRequest):
             raise ValueError(f"request must be a TextGenerationRequest, got {type(request).__name__}")
-        refuse_adapter("lora_name", request.lora_name)
         prompt = self.prompt_token_ids(request)
         params = request.sampling_params
         if request.logprobs > self.vocab_size:
@@ -160,7 +160,14 @@ class BaseTokenizer:
         return self.context_class(
             request.request_id, prompt, max_length=max_length, eos_token_ids=set(self.eos_token_ids),
             sampling_params=params, log_probabilities=request.logprobs, log_probabilities_echo=request.echo,
-            json_schema=schema, stop=merge_stop(request.stop, params.stop))
+            json_schema=schema, stop=merge_stop(request.stop, params.stop),
+            lora_name=check_lora_name(request.lora_name, loaded_lora_names(self)))
+
+
+def loaded_lora_names(tokenizer: Any) -> list[str]:
+    """The LoRA adapters a request may name through this tokenizer (none unless load_pipeline attached some)."""
+    adapters = getattr(tokenizer, "lora_adapters", None)
+    return [] if adapters is None else adapters.names
 
 
 def merge_stop(*sources: str | list[str] | None) -> list[str]:

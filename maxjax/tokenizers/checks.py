@@ -1,4 +1,4 @@
-"""Checks every tokenizer applies where request fields enter: text that can be encoded, no adapters yet."""
+"""Checks tokenizers apply where request fields enter: text that can be encoded; no adapters where none exist."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def check_text(field: str, text: object) -> str:
 
 
 def refuse_adapter(field: str, name: object) -> None:
-    """LoRA adapters are not served yet: a request naming one fails rather than getting the base model."""
+    """For pipelines without LoRA support (embeddings): a request naming an adapter fails rather than getting
+    the base model."""
     if name is not None:
         raise ValueError(f"{field}={name!r}: this pipeline serves no LoRA adapters (leave {field} unset)")

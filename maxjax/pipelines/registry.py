@@ -18,25 +18,31 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     """
     import dataclasses
 
-    from maxjax.architectures import llama
+    from maxjax.architectures import llama, llama_sharding
     from maxjax.models import load_model
     from maxjax.pipelines.text import TextGenerationPipeline
     from maxjax.runtime.compile_cache import enable_compile_cache
     from maxjax.runtime.config import RuntimeConfig
     from maxjax.runtime.engine import Engine
+    from maxjax.runtime.mesh import make_mesh
+    from maxjax.weights import load_weights
 
     unknown = sorted(set(runtime) - {f.name for f in dataclasses.fields(RuntimeConfig)})
     if unknown:
         raise ValueError(f"unknown runtime config field(s) {unknown}; see maxjax.runtime.config.RuntimeConfig")
     config = RuntimeConfig(**runtime)
     enable_compile_cache(config.compile_cache_dir)
-    loaded = load_model(model, dtype=config.dtype, quantize=config.quantize)
+    if make_mesh(config) is None:
+        loaded = load_model(model, dtype=config.dtype, quantize=config.quantize)
+    else:  # host arrays: the engine places each device's slice straight onto it
+        loaded = load_weights(model, config.dtype)
     if config.max_seq_len > loaded.config.max_position_embeddings:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context length "
                          f"{loaded.config.max_position_embeddings}")
     tokenizer = loaded.tokenizer
     tokenizer.max_length = min(tokenizer.max_length, config.max_seq_len)
-    pipeline = TextGenerationPipeline(Engine(llama, loaded.config, loaded.params, config), tokenizer, loaded.name)
+    pipeline = TextGenerationPipeline(Engine(llama, loaded.config, loaded.params, config,
+                                               layout=llama_sharding), tokenizer, loaded.name)
     if warmup:
         pipeline.warmup()
     return tokenizer, pipeline

@@ -1,0 +1,76 @@
+"""The device mesh of a runtime config and the helpers that put host arrays onto it.
+
+One `jax.sharding.Mesh` with axes ("data", "model") over the first data_parallel x tensor_parallel devices of
+`jax.devices()` (all processes' devices in a multi-host run, so every process builds the same mesh).
+"model" splits heads, MLP width and vocabulary; "data" splits KV cache slots and batch rows.
+A config of one device has no mesh: the engine then runs exactly as a single-device program.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from maxjax.runtime.config import RuntimeConfig
+
+DATA, MODEL = "data", "model"
+
+
+def make_mesh(config: RuntimeConfig, devices: list | None = None) -> Mesh | None:
+    """The ("data", "model") mesh of ``config``, or None for a single device. Raises ValueError when the
+    config asks for more devices than there are."""
+    if config.num_devices == 1:
+        return None
+    devices = jax.devices() if devices is None else devices
+    if config.num_devices > len(devices):
+        raise ValueError(f"tensor_parallel ({config.tensor_parallel}) x data_parallel ({config.data_parallel}) = "
+                         f"{config.num_devices} devices, but only {len(devices)} are available "
+                         f"({devices[0].platform}); on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                         "before JAX starts gives N devices")
+    grid = np.asarray(devices[:config.num_devices]).reshape(config.data_parallel, config.tensor_parallel)
+    return Mesh(grid, (DATA, MODEL))
+
+
+def axis_if_divides(mesh: Mesh, axis: str, size: int) -> str | None:
+    """``axis`` when it splits ``size`` evenly, else None (replicated): a sharded dimension must divide."""
+    return axis if size % mesh.shape[axis] == 0 else None
+
+
+def rows_spec(mesh: Mesh, array: Any) -> P:
+    """Per-row arrays ([B, ...]) split over "data" when the batch divides, replicated otherwise."""
+    if np.ndim(array) == 0:
+        return P()
+    return P(axis_if_divides(mesh, DATA, np.shape(array)[0]))
+
+
+def shardings(mesh: Mesh, specs: Any) -> Any:
+    """A pytree of PartitionSpecs -> NamedShardings on ``mesh``."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def put(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array every process holds whole; each device receives only its slice."""
+    return from_callback(host.shape, host.dtype, sharding, lambda index: host[index])
+
+
+def from_callback(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
+                  read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """A global array whose shards come from ``read(index)``, called only for this process's devices (once per
+    distinct slice), so a loader never materialises more than one shard's worth of a tensor at a time."""
+    cache: dict[str, np.ndarray] = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = repr(index)
+        if key not in cache:  # replicated shards share one host read
+            cache[key] = np.ascontiguousarray(read(index), dtype=dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, shard)
+
+
+def put_tree(host_tree: Any, sharding_tree: Any) -> Any:
+    """``put`` over matching pytrees of host arrays and shardings."""
+    return jax.tree.map(lambda a, s: put(np.asarray(a), s), host_tree, sharding_tree)

@@ -31,6 +31,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                                                       "(default: SmolLM2-135M-Instruct)")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="devices splitting heads, MLP, vocabulary")
+    parser.add_argument("--data-parallel", type=int, default=1, help="devices splitting the batch / KV slots")
 
 
 def _sampling_params(args):
@@ -47,8 +49,10 @@ def _load_llm(args, max_batch_size: int = 1):
     from maxjax.pipelines.llm import LLM
 
     start = time.perf_counter()
-    llm = LLM(args.model, chat=not getattr(args, "raw", False), max_batch_size=max_batch_size,
-              max_seq_len=args.max_seq_len, dtype=args.dtype)
+    llm = LLM(args.model, chat=not getattr(args, "raw", False),
+              max_batch_size=max(max_batch_size, args.data_parallel),  # every "data" shard holds a slot
+              max_seq_len=args.max_seq_len, dtype=args.dtype, tensor_parallel=args.tensor_parallel,
+              data_parallel=args.data_parallel)
     print(f"[maxjax] loaded {llm.pipeline.model_name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return llm
 

@@ -116,8 +116,11 @@ class Engine:
     def _lower(self, kind: str, shape: tuple[int, ...]):
         rows, sampling = self._example(kind, shape)
         # On a mesh: explicit in/out shardings, so each bucket's program is partitioned once, ahead of time.
-        placement = {} if self.mesh is None else program_shardings(self.mesh, self.state_shardings, kind, rows,
-                                                                  sampling)
+        placement = {}
+        if self.mesh is not None:
+            placement = program_shardings(self.mesh, self.state_shardings, kind, rows, sampling)
+            # abstract rows: a multi-process program may not be lowered with host (numpy) arguments
+            rows, sampling = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (rows, sampling))
         fn = jax.jit(functools.partial(self._step_fns[kind], kv_len=shape[-1]), donate_argnums=(1, 2), **placement)
         return fn.lower(self.params, self.cache, self.counts, rows, sampling)
 

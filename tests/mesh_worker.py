@@ -4,13 +4,15 @@ JAX fixes its device count when it starts, so the test sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` for this process only. Each check prints one JSON
 line of measured values; the assertions (and their tolerances) live in the test.
 
-    python tests/mesh_worker.py tiny | smollm2 GGUF | multihost HOST:PORT PROCESS_ID
+    python tests/mesh_worker.py tiny | smollm2 GGUF | load TMPDIR | multihost HOST:PORT PROCESS_ID
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from maxjax.pipelines.text import TextGenerationPipeline
 from maxjax.runtime.compile_cache import compile_count, enable_compile_cache
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.engine import Engine
+from maxjax.runtime.mesh import make_mesh
 
 TINY = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8,
                          num_kv_heads=4, head_dim=8, tie_word_embeddings=False)
@@ -144,12 +147,90 @@ def check_smollm2(gguf: str) -> dict:
     runtime = dict(max_batch_size=4, max_seq_len=64, length_buckets=(64,), batch_buckets=(4,), max_num_steps=8,
                    scan_decode_layers=True)  # scanned layers compile in seconds: this test is about layouts
     out = {}
-    for tp, dp in ((1, 1), (3, 1), (1, 2), (3, 2), (2, 1), (4, 2)):
+    for tp, dp in ((1, 1), (3, 1), (1, 2), (3, 2), (2, 1)):
         eng = engine(weights.config, weights.params, tp, dp, **runtime)
         out[f"{tp}x{dp}"] = {"tokens": generate(eng, prompts, 12, 8)["tokens"],
                              "heads": [eng.model_config.num_heads, eng.model_config.num_kv_heads],
                              "embed_spec": spec_names(eng.params["embed"])}
         del eng
+    return out
+
+
+LOAD = llama.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+                         num_kv_heads=2, head_dim=64, tie_word_embeddings=False, max_position_embeddings=256)
+
+
+def write_sources(folder: Path, params: dict) -> dict[str, Path]:
+    """The same float32 params as an HF safetensors folder, a GGUF file and a model store."""
+    import gguf
+    from safetensors.numpy import save_file
+
+    from maxjax.weights.llama_names import GLOBAL_TENSORS, LAYER_TENSORS
+    from maxjax.weights.store import save_store
+
+    def tensors(column: int) -> dict[str, np.ndarray]:
+        out = {GLOBAL_TENSORS[k][column]: np.ascontiguousarray(v.T if GLOBAL_TENSORS[k][2] else v)
+               for k, v in params.items() if k != "layers"}
+        for key, stacked in params["layers"].items():
+            name, is_matrix = LAYER_TENSORS[key][column], LAYER_TENSORS[key][2]
+            out.update({name.format(i=i): np.ascontiguousarray(a.T if is_matrix else a) for i, a in enumerate(stacked)})
+        return out
+
+    hf = folder / "hf"
+    hf.mkdir()
+    save_file(tensors(0), str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json.dumps(LOAD.to_hf()))
+    # qwen2: a GGUF architecture without llama.cpp's Q/K row permutation, so the rows are written as they are
+    writer = gguf.GGUFWriter(str(folder / "m.gguf"), "qwen2")
+    for key, value in {"block_count": LOAD.num_layers, "context_length": 256, "embedding_length": LOAD.hidden_size,
+                       "feed_forward_length": LOAD.intermediate_size, "attention.head_count": LOAD.num_heads,
+                       "attention.head_count_kv": LOAD.num_kv_heads, "vocab_size": LOAD.vocab_size}.items():
+        writer.add_uint32(f"qwen2.{key}", value)
+    writer.add_float32("qwen2.rope.freq_base", LOAD.rope_theta)
+    writer.add_float32("qwen2.attention.layer_norm_rms_epsilon", LOAD.rms_norm_eps)
+    for name, array in tensors(1).items():
+        writer.add_tensor(name, np.ascontiguousarray(array, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    store = save_store(folder / "store", "llama", LOAD, params, None, "test")
+    return {"gguf": folder / "m.gguf", "hf": hf, "store": store}
+
+
+def check_load(folder: str) -> dict:
+    """GGUF, safetensors and store loaded tensor by tensor onto meshes: params equal to the source, and the
+    host's peak allocation (tracemalloc: numpy and Python buffers, not XLA's) during each load."""
+    import tracemalloc
+
+    from maxjax.weights import load_weights
+
+    params = jax.tree.map(np.asarray, llama.init_params(LOAD, jax.random.key(3)))
+    sources = write_sources(Path(folder), params)
+    out = {"model_bytes": int(sum(a.nbytes for a in jax.tree.leaves(params))), "runs": {}}
+    for tp, dp in ((2, 2), (4, 1)):
+        config = RuntimeConfig(tensor_parallel=tp, data_parallel=dp, max_batch_size=4, max_seq_len=32,
+                               length_buckets=(32,), batch_buckets=(4,))
+        expected = Engine(llama, LOAD, params, config, layout=llama_sharding).params
+        for kind, path in sources.items():
+            tracemalloc.start()
+            start = time.perf_counter()
+            mesh = make_mesh(config)
+            weights = load_weights(path, "float32", with_tokenizer=False, lazy=True,
+                                   store_shardings=lambda cfg: llama_sharding.restore_shardings(cfg, mesh))
+            eng = Engine(llama, weights.config, weights.params, config, layout=llama_sharding)
+            jax.block_until_ready(eng.params)
+            seconds = time.perf_counter() - start
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            same = jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))
+                                                               and a.sharding == b.sharding), eng.params, expected))
+            out["runs"][f"{kind} {tp}x{dp}"] = {"equal": same, "peak_bytes": int(peak), "seconds": seconds,
+                                               "heads": [eng.model_config.num_heads, eng.model_config.num_kv_heads]}
+    tracemalloc.start()
+    load_weights(sources["gguf"], "float32", with_tokenizer=False)
+    out["whole_tree_peak_bytes"] = int(tracemalloc.get_traced_memory()[1])  # the single-device path, for scale
+    tracemalloc.stop()
     return out
 
 
@@ -172,5 +253,5 @@ if __name__ == "__main__":
     enable_compile_cache(None)  # MAXJAX_COMPILE_CACHE: the test gives each run its own folder
     assert len(jax.devices()) >= 8, "start with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     result = {"tiny": check_tiny, "smollm2": lambda: check_smollm2(sys.argv[2]),
-              "multihost": check_multihost}[check]()
+              "multihost": check_multihost, "load": lambda: check_load(sys.argv[2])}[check]()
     print("RESULT " + json.dumps(result))

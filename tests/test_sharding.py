@@ -118,8 +118,23 @@ def test_smollm2_greedy_on_meshes_equals_one_device(tmp_path_factory, smollm2_gg
         assert run["tokens"] == single["tokens"], mesh
     assert runs["3x1"]["heads"] == [9, 3]  # 3 heads and 1 kv head per shard: no rewrite
     assert runs["2x1"]["heads"] == [12, 6]  # kv heads replicated twice, 3 padding query heads
-    assert runs["4x2"]["heads"] == [12, 12]
     assert runs["3x2"]["embed_spec"] == ["model", None]
+
+
+def test_gguf_safetensors_and_store_load_onto_a_mesh_tensor_by_tensor(tmp_path_factory):
+    """Identical params (values and shardings) from the three sources, on a mesh whose layout keeps the heads
+    (2x2: the store restores straight onto the shards) and one that replicates kv heads (4x1)."""
+    result = run_worker(tmp_path_factory, "load", str(tmp_path_factory.mktemp("sources")))
+    runs = result["runs"]
+    assert set(runs) == {f"{kind} {mesh}" for kind in ("gguf", "hf", "store") for mesh in ("2x2", "4x1")}
+    for name, run in runs.items():
+        assert run["equal"], name
+        assert run["heads"] == ([4, 2] if "2x2" in name else [4, 4]), name
+    # GGUF and safetensors hold one tensor (plus its shards) on the host at a time: the host's peak
+    # allocation stays well below the float32 model, which the single-device path assembles whole.
+    for name in ("gguf 2x2", "gguf 4x1", "hf 2x2", "hf 4x1"):
+        assert runs[name]["peak_bytes"] < 0.75 * result["model_bytes"], name
+    assert result["whole_tree_peak_bytes"] > 0.8 * result["model_bytes"]
 
 
 # -- in this process (one device): configs refused before anything is placed -----------------------------

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxjax.architectures.llama import LlamaConfig, fuse_projections, unstack_layers
-from maxjax.runtime.mesh import DATA, MODEL, axis_if_divides
+from maxjax.architectures.llama import LlamaConfig, fuse_projections, param_shapes
+from maxjax.runtime.mesh import DATA, MODEL, axis_if_divides, put
+from maxjax.weights.llama_names import tree_reader
 
 # param key -> (sharded axis counted from the end, what it splits); every other param is replicated.
 _SPLIT = {
@@ -115,25 +117,45 @@ def param_spec(key: str, ndim: int, cfg: LlamaConfig, mesh: Mesh) -> P:
     return P(*spec)
 
 
-def runtime_layout(params: dict, cfg: LlamaConfig, tp: int) -> tuple[LlamaConfig, dict]:
-    """(config, host params) as the engine runs them on a mesh: rewritten for tp, layers unstacked, and
-    fused Q/K/V and gate/up on one model shard only (see the module docstring)."""
+def place_params(params: dict | Callable[[str, int | None], Any], cfg: LlamaConfig, mesh: Mesh,
+                 dtype: Any) -> tuple[LlamaConfig, dict]:
+    """(config, params on ``mesh``) in the serving layout: rewritten for tensor parallelism (module docstring),
+    layers unstacked; Q/K/V and gate/up fused when there is one model shard.
+
+    ``params``: a tree with stacked layers, or ``read(key, layer)`` giving one original param at a time
+    (``maxjax.weights.llama_names.param_reader``); each param is placed before the next is read, so the host
+    never holds more than one tensor.
+    """
+    read = params if callable(params) else tree_reader(params)
+    tp = mesh.shape[MODEL]
     tp_cfg = tensor_parallel_config(cfg, tp)
-    layers = {key: to_tensor_parallel(key, np.asarray(value), cfg, tp) for key, value in params["layers"].items()}
-    out = unstack_layers(dict(params, layers=layers))
-    return tp_cfg, (fuse_projections(out) if tp == 1 else out)
+
+    def place(key: str, layer: int | None) -> jax.Array:
+        array = read(key, layer)
+        if isinstance(array, jax.Array) and tp_cfg == cfg:  # restored onto the mesh already: reshard only
+            return jax.device_put(array.astype(dtype), NamedSharding(mesh, param_spec(key, array.ndim, cfg, mesh)))
+        array = to_tensor_parallel(key, np.asarray(array, dtype), cfg, tp)
+        return put(array, NamedSharding(mesh, param_spec(key, array.ndim, tp_cfg, mesh)))
+
+    keys = param_shapes(cfg)
+    params = {key: place(key, None) for key in keys if key != "layers"}
+    params["layers"] = [{key: place(key, layer) for key in keys["layers"]} for layer in range(cfg.num_layers)]
+    if tp == 1:  # one model shard: fused projections are shard-consistent
+        params = fuse_projections(params)
+    return tp_cfg, params
 
 
-def param_specs(params: dict, cfg: LlamaConfig, mesh: Mesh) -> dict:
-    """PartitionSpecs for a param tree (stacked or unstacked layers) of the tensor-parallel model."""
-    def spec_tree(tree: Any, key: str = "") -> Any:
-        if isinstance(tree, dict):
-            return {k: spec_tree(v, k) for k, v in tree.items()}
-        if isinstance(tree, (list, tuple)):
-            return [spec_tree(v, key) for v in tree]
-        return param_spec(key, np.ndim(tree), cfg, mesh)
-
-    return spec_tree(params)
+def restore_shardings(cfg: LlamaConfig, mesh: Mesh) -> dict | None:
+    """Shardings of the stacked param tree (a model store) restored straight onto ``mesh``, or None when the
+    tensor-parallel layout rewrites heads or MLP width (that model is restored to the host, then placed)."""
+    if tensor_parallel_config(cfg, mesh.shape[MODEL]) != cfg:
+        return None
+    shapes = param_shapes(cfg)
+    out = {key: NamedSharding(mesh, param_spec(key, len(shape), cfg, mesh)) for key, shape in shapes.items()
+           if key != "layers"}
+    out["layers"] = {key: NamedSharding(mesh, param_spec(key, len(shape), cfg, mesh))
+                     for key, shape in shapes["layers"].items()}
+    return out
 
 
 def cache_spec() -> P:

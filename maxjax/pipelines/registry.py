@@ -32,10 +32,12 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
         raise ValueError(f"unknown runtime config field(s) {unknown}; see maxjax.runtime.config.RuntimeConfig")
     config = RuntimeConfig(**runtime)
     enable_compile_cache(config.compile_cache_dir)
-    if make_mesh(config) is None:
+    mesh = make_mesh(config)
+    if mesh is None:
         loaded = load_model(model, dtype=config.dtype, quantize=config.quantize)
-    else:  # host arrays: the engine places each device's slice straight onto it
-        loaded = load_weights(model, config.dtype)
+    else:  # tensor by tensor: the engine places each device's slice straight onto it
+        loaded = load_weights(model, config.dtype, lazy=True,
+                              store_shardings=lambda cfg: llama_sharding.restore_shardings(cfg, mesh))
     if config.max_seq_len > loaded.config.max_position_embeddings:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context length "
                          f"{loaded.config.max_position_embeddings}")

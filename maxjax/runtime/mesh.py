@@ -46,11 +46,6 @@ def rows_spec(mesh: Mesh, array: Any) -> P:
     return P(axis_if_divides(mesh, DATA, np.shape(array)[0]))
 
 
-def shardings(mesh: Mesh, specs: Any) -> Any:
-    """A pytree of PartitionSpecs -> NamedShardings on ``mesh``."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
-
-
 def put(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from a host array every process holds whole; each device receives only its slice."""
     return from_callback(host.shape, host.dtype, sharding, lambda index: host[index])
@@ -69,8 +64,3 @@ def from_callback(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
         return cache[key]
 
     return jax.make_array_from_callback(tuple(shape), sharding, shard)
-
-
-def put_tree(host_tree: Any, sharding_tree: Any) -> Any:
-    """``put`` over matching pytrees of host arrays and shardings."""
-    return jax.tree.map(lambda a, s: put(np.asarray(a), s), host_tree, sharding_tree)

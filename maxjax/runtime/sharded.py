@@ -15,20 +15,20 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maxjax.runtime.config import RuntimeConfig
-from maxjax.runtime.mesh import put, put_tree, rows_spec, shardings
+from maxjax.runtime.mesh import put, rows_spec
 
 
 def place_state(arch: Any, layout: Any, model_config: Any, params: Any, config: RuntimeConfig, mesh: Mesh,
                 dtype: Any) -> tuple[Any, Any, Any, jax.Array, tuple]:
-    """(config of the laid-out model, params, KV cache, token counts, their shardings), all on ``mesh``."""
+    """(config of the laid-out model, params, KV cache, token counts, their shardings), all on ``mesh``.
+
+    ``params``: a param tree, or a ``read(key, layer)`` function that loads one param at a time."""
     if layout is None:
         raise ValueError("tensor_parallel / data_parallel: this architecture has no sharding layout")
     if config.quantize is not None:
         raise ValueError(f"quantize={config.quantize!r} is not supported with tensor_parallel / data_parallel > 1")
-    cfg, host_params = layout.runtime_layout(params, model_config, config.tensor_parallel)
-    param_shardings = shardings(mesh, layout.param_specs(host_params, cfg, mesh))
-    device_params = put_tree(host_params, param_shardings)
-    del host_params
+    cfg, device_params = layout.place_params(params, model_config, mesh, dtype)
+    param_shardings = jax.tree.map(lambda a: a.sharding, device_params)
     new_cache = lambda: arch.init_kv_cache(cfg, config.max_batch_size, config.max_seq_len, dtype)  # noqa: E731
     cache_shardings = jax.tree.map(lambda _: NamedSharding(mesh, layout.cache_spec()), jax.eval_shape(new_cache))
     cache = jax.jit(new_cache, out_shardings=cache_shardings)()

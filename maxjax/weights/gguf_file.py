@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 
 from maxjax.architectures.llama import LlamaConfig
-from maxjax.weights.llama_names import assemble_params
+from maxjax.weights.llama_names import assemble_params, param_reader
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
@@ -113,8 +113,10 @@ def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def load_gguf(path: str | Path, dtype=np.float32, progress: bool = False,
-              reader: gguf.GGUFReader | None = None) -> tuple[LlamaConfig, dict, dict]:
-    """(config, params, metadata) of a Llama-family GGUF file (`reader`: the file already opened)."""
+              reader: gguf.GGUFReader | None = None, lazy: bool = False) -> tuple[LlamaConfig, Any, dict]:
+    """(config, params, metadata) of a Llama-family GGUF file (`reader`: the file already opened).
+
+    `lazy`: params is a `read(key, layer)` function that dequantizes one tensor per call (sharded loads)."""
     source = str(path)
     reader = reader or open_gguf(path)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
@@ -130,6 +132,7 @@ def load_gguf(path: str | Path, dtype=np.float32, progress: bool = False,
             return unpermute_rows(array, cfg.num_kv_heads)
         return array
 
-    params = assemble_params(cfg, "gguf", lambda name: dequantize(tensors[name], source), set(tensors),
-                             source, dtype=dtype, fix=fix, progress=progress)
+    args = (cfg, "gguf", lambda name: dequantize(tensors[name], source), set(tensors), source)
+    params = (param_reader(*args, dtype=dtype, fix=fix) if lazy
+              else assemble_params(*args, dtype=dtype, fix=fix, progress=progress))
     return cfg, params, meta

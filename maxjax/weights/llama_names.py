@@ -57,37 +57,60 @@ def _entries(cfg: LlamaConfig, fmt: str) -> Iterable[tuple[str | None, str, int 
             yield "layers", key, layer, checkpoint_name(key, fmt, layer), LAYER_TENSORS[key][2]
 
 
-def assemble_params(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray], names: set[str],
-                    source: str, dtype=np.float32, fix: Callable[[str, np.ndarray], np.ndarray] | None = None,
-                    progress: bool = False) -> dict:
-    """Read every tensor the config needs and build the param pytree (numpy, `dtype`).
+ParamReader = Callable[[str, "int | None"], np.ndarray]
 
+
+def param_reader(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray], names: set[str], source: str,
+                 dtype=np.float32, fix: Callable[[str, np.ndarray], np.ndarray] | None = None) -> ParamReader:
+    """``read_param(key, layer)`` -> one param in maxjax layout ([in, out], `dtype`); `layer` None for globals.
+
+    Reads one tensor per call, so a sharded load holds at most one tensor on the host at a time.
     `fix(key, array)` is a per-format correction applied in HF layout before the shape check (GGUF's Q/K
-    row permutation). Raises ValueError naming the source and tensor on a missing tensor or a wrong shape.
+    row permutation). Raises ValueError naming the source and tensor on a missing tensor (checked for every
+    tensor up front) or a wrong shape.
     """
     shapes = param_shapes(cfg)
-    params: dict = {key: None for key in shapes if key != "layers"}
-    params["layers"] = {key: np.empty(shape, dtype) for key, shape in shapes["layers"].items()}
-    entries = list(_entries(cfg, fmt))
-    missing = [name for *_, name, _ in entries if name not in names]
+    missing = [name for *_, name, _ in _entries(cfg, fmt) if name not in names]
     if missing:
         shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
         raise ValueError(f"{source}: missing tensor(s) {shown} expected for a Llama model with "
                          f"{cfg.num_layers} layers")
-    for group, key, layer, name, is_matrix in tqdm(entries, desc="tensors", unit="tensor", disable=not progress):
+
+    def read_param(key: str, layer: int | None = None) -> np.ndarray:
+        name = checkpoint_name(key, fmt, layer)
+        is_matrix = (LAYER_TENSORS if layer is not None else GLOBAL_TENSORS)[key][2]
         array = read(name)
         if fix is not None:
             array = fix(key, array)
-        expected = shapes["layers"][key][1:] if group else shapes[key]
+        expected = shapes["layers"][key][1:] if layer is not None else shapes[key]
         expected_stored = expected[::-1] if is_matrix else expected
         if tuple(array.shape) != tuple(expected_stored):
             raise ValueError(f"{source}: tensor {name} has shape {tuple(array.shape)}, expected "
                              f"{tuple(expected_stored)} for config {_shape_summary(cfg)}")
-        array = (array.T if is_matrix else array).astype(dtype)
+        return np.ascontiguousarray((array.T if is_matrix else array).astype(dtype, copy=False))
+
+    return read_param
+
+
+def tree_reader(params: dict) -> ParamReader:
+    """``read(key, layer)`` over a param tree with stacked layers (host or device arrays)."""
+    return lambda key, layer=None: params[key] if layer is None else params["layers"][key][layer]
+
+
+def assemble_params(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray], names: set[str],
+                    source: str, dtype=np.float32, fix: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                    progress: bool = False) -> dict:
+    """Read every tensor the config needs and build the param pytree (numpy, `dtype`, layers stacked)."""
+    read_param = param_reader(cfg, fmt, read, names, source, dtype, fix)
+    shapes = param_shapes(cfg)
+    params: dict = {key: None for key in shapes if key != "layers"}
+    params["layers"] = {key: np.empty(shape, dtype) for key, shape in shapes["layers"].items()}
+    for group, key, layer, _, _ in tqdm(list(_entries(cfg, fmt)), desc="tensors", unit="tensor",
+                                        disable=not progress):
         if group:
-            params["layers"][key][layer] = array
+            params["layers"][key][layer] = read_param(key, layer)
         else:
-            params[key] = np.ascontiguousarray(array)
+            params[key] = read_param(key)
     return params
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import safe_open
 
 from maxjax.architectures.llama import LlamaConfig
-from maxjax.weights.llama_names import assemble_params
+from maxjax.weights.llama_names import assemble_params, param_reader
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_HINT = ("pickle checkpoints are refused because loading them can run arbitrary code; convert once with "
@@ -79,9 +80,11 @@ class SafetensorsReader:
             return np.asarray(f.get_tensor(name))
 
 
-def load_safetensors_dir(folder: str | Path, dtype=np.float32,
-                         progress: bool = False) -> tuple[LlamaConfig, dict, dict]:
-    """(config, params, hf_config) of an HF Llama/Mistral/Qwen2 folder."""
+def load_safetensors_dir(folder: str | Path, dtype=np.float32, progress: bool = False,
+                         lazy: bool = False) -> tuple[LlamaConfig, Any, dict]:
+    """(config, params, hf_config) of an HF Llama/Mistral/Qwen2 folder.
+
+    `lazy`: params is a `read(key, layer)` function that reads one tensor per call (sharded loads)."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"model folder not found: {folder}")
@@ -89,5 +92,6 @@ def load_safetensors_dir(folder: str | Path, dtype=np.float32,
     hf_config = read_hf_config(folder)
     cfg = LlamaConfig.from_hf(hf_config)
     reader = SafetensorsReader(safetensors_files(folder))
-    params = assemble_params(cfg, "hf", reader.read, reader.names(), str(folder), dtype=dtype, progress=progress)
+    args = (cfg, "hf", reader.read, reader.names(), str(folder))
+    params = param_reader(*args, dtype=dtype) if lazy else assemble_params(*args, dtype=dtype, progress=progress)
     return cfg, params, hf_config

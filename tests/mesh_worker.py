@@ -4,7 +4,7 @@ JAX fixes its device count when it starts, so the test sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` for this process only. Each check prints one JSON
 line of measured values; the assertions (and their tolerances) live in the test.
 
-    python tests/mesh_worker.py tiny | smollm2 GGUF | load TMPDIR | multihost HOST:PORT PROCESS_ID
+    python tests/mesh_worker.py tiny | smollm2 GGUF | load TMPDIR | embed MINILM_DIR | multihost HOST:PORT PROCESS_ID
 """
 
 from __future__ import annotations
@@ -234,6 +234,20 @@ def check_load(folder: str) -> dict:
     return out
 
 
+def check_embed(folder: str) -> dict:
+    """all-MiniLM-L6-v2 with each batch split over 4 devices vs one device."""
+    from maxjax.pipelines.embeddings import embed_texts, load_embeddings_pipeline
+
+    texts = ["a cat", "The quick brown fox jumps over the lazy dog.", "a dog", "maxjax on many devices", "x"]
+    single = embed_texts(*load_embeddings_pipeline(folder, max_batch_size=8), texts)
+    tokenizer, pipeline = load_embeddings_pipeline(folder, max_batch_size=8, data_parallel=4)
+    split = embed_texts(tokenizer, pipeline, texts)
+    cosine = np.sum(single * split, axis=1) / np.linalg.norm(single, axis=1) / np.linalg.norm(split, axis=1)
+    return {"min_cosine": float(cosine.min()), "max_abs": float(np.abs(single - split).max()),
+            "batch_buckets": list(pipeline.batch_buckets),
+            "devices": len(jax.tree.leaves(pipeline._params)[0].sharding.device_set)}
+
+
 def check_multihost() -> dict:
     """One of two processes (4 devices each) sharing a (2, 4) mesh: greedy tokens of the tiny model's prompts."""
     params = jax.tree.map(np.asarray, tiny_params())  # the same host values on every process
@@ -253,5 +267,6 @@ if __name__ == "__main__":
     enable_compile_cache(None)  # MAXJAX_COMPILE_CACHE: the test gives each run its own folder
     assert len(jax.devices()) >= 8, "start with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     result = {"tiny": check_tiny, "smollm2": lambda: check_smollm2(sys.argv[2]),
-              "multihost": check_multihost, "load": lambda: check_load(sys.argv[2])}[check]()
+              "multihost": check_multihost, "load": lambda: check_load(sys.argv[2]),
+              "embed": lambda: check_embed(sys.argv[2])}[check]()
     print("RESULT " + json.dumps(result))

@@ -137,6 +137,13 @@ def test_gguf_safetensors_and_store_load_onto_a_mesh_tensor_by_tensor(tmp_path_f
     assert result["whole_tree_peak_bytes"] > 0.8 * result["model_bytes"]
 
 
+@pytest.mark.slow
+def test_embeddings_split_over_data_devices_equal_one_device(tmp_path_factory, minilm_dir):
+    result = run_worker(tmp_path_factory, "embed", str(minilm_dir))
+    assert result["devices"] == 4 and result["batch_buckets"] == [4, 8]
+    assert result["min_cosine"] >= 0.99999 and result["max_abs"] <= 1e-5
+
+
 # -- in this process (one device): configs refused before anything is placed -----------------------------
 
 def test_mesh_needs_enough_devices():

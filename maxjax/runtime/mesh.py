@@ -22,16 +22,20 @@ DATA, MODEL = "data", "model"
 def make_mesh(config: RuntimeConfig, devices: list | None = None) -> Mesh | None:
     """The ("data", "model") mesh of ``config``, or None for a single device. Raises ValueError when the
     config asks for more devices than there are."""
-    if config.num_devices == 1:
+    return mesh_of(config.tensor_parallel, config.data_parallel, devices)
+
+
+def mesh_of(tensor_parallel: int, data_parallel: int, devices: list | None = None) -> Mesh | None:
+    """The ("data", "model") mesh of data_parallel x tensor_parallel devices; None for one device."""
+    count = tensor_parallel * data_parallel
+    if count == 1:
         return None
     devices = jax.devices() if devices is None else devices
-    if config.num_devices > len(devices):
-        raise ValueError(f"tensor_parallel ({config.tensor_parallel}) x data_parallel ({config.data_parallel}) = "
-                         f"{config.num_devices} devices, but only {len(devices)} are available "
-                         f"({devices[0].platform}); on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
-                         "before JAX starts gives N devices")
-    grid = np.asarray(devices[:config.num_devices]).reshape(config.data_parallel, config.tensor_parallel)
-    return Mesh(grid, (DATA, MODEL))
+    if count > len(devices):
+        raise ValueError(f"tensor_parallel ({tensor_parallel}) x data_parallel ({data_parallel}) = {count} devices, "
+                         f"but only {len(devices)} are available ({devices[0].platform}); on a CPU, "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts gives N devices")
+    return Mesh(np.asarray(devices[:count]).reshape(data_parallel, tensor_parallel), (DATA, MODEL))
 
 
 def axis_if_divides(mesh: Mesh, axis: str, size: int) -> str | None:

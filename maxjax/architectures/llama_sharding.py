@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maxjax.architectures.llama import LlamaConfig, fuse_projections, param_shapes
-from maxjax.runtime.mesh import DATA, MODEL, axis_if_divides, put
+from maxjax.runtime.mesh import DATA, MODEL, axis_if_divides, from_callback, put
 from maxjax.weights.llama_names import tree_reader
 
 # param key -> (sharded axis counted from the end, what it splits); every other param is replicated.
@@ -132,10 +132,12 @@ def place_params(params: dict | Callable[[str, int | None], Any], cfg: LlamaConf
 
     def place(key: str, layer: int | None) -> jax.Array:
         array = read(key, layer)
-        if isinstance(array, jax.Array) and tp_cfg == cfg:  # restored onto the mesh already: reshard only
-            return jax.device_put(array.astype(dtype), NamedSharding(mesh, param_spec(key, array.ndim, cfg, mesh)))
-        array = to_tensor_parallel(key, np.asarray(array, dtype), cfg, tp)
-        return put(array, NamedSharding(mesh, param_spec(key, array.ndim, tp_cfg, mesh)))
+        sharding = NamedSharding(mesh, param_spec(key, len(array.shape), tp_cfg, mesh))
+        if tp_cfg == cfg:  # nothing to rewrite
+            if isinstance(array, jax.Array):  # restored onto the mesh already: reshard only
+                return jax.device_put(array.astype(dtype), sharding)
+            return from_callback(array.shape, dtype, sharding, lambda index: array[index])  # shard by shard
+        return put(to_tensor_parallel(key, np.asarray(array, dtype), cfg, tp), sharding)
 
     keys = param_shapes(cfg)
     params = {key: place(key, None) for key in keys if key != "layers"}

@@ -7,7 +7,7 @@ axis and casts to the requested dtype.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -57,7 +57,27 @@ def _entries(cfg: LlamaConfig, fmt: str) -> Iterable[tuple[str | None, str, int 
             yield "layers", key, layer, checkpoint_name(key, fmt, layer), LAYER_TENSORS[key][2]
 
 
-ParamReader = Callable[[str, "int | None"], np.ndarray]
+class ParamSlices:
+    """A param in maxjax layout whose ``[index]`` reads only that part of the stored tensor (transposed for
+    matrices); ``np.asarray`` reads it whole."""
+
+    def __init__(self, stored: Any, is_matrix: bool, dtype: np.dtype):
+        self.stored, self.is_matrix, self.dtype = stored, is_matrix, dtype
+        self.shape = tuple(stored.shape[::-1] if is_matrix else stored.shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if index is Ellipsis:
+            part = self.stored[...]
+        else:
+            index = tuple(index) + (slice(None),) * (len(self.shape) - len(tuple(index)))
+            part = self.stored[index[::-1] if self.is_matrix else index]
+        return np.ascontiguousarray((part.T if self.is_matrix else part).astype(self.dtype, copy=False))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self[...] if dtype is None else self[...].astype(dtype)
+
+
+ParamReader = Callable[[str, "int | None"], "np.ndarray | ParamSlices"]
 
 
 def param_reader(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray], names: set[str], source: str,
@@ -76,7 +96,7 @@ def param_reader(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray], 
         raise ValueError(f"{source}: missing tensor(s) {shown} expected for a Llama model with "
                          f"{cfg.num_layers} layers")
 
-    def read_param(key: str, layer: int | None = None) -> np.ndarray:
+    def read_param(key: str, layer: int | None = None) -> np.ndarray | ParamSlices:
         name = checkpoint_name(key, fmt, layer)
         is_matrix = (LAYER_TENSORS if layer is not None else GLOBAL_TENSORS)[key][2]
         array = read(name)
@@ -87,6 +107,8 @@ def param_reader(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray], 
         if tuple(array.shape) != tuple(expected_stored):
             raise ValueError(f"{source}: tensor {name} has shape {tuple(array.shape)}, expected "
                              f"{tuple(expected_stored)} for config {_shape_summary(cfg)}")
+        if not isinstance(array, np.ndarray):  # a sliceable file tensor (safetensors): read shard by shard
+            return ParamSlices(array, is_matrix, np.dtype(dtype))
         return np.ascontiguousarray((array.T if is_matrix else array).astype(dtype, copy=False))
 
     return read_param

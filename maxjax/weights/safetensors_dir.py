@@ -72,12 +72,28 @@ class SafetensorsReader:
         return set(self.location)
 
     def read(self, name: str) -> np.ndarray:
-        file = self.location[name]
+        return self.slices(name)[...]
+
+    def slices(self, name: str) -> "StoredTensor":
+        """The tensor without reading it: ``[index]`` reads only that slice from the file."""
+        return StoredTensor(self.location[name], name)
+
+
+class StoredTensor:
+    """One safetensors tensor read slice by slice (`get_slice`): a device shard reads only its own part."""
+
+    def __init__(self, file: Path, name: str):
+        self.file, self.name = file, name
         with safe_open(str(file), framework="numpy") as f:
-            if f.get_slice(name).get_dtype() != "BF16":
-                return f.get_tensor(name)
-        with safe_open(str(file), framework="flax") as f:
-            return np.asarray(f.get_tensor(name))
+            stored = f.get_slice(name)
+            self.shape = tuple(stored.get_shape())
+            self.bf16 = stored.get_dtype() == "BF16"  # numpy cannot name it: read through flax (ml_dtypes)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        with safe_open(str(self.file), framework="flax" if self.bf16 else "numpy") as f:
+            if index is Ellipsis:
+                return np.asarray(f.get_tensor(self.name))
+            return np.asarray(f.get_slice(self.name)[index])
 
 
 def load_safetensors_dir(folder: str | Path, dtype=np.float32, progress: bool = False,
@@ -92,6 +108,6 @@ def load_safetensors_dir(folder: str | Path, dtype=np.float32, progress: bool = 
     hf_config = read_hf_config(folder)
     cfg = LlamaConfig.from_hf(hf_config)
     reader = SafetensorsReader(safetensors_files(folder))
-    args = (cfg, "hf", reader.read, reader.names(), str(folder))
+    args = (cfg, "hf", reader.slices if lazy else reader.read, reader.names(), str(folder))
     params = param_reader(*args, dtype=dtype) if lazy else assemble_params(*args, dtype=dtype, progress=progress)
     return cfg, params, hf_config

@@ -144,6 +144,14 @@ def test_embeddings_split_over_data_devices_equal_one_device(tmp_path_factory, m
     assert result["min_cosine"] >= 0.99999 and result["max_abs"] <= 1e-5
 
 
+@pytest.mark.slow
+def test_speech_model_on_a_mesh_gives_the_same_audio(tmp_path_factory):
+    """The random Orpheus model's speech stage on a (2, 2) mesh, through next_chunk, vs one device."""
+    result = run_worker(tmp_path_factory, "audio")
+    assert result["same_lengths"] and min(result["samples"]) > 0
+    assert result["max_abs"] <= 1e-5
+
+
 # -- in this process (one device): configs refused before anything is placed -----------------------------
 
 def test_mesh_needs_enough_devices():

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         _child_main(args._start_child)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
-        args.batch_sizes, args.prompt_len, args.new_tokens, args.ttft_len = "1", 8, 6, 24
+        args.batch_sizes, args.prompt_len, args.new_tokens, args.ttft_len = str(args.data_parallel), 8, 6, 24
         args.num_steps, args.scan_decode = 4, True  # scanned decode compiles in seconds
 
     from maxjax.runtime.compile_cache import compile_count

@@ -163,23 +163,12 @@ LOAD = llama.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768
 def write_sources(folder: Path, params: dict) -> dict[str, Path]:
     """The same float32 params as an HF safetensors folder, a GGUF file and a model store."""
     import gguf
-    from safetensors.numpy import save_file
 
-    from maxjax.weights.llama_names import GLOBAL_TENSORS, LAYER_TENSORS
+    from maxjax.weights.llama_names import checkpoint_tensors
+    from maxjax.weights.safetensors_dir import save_safetensors_dir
     from maxjax.weights.store import save_store
 
-    def tensors(column: int) -> dict[str, np.ndarray]:
-        out = {GLOBAL_TENSORS[k][column]: np.ascontiguousarray(v.T if GLOBAL_TENSORS[k][2] else v)
-               for k, v in params.items() if k != "layers"}
-        for key, stacked in params["layers"].items():
-            name, is_matrix = LAYER_TENSORS[key][column], LAYER_TENSORS[key][2]
-            out.update({name.format(i=i): np.ascontiguousarray(a.T if is_matrix else a) for i, a in enumerate(stacked)})
-        return out
-
-    hf = folder / "hf"
-    hf.mkdir()
-    save_file(tensors(0), str(hf / "model.safetensors"))
-    (hf / "config.json").write_text(json.dumps(LOAD.to_hf()))
+    hf = save_safetensors_dir(folder / "hf", LOAD, params)
     # qwen2: a GGUF architecture without llama.cpp's Q/K row permutation, so the rows are written as they are
     writer = gguf.GGUFWriter(str(folder / "m.gguf"), "qwen2")
     for key, value in {"block_count": LOAD.num_layers, "context_length": 256, "embedding_length": LOAD.hidden_size,
@@ -188,7 +177,7 @@ def write_sources(folder: Path, params: dict) -> dict[str, Path]:
         writer.add_uint32(f"qwen2.{key}", value)
     writer.add_float32("qwen2.rope.freq_base", LOAD.rope_theta)
     writer.add_float32("qwen2.attention.layer_norm_rms_epsilon", LOAD.rms_norm_eps)
-    for name, array in tensors(1).items():
+    for name, array in checkpoint_tensors(params, "gguf").items():
         writer.add_tensor(name, np.ascontiguousarray(array, np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -164,6 +164,14 @@ def test_mesh_needs_enough_devices():
                layout=llama_sharding)
 
 
+def test_cli_refuses_a_mesh_larger_than_the_machine():
+    proc = subprocess.run([sys.executable, "-m", "maxjax.cli", "generate", "hi", "--tensor-parallel", "64",
+                           "--data-parallel", "2"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+    assert proc.returncode == 2
+    assert "tensor_parallel (64) x data_parallel (2) = 128 devices, but only 1" in proc.stderr
+
+
 @pytest.mark.parametrize("fields, match", [
     (dict(tensor_parallel=0), "tensor_parallel must be a positive integer"),
     (dict(data_parallel=-2), "data_parallel must be a positive integer"),

@@ -139,3 +139,14 @@ def assemble_params(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray
 def _shape_summary(cfg: LlamaConfig) -> str:
     return (f"(vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, heads "
             f"{cfg.num_heads}/{cfg.num_kv_heads} x {cfg.head_dim})")
+
+
+def checkpoint_tensors(params: dict, fmt: str) -> dict[str, np.ndarray]:
+    """The inverse of `assemble_params`: params (layers stacked) under their `fmt` names, matrices [out, in]."""
+    column = FORMAT_COLUMN[fmt]
+    out = {GLOBAL_TENSORS[k][column]: np.ascontiguousarray(v.T if GLOBAL_TENSORS[k][2] else v)
+           for k, v in params.items() if k != "layers"}
+    for key, stacked in params["layers"].items():
+        name, is_matrix = LAYER_TENSORS[key][column], LAYER_TENSORS[key][2]
+        out.update({name.format(i=i): np.ascontiguousarray(a.T if is_matrix else a) for i, a in enumerate(stacked)})
+    return out

@@ -14,7 +14,7 @@ import numpy as np
 from safetensors import safe_open
 
 from maxjax.architectures.llama import LlamaConfig
-from maxjax.weights.llama_names import assemble_params, param_reader
+from maxjax.weights.llama_names import assemble_params, checkpoint_tensors, param_reader
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_HINT = ("pickle checkpoints are refused because loading them can run arbitrary code; convert once with "
@@ -111,3 +111,14 @@ def load_safetensors_dir(folder: str | Path, dtype=np.float32, progress: bool = 
     args = (cfg, "hf", reader.slices if lazy else reader.read, reader.names(), str(folder))
     params = param_reader(*args, dtype=dtype) if lazy else assemble_params(*args, dtype=dtype, progress=progress)
     return cfg, params, hf_config
+
+
+def save_safetensors_dir(folder: str | Path, cfg: LlamaConfig, params: dict) -> Path:
+    """An HF folder (config.json + model.safetensors) of numpy params: what `load_safetensors_dir` reads."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(checkpoint_tensors(params, "hf"), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    return folder

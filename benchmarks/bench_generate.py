@@ -4,6 +4,7 @@
     python benchmarks/bench_generate.py --quick              # tiny sizes (used by the test suite)
     python benchmarks/bench_generate.py --quantize int8 --batch-sizes 1,8 --json out.json
     python benchmarks/bench_generate.py --random-shape llama-8b   # random weights of a real shape, no download
+    python benchmarks/bench_generate.py --tensor-parallel 4 --data-parallel 2 --batch-sizes 2,8 --no-hf
     maxjax bench ...                                         # the same script
 
 ``--random-shape {smollm2,llama-1b,llama-8b}`` writes a random-weight HF folder of that architecture once into
@@ -27,7 +28,12 @@ Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a `
 * cold vs warm start: a fresh process loading the model, compiling every program of the default runtime
   config (``warmup=True``) and producing its first output, with an empty vs a filled compile cache;
 * lazy start: the same without ``warmup()``, as the CLI runs (programs compile on first use): a fresh process
-  to its first token, with an empty vs a filled compile cache.
+  to its first token, with an empty vs a filled compile cache;
+* load time against reading the raw file once (page cache warm after the first read).
+
+``--tensor-parallel N --data-parallel M`` runs maxjax on an (M, N) device mesh (batch sizes must be multiples
+of M). On a CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` splits one CPU into 8 devices that
+share its cores and memory: such a run checks that the mesh works, its speed means little.
 """
 
 from __future__ import annotations
@@ -52,6 +58,18 @@ from machine import load_average, read_bandwidth  # noqa: E402
 from random_models import SHAPES, ensure_random_model  # noqa: E402
 
 DEFAULT_CACHE = os.environ.get("MAXJAX_BENCH_CACHE", str(Path.home() / ".cache" / "maxjax" / "random-models"))
+
+
+def raw_read_seconds(path: Path) -> float:
+    """Seconds to read the model's bytes once (a file, or every file of a folder; 64 MiB reads): the floor for
+    any load of it."""
+    t0 = time.perf_counter()
+    for file in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
+        if file.is_file():
+            with open(file, "rb") as f:
+                while f.read(64 << 20):
+                    pass
+    return time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------ maxjax
@@ -221,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: float32, or the random shape's own dtype on an accelerator")
     parser.add_argument("--quantize", default=None, choices=("int8", "gguf"))
     parser.add_argument("--scan-decode", action="store_true", help="scanned instead of unrolled decode layers")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="devices on the mesh's model axis")
+    parser.add_argument("--data-parallel", type=int, default=1, help="devices on the mesh's data axis")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--no-start", action="store_true", help="skip the cold/warm start subprocesses")
@@ -233,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         _child_main(args._start_child)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
-        args.batch_sizes, args.prompt_len, args.new_tokens, args.ttft_len = "1", 8, 6, 24
+        args.batch_sizes, args.prompt_len, args.new_tokens, args.ttft_len = str(args.data_parallel), 8, 6, 24
         args.num_steps, args.scan_decode = 4, True  # scanned decode compiles in seconds
 
     import jax
@@ -261,13 +281,15 @@ def main(argv: list[str] | None = None) -> dict:
     buckets = tuple(sorted({P, span, args.ttft_len, ttft_span}))
     fields = dict(max_batch_size=max(batches), batch_buckets=tuple(sorted(batches)), max_seq_len=buckets[-1],
                   length_buckets=buckets, max_prefill_len=args.ttft_len, max_num_steps=args.num_steps,
-                  dtype=args.dtype, quantize=args.quantize, scan_decode_layers=args.scan_decode, max_logprobs=1)
+                  dtype=args.dtype, quantize=args.quantize, scan_decode_layers=args.scan_decode, max_logprobs=1,
+                  tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel)
     results: dict = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                  "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                                  "load_average_start": load_average()},
                      "model": str(gguf), "config": {k: v for k, v in fields.items()}}
 
+    results["raw_read_s"] = raw_read_seconds(gguf)
     t0 = time.perf_counter()
     mx = MaxjaxRunner(gguf, fields)
     results["maxjax_load_s"] = time.perf_counter() - t0
@@ -326,10 +348,12 @@ def main(argv: list[str] | None = None) -> dict:
                             "batch1_roofline_tok_s": roofline,
                             "maxjax_fraction": b1["maxjax_decode_tok_s"] / roofline if b1 else None}
     if not args.no_start:
-        start_fields = {"dtype": args.dtype, "quantize": args.quantize}
+        start_fields = {"dtype": args.dtype, "quantize": args.quantize, "tensor_parallel": args.tensor_parallel,
+                        "data_parallel": args.data_parallel,
+                        "max_batch_size": args.data_parallel * max(1, 8 // args.data_parallel)}
         if args.quick:
-            start_fields.update(max_batch_size=1, max_seq_len=32, length_buckets=(32,), max_num_steps=4,
-                                scan_decode_layers=True)
+            start_fields.update(max_batch_size=args.data_parallel, max_seq_len=32, length_buckets=(32,),
+                                max_num_steps=4, scan_decode_layers=True)
         with tempfile.TemporaryDirectory() as cache_dir:
             cold = start_child(gguf, start_fields, cache_dir, P if not args.quick else 8)
             warm = start_child(gguf, start_fields, cache_dir, P if not args.quick else 8)
@@ -358,8 +382,9 @@ def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int) -> dict:
 
 
 def format_table(r: dict) -> str:
+    mesh = f", mesh tp {r['config']['tensor_parallel']} x dp {r['config']['data_parallel']}"
     lines = [f"maxjax vs HF transformers on {r['machine']['device']} - {Path(r['model']).name}, {r['config']['dtype']}"
-             f"{', ' + r['config']['quantize'] if r['config']['quantize'] else ''} ({r['command']})",
+             f"{', ' + r['config']['quantize'] if r['config']['quantize'] else ''}{mesh} ({r['command']})",
              f"{'batch':>5} | {'maxjax tok/s':>12} | {'HF tok/s':>9} | {'ratio':>6} | {'maxjax e2e':>10} | {'HF e2e':>7}"]
     for row in r["decode"]:
         lines.append(f"{row['batch']:>5} | {row['maxjax_decode_tok_s']:>12.1f} | {row.get('hf_decode_tok_s', float('nan')):>9.1f}"
@@ -376,7 +401,8 @@ def format_table(r: dict) -> str:
     lines.append(f"host overhead per decode step (batch 1): {h['host_ms_per_step']:.2f} ms of "
                  f"{h['wall_ms_per_step']:.2f} ms ({h['host_fraction'] * 100:.1f}%)")
     lines.append(f"compiles during the timed part: {r['compiles_during_timed_part']}; programs {r['programs']}, "
-                 f"compiled in {r['maxjax_compile_s']:.1f} s; load: maxjax {r['maxjax_load_s']:.1f} s"
+                 f"compiled in {r['maxjax_compile_s']:.1f} s; load: raw file read {r['raw_read_s']:.2f} s, "
+                 f"maxjax {r['maxjax_load_s']:.1f} s"
                  + (f", HF {r['hf_load_s']:.1f} s" if r.get("hf_load_s") is not None else ""))
     ops = r["decode_step_ops"]
     lines.append(f"device operations per decode step (batch {ops['batch']}, compiled HLO): greedy {ops['greedy']} "

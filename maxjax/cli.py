@@ -42,6 +42,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="float32 dot precision (default: highest for float32; 'default' allows TF32 on GPU)")
     parser.add_argument("--quantize", default=None, choices=["int8", "gguf"],
                         help="int8: weight-only int8; gguf: keep a GGUF file's quantized blocks on the device")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="devices splitting heads, MLP, vocabulary")
+    parser.add_argument("--data-parallel", type=int, default=1, help="devices splitting the batch / KV slots")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                         help="load the PEFT LoRA adapter folder PATH as NAME (repeatable)")
     parser.add_argument("--lora-name", default=None, help="generate with this adapter (default: the first --lora)")
@@ -74,9 +76,11 @@ def _load_llm(args, max_batch_size: int = 1):
     from maxjax.pipelines.llm import LLM
 
     start = time.perf_counter()
-    llm = LLM(args.model, chat=not getattr(args, "raw", False), max_batch_size=max_batch_size,
+    llm = LLM(args.model, chat=not getattr(args, "raw", False),
+              max_batch_size=max(max_batch_size, args.data_parallel),  # every "data" shard holds a slot
               max_seq_len=args.max_seq_len, dtype=args.dtype, matmul_precision=args.matmul_precision,
-              quantize=args.quantize, lora_adapters=_lora_adapters(args))
+              quantize=args.quantize, lora_adapters=_lora_adapters(args), tensor_parallel=args.tensor_parallel,
+              data_parallel=args.data_parallel)
     print(f"[maxjax] loaded {llm.pipeline.model_name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return llm
 

@@ -210,7 +210,7 @@ def load_audio_pipeline(model: str | Path | None = None, task: PipelineTask | st
     """
     import jax
 
-    from maxjax.architectures import llama
+    from maxjax.architectures import llama, llama_sharding
     from maxjax.pipelines.registry import read_lora_adapters, serve_lora_adapters, size_for_lora
     from maxjax.pipelines.text import TextGenerationPipeline
     from maxjax.runtime.compile_cache import enable_compile_cache
@@ -246,7 +246,9 @@ def load_audio_pipeline(model: str | Path | None = None, task: PipelineTask | st
     text_tokenizer.max_length = min(text_tokenizer.max_length, config.max_seq_len)
     tokenizer = AudioTokenizer(text_tokenizer, voice=voice, voices=voices,
                                **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}))
-    speech = TextGenerationPipeline(Engine(llama, cfg, jax.device_put(params), config), tokenizer, name)
+    # On a mesh (tensor_parallel / data_parallel) the engine places the host params shard by shard.
+    placed = jax.device_put(params) if config.num_devices == 1 else params
+    speech = TextGenerationPipeline(Engine(llama, cfg, placed, config, layout=llama_sharding), tokenizer, name)
     serve_lora_adapters(speech, tokenizer, adapters)
     if task is PipelineTask.SPEECH_TOKEN_GENERATION:
         if warmup:

@@ -17,12 +17,14 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maxjax.architectures.bert import BertConfig, Params, encode as bert_encode
 from maxjax.interfaces import EmbeddingsOutput
 from maxjax.pipelines.embeddings_tokenizer import EmbeddingsTokenizer, truncate_tokens
 from maxjax.runtime.compile_cache import enable_compile_cache
 from maxjax.runtime.config import bucket_for, powers_of_two
+from maxjax.runtime.mesh import DATA, mesh_of, put
 from maxjax.runtime.precision import resolve_matmul_precision, with_matmul_precision
 from maxjax.weights.bert import load_bert
 
@@ -44,9 +46,10 @@ class EmbeddingsConfig:
     min_length_bucket: int = 16
     compile_cache_dir: str | None = None  # persistent XLA cache (default: MAXJAX_COMPILE_CACHE or compile_cache/)
     matmul_precision: str = "highest"  # float32 dots on every backend (maxjax.runtime.precision)
+    data_parallel: int = 1  # devices splitting each batch (params replicated on each)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "min_length_bucket"):
+        for name in ("max_batch_size", "min_length_bucket", "data_parallel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -54,6 +57,8 @@ class EmbeddingsConfig:
                                             or self.max_length < 2):
             raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
         resolve_matmul_precision(self.matmul_precision, "float32")  # validates
+        if self.max_batch_size % self.data_parallel:
+            raise ValueError(f"data_parallel ({self.data_parallel}) must divide max_batch_size ({self.max_batch_size})")
 
 
 def plan_batches(sorted_lengths: list[int], batch_buckets: tuple[int, ...], length_buckets: tuple[int, ...],
@@ -94,10 +99,19 @@ class EmbeddingsPipeline:
         self.config = config
         self.max_length = max_length
         self.length_buckets = powers_of_two(min(config.min_length_bucket, max_length), max_length)
-        self.batch_buckets = powers_of_two(1, config.max_batch_size)
-        self._params = jax.device_put(params)
+        self.batch_buckets = powers_of_two(config.data_parallel, config.max_batch_size)  # multiples of it
+        self.mesh = mesh_of(1, config.data_parallel)
+        placement = {}
+        if self.mesh is None:
+            self._params = jax.device_put(params)
+        else:  # data parallel: params on every device, rows split over "data", embeddings replicated
+            replicated, rows = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(DATA))
+            self._params = jax.device_put(params, replicated)
+            self._row_sharding = rows
+            placement = dict(in_shardings=(replicated, rows, rows), out_shardings=replicated)
         self._jitted = jax.jit(with_matmul_precision(
-            lambda p, token_ids, lengths: bert_encode(p, model_config, token_ids, lengths), config.matmul_precision))
+            lambda p, token_ids, lengths: bert_encode(p, model_config, token_ids, lengths), config.matmul_precision),
+            **placement)
         self._programs: dict[tuple[int, int], Callable[..., jax.Array]] = {}
 
     @property
@@ -150,6 +164,8 @@ class EmbeddingsPipeline:
         for i, row in enumerate(rows):
             ids_np[i, : len(row)] = row
             lengths_np[i] = len(row)
+        if self.mesh is not None:
+            ids_np, lengths_np = put(ids_np, self._row_sharding), put(lengths_np, self._row_sharding)
         result = self._program(batch, length)(self._params, ids_np, lengths_np)  # [B, D]
         return np.asarray(result)[: len(rows)]
 

@@ -56,20 +56,27 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     """
     import dataclasses
 
-    from maxjax.architectures import llama
+    from maxjax.architectures import llama, llama_sharding
     from maxjax.models import load_model
     from maxjax.pipelines.text import TextGenerationPipeline
     from maxjax.runtime.compile_cache import enable_compile_cache
     from maxjax.runtime.config import RuntimeConfig
     from maxjax.runtime.engine import Engine
+    from maxjax.runtime.mesh import make_mesh
+    from maxjax.weights import load_weights
 
     unknown = sorted(set(runtime) - {f.name for f in dataclasses.fields(RuntimeConfig)})
     if unknown:
         raise ValueError(f"unknown runtime config field(s) {unknown}; see maxjax.runtime.config.RuntimeConfig")
     config = RuntimeConfig(**runtime)
     enable_compile_cache(config.compile_cache_dir)
-    loaded = load_model(model, dtype=config.dtype, quantize=config.quantize,
-                        matmul_precision=config.matmul_precision, progress=progress)
+    mesh = make_mesh(config)
+    if mesh is None:
+        loaded = load_model(model, dtype=config.dtype, quantize=config.quantize,
+                            matmul_precision=config.matmul_precision, progress=progress)
+    else:  # tensor by tensor: the engine places each device's slice straight onto it
+        loaded = load_weights(model, config.dtype, lazy=True, progress=progress,
+                              store_shardings=lambda cfg: llama_sharding.restore_shardings(cfg, mesh))
     if config.max_seq_len > loaded.config.max_position_embeddings:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context length "
                          f"{loaded.config.max_position_embeddings}")
@@ -77,7 +84,8 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     config = size_for_lora(config, adapters, runtime)
     tokenizer = loaded.tokenizer
     tokenizer.max_length = min(tokenizer.max_length, config.max_seq_len)
-    pipeline = TextGenerationPipeline(Engine(llama, loaded.config, loaded.params, config), tokenizer, loaded.name)
+    pipeline = TextGenerationPipeline(Engine(llama, loaded.config, loaded.params, config,
+                                               layout=llama_sharding), tokenizer, loaded.name)
     serve_lora_adapters(pipeline, tokenizer, adapters)
     if warmup:
         pipeline.warmup()

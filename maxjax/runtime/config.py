@@ -58,9 +58,12 @@ class RuntimeConfig:
     compile_cache_dir: str | None = None
     max_loras: int = 0  # LoRA adapters resident at once (0: LoRA off, the programs carry no adapter math)
     max_lora_rank: int = 16  # adapters of higher rank are refused; lower ranks are zero-padded to this
+    tensor_parallel: int = 1  # devices on the mesh's "model" axis (heads, MLP width, vocabulary)
+    data_parallel: int = 1  # devices on the mesh's "data" axis (KV cache slots, batch rows)
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_seq_len", "max_num_steps", "max_stop_ids", "max_lora_rank"):
+        for name in ("max_batch_size", "max_seq_len", "max_num_steps", "max_stop_ids", "max_lora_rank",
+                     "tensor_parallel", "data_parallel"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.max_loras, int) or self.max_loras < 0:
@@ -74,16 +77,27 @@ class RuntimeConfig:
         if self.length_buckets is None:
             object.__setattr__(self, "length_buckets", _default_length_buckets(self.max_seq_len))
         if self.batch_buckets is None:
-            object.__setattr__(self, "batch_buckets", powers_of_two(1, self.max_batch_size))
+            # Decode rows are split over "data": every batch bucket is a multiple of data_parallel.
+            object.__setattr__(self, "batch_buckets", powers_of_two(min(self.data_parallel, self.max_batch_size),
+                                                                    self.max_batch_size))
         _check_buckets("length_buckets", self.length_buckets, self.max_seq_len)
         _check_buckets("batch_buckets", self.batch_buckets, self.max_batch_size)
         _check_buckets("prefill_batch_buckets", self.prefill_batch_buckets, self.max_batch_size, exact_top=False)
+        _check_data_parallel(self)
+        if self.max_loras and self.num_devices > 1:
+            raise ValueError("max_loras: LoRA adapters are not served on a mesh yet (tensor_parallel x "
+                             "data_parallel must be 1)")
         if self.max_prefill_len is None:
             fitting = [b for b in self.length_buckets if b <= 512]
             object.__setattr__(self, "max_prefill_len", fitting[-1] if fitting else self.length_buckets[0])
         if self.max_prefill_len not in self.length_buckets:
             raise ValueError(f"max_prefill_len ({self.max_prefill_len}) must be one of length_buckets "
                              f"{self.length_buckets}")
+
+    @property
+    def num_devices(self) -> int:
+        """Devices on the mesh (tensor_parallel x data_parallel); 1 means no mesh at all."""
+        return self.tensor_parallel * self.data_parallel
 
     @property
     def prefill_lengths(self) -> tuple[int, ...]:
@@ -106,6 +120,16 @@ def _default_length_buckets(max_seq_len: int) -> tuple[int, ...]:
         out.append(n)
         n *= 4
     return tuple(out) + (max_seq_len,)
+
+
+def _check_data_parallel(config: RuntimeConfig) -> None:
+    """KV cache slots and decode rows are split evenly over the "data" axis."""
+    dp = config.data_parallel
+    if config.max_batch_size % dp:
+        raise ValueError(f"data_parallel ({dp}) must divide max_batch_size ({config.max_batch_size})")
+    uneven = [b for b in config.batch_buckets if b % dp]
+    if uneven:
+        raise ValueError(f"data_parallel ({dp}) must divide every batch_buckets entry, got {config.batch_buckets}")
 
 
 def _check_buckets(name: str, buckets: tuple[int, ...], top: int, exact_top: bool = True) -> None:

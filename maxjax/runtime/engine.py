@@ -21,7 +21,9 @@ import numpy as np
 from maxjax.runtime.compile_cache import cache_hit_count
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.lora import LoraSlots
+from maxjax.runtime.mesh import make_mesh
 from maxjax.runtime.precision import with_matmul_precision
+from maxjax.runtime.sharded import place_state, program_shardings, put_rows
 from maxjax.runtime.sampler import SamplingBatch
 from maxjax.runtime.steps import DecodeRows, PrefillRows, decode_step, prefill_step
 
@@ -76,16 +78,29 @@ def empty_decode_rows(num_rows: int) -> dict[str, np.ndarray]:
 
 
 class Engine:
-    """Owns the device state of one model and runs its prefill/decode programs."""
+    """Owns the device state of one model and runs its prefill/decode programs.
 
-    def __init__(self, arch: Any, model_config: Any, params: Any, config: RuntimeConfig):
+    With ``config.num_devices > 1`` the state lives on a ("data", "model") mesh: ``layout`` is the
+    architecture's sharding module (e.g. ``maxjax.architectures.llama_sharding``), which rewrites the params
+    for tensor parallelism and names every array's PartitionSpec; see ``maxjax.runtime.sharded``.
+    """
+
+    def __init__(self, arch: Any, model_config: Any, params: Any, config: RuntimeConfig, layout: Any = None):
         self.arch = arch
-        self.model_config = model_config
         self.config = config
         self.vocab_size = model_config.vocab_size
-        # The serving layout (e.g. fused projections, unstacked layers: see llama.runtime_params).
-        self.params = arch.runtime_params(params) if hasattr(arch, "runtime_params") else params
+        self.mesh = make_mesh(config)
         dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+        if self.mesh is None:
+            self.model_config = model_config
+            # The serving layout (e.g. fused projections, unstacked layers: see llama.runtime_params).
+            self.params = arch.runtime_params(params) if hasattr(arch, "runtime_params") else params
+            self.cache = arch.init_kv_cache(model_config, config.max_batch_size, config.max_seq_len, dtype)
+            self.counts = jnp.zeros((config.max_batch_size, self.vocab_size), jnp.int32)  # generated-token counts
+            self.state_shardings = None
+        else:
+            self.model_config, self.params, self.cache, self.counts, self.state_shardings = place_state(
+                arch, layout, model_config, params, config, self.mesh, dtype)
         self.lora: LoraSlots | None = None  # resident LoRA adapters (max_loras > 0), in every layer's "lora"
         if config.max_loras:
             if not isinstance(self.params.get("layers"), list):
@@ -93,15 +108,13 @@ class Engine:
             self.lora = LoraSlots(model_config, set(self.params["layers"][0]), config.max_loras,
                                   config.max_lora_rank, dtype)
             self.params = self.lora.attach(self.params)
-        self.cache = arch.init_kv_cache(model_config, config.max_batch_size, config.max_seq_len, dtype)
-        self.counts = jnp.zeros((config.max_batch_size, self.vocab_size), jnp.int32)  # generated-token counts per slot
         k = config.max_logprobs or 1
         precise = functools.partial(with_matmul_precision, precision=config.matmul_precision)
-        self._prefill = jax.jit(precise(functools.partial(prefill_step, arch, model_config, k)),
-                                static_argnames=("kv_len",), donate_argnums=(1, 2))
-        self._decode = jax.jit(precise(functools.partial(decode_step, arch, model_config, k, config.max_num_steps,
-                                                         scan_layers=config.scan_decode_layers)),
-                               static_argnames=("kv_len",), donate_argnums=(1, 2))
+        self._step_fns = {
+            "prefill": precise(functools.partial(prefill_step, arch, self.model_config, k)),
+            "decode": precise(functools.partial(decode_step, arch, self.model_config, k, config.max_num_steps,
+                                                scan_layers=config.scan_decode_layers)),
+        }
         self._programs: dict[tuple, Any] = {}
 
     # -- program table -------------------------------------------------------------------------------
@@ -119,8 +132,20 @@ class Engine:
 
     def _lower(self, kind: str, shape: tuple[int, ...]):
         rows, sampling = self._example(kind, shape)
-        fn = self._prefill if kind == "prefill" else self._decode
-        return fn.lower(self.params, self.cache, self.counts, rows, sampling, kv_len=shape[-1])
+        # On a mesh: explicit in/out shardings, so each bucket's program is partitioned once, ahead of time.
+        placement = {}
+        if self.mesh is not None:
+            placement = program_shardings(self.mesh, self.state_shardings, kind, rows, sampling)
+            # abstract rows: a multi-process program may not be lowered with host (numpy) arguments
+            rows, sampling = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (rows, sampling))
+        fn = jax.jit(functools.partial(self._step_fns[kind], kv_len=shape[-1]), donate_argnums=(1, 2), **placement)
+        return fn.lower(self.params, self.cache, self.counts, rows, sampling)
+
+    def _rows(self, rows: Any, sampling: Any):
+        """Host row arrays as the program's inputs: as they are on one device, split over "data" on a mesh."""
+        if self.mesh is None:
+            return rows, sampling
+        return put_rows(self.mesh, rows), put_rows(self.mesh, sampling)
 
     def _program(self, kind: str, shape: tuple[int, ...]):
         key = (kind, shape)
@@ -185,12 +210,12 @@ class Engine:
         shape = (rows["tokens"].shape[0], rows["tokens"].shape[1], kv_len)
         program = self._program("prefill", shape)
         self.cache, self.counts, first, first_lp, echo_lp = program(
-            self.params, self.cache, self.counts, PrefillRows(**rows), SamplingBatch(**sampling))
+            self.params, self.cache, self.counts, *self._rows(PrefillRows(**rows), SamplingBatch(**sampling)))
         return first, first_lp, echo_lp
 
     def decode(self, rows: dict[str, np.ndarray], sampling: dict[str, np.ndarray], kv_len: int):
         """Runs one decode program; returns device arrays (tokens [N, B], LogProbs [N, B])."""
         program = self._program("decode", (rows["tokens"].shape[0], kv_len))
         self.cache, self.counts, tokens, lp = program(
-            self.params, self.cache, self.counts, DecodeRows(**rows), SamplingBatch(**sampling))
+            self.params, self.cache, self.counts, *self._rows(DecodeRows(**rows), SamplingBatch(**sampling)))
         return tokens, lp

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
 
 from maxjax.architectures.llama import LlamaConfig
 from maxjax.weights.gguf_file import load_gguf, open_gguf
+from maxjax.weights.llama_names import tree_reader
 from maxjax.weights.safetensors_dir import load_safetensors_dir
 from maxjax.weights.sources import ModelSource, default_gguf, resolve_source
 from maxjax.weights.store import load_store_params, models_dir, read_store_config, save_store
@@ -26,7 +27,7 @@ __all__ = ["Weights", "ModelSource", "load_weights", "convert_to_store", "resolv
 class Weights:
     architecture: str
     config: LlamaConfig
-    params: dict  # numpy arrays, layers stacked (see maxjax.architectures.llama)
+    params: Any  # numpy arrays, layers stacked (see maxjax.architectures.llama); read(key, layer) when lazy
     tokenizer: Any  # maxjax.tokenizers.HFTokenizer, or None when not requested
     name: str
     source: ModelSource
@@ -40,10 +41,14 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
 
 
 def load_weights(source: str | Path | ModelSource | None = None, dtype: Any = "float32",
-                 with_tokenizer: bool = True, progress: bool = False, keep_quantized: bool = False) -> Weights:
+                 with_tokenizer: bool = True, progress: bool = False, keep_quantized: bool = False,
+                 lazy: bool = False, store_shardings: Callable[[LlamaConfig], Any] | None = None) -> Weights:
     """Config, params (numpy, `dtype`) and tokenizer of any supported source (see `resolve_source`).
 
     `keep_quantized`: a GGUF file's quantized matrices stay in their blocks (`maxjax.weights.gguf_blocks`).
+    `lazy`: params is a `read(key, layer)` function (`llama_names.param_reader`) that loads one tensor per
+    call, for loads that place each tensor onto its devices before reading the next. A store is then restored
+    onto the shardings `store_shardings(config)` gives (None: to the host).
     """
     resolved = source if isinstance(source, ModelSource) else resolve_source(source)
     np_dtype = _numpy_dtype(dtype)
@@ -54,20 +59,23 @@ def load_weights(source: str | Path | ModelSource | None = None, dtype: Any = "f
     if resolved.kind == "gguf":
         reader = open_gguf(resolved.path)  # opened once for weights and tokenizer
         cfg, params, _ = load_gguf(resolved.path, np_dtype, progress=progress, reader=reader,
-                                   keep_quantized=keep_quantized)
+                                   keep_quantized=keep_quantized, lazy=lazy)
         if with_tokenizer:
             from maxjax.tokenizers import HFTokenizer
 
             tokenizer = HFTokenizer.from_gguf(reader)
     elif resolved.kind == "hf":
-        cfg, params, _ = load_safetensors_dir(resolved.path, np_dtype, progress=progress)
+        cfg, params, _ = load_safetensors_dir(resolved.path, np_dtype, progress=progress, lazy=lazy)
         if with_tokenizer:
             from maxjax.tokenizers import HFTokenizer
 
             tokenizer = HFTokenizer.from_dir(resolved.path)
     elif resolved.kind == "store":
         _, cfg, _ = read_store_config(resolved.path)
-        params = load_store_params(resolved.path, np_dtype)
+        shardings = store_shardings(cfg) if lazy and store_shardings is not None else None
+        params = load_store_params(resolved.path, np_dtype, shardings)
+        if lazy:
+            params = tree_reader(params)
         if with_tokenizer and (resolved.path / "tokenizer").is_dir():
             from maxjax.tokenizers import HFTokenizer
 

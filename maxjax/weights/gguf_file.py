@@ -17,7 +17,7 @@ from maxjax.architectures.families import GEMMA_FAMILIES
 from maxjax.architectures.llama import LlamaConfig
 from maxjax.architectures.registry import GGUF_ARCHITECTURES, gguf_model_type
 from maxjax.weights.gguf_blocks import KEPT_TYPES, read_blocks
-from maxjax.weights.llama_names import LAYER_TENSORS, assemble_params
+from maxjax.weights.llama_names import LAYER_TENSORS, assemble_params, param_reader
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
@@ -167,10 +167,12 @@ def kept_quantized_names(cfg: LlamaConfig, tensors: dict[str, Any]) -> set[str]:
 
 
 def load_gguf(path: str | Path, dtype=np.float32, progress: bool = False,
-              reader: gguf.GGUFReader | None = None, keep_quantized: bool = False) -> tuple[LlamaConfig, dict, dict]:
+              reader: gguf.GGUFReader | None = None, keep_quantized: bool = False,
+              lazy: bool = False) -> tuple[LlamaConfig, Any, dict]:
     """(config, params, metadata) of a Llama-family GGUF file (`reader`: the file already opened).
 
     `keep_quantized`: Q8_0/Q4_0/Q4_1/Q4_K matrices stay in their blocks (see `maxjax.weights.gguf_blocks`).
+    `lazy`: params is a `read(key, layer)` function that dequantizes one tensor per call (sharded loads).
     """
     source = str(path)
     reader = reader or open_gguf(path)
@@ -198,5 +200,7 @@ def load_gguf(path: str | Path, dtype=np.float32, progress: bool = False,
     def read(name: str) -> np.ndarray | dict:
         return read_blocks(tensors[name]) if name in kept else dequantize(tensors[name], source)
 
-    params = assemble_params(cfg, "gguf", read, set(tensors), source, dtype=dtype, fix=fix, progress=progress)
+    args = (cfg, "gguf", read, set(tensors), source)
+    params = (param_reader(*args, dtype=dtype, fix=fix) if lazy
+              else assemble_params(*args, dtype=dtype, fix=fix, progress=progress))
     return cfg, params, meta

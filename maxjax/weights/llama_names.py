@@ -9,7 +9,7 @@ Checkpoints with fused Q/K/V or gate/up tensors (Phi-3) are split first (`unfuse
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -127,46 +127,93 @@ def _expand(name: str, count: int) -> list[str]:
     return [name.format(j=j) for j in range(count)] if "{j}" in name else [name]
 
 
-def assemble_params(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray], names: set[str],
-                    source: str, dtype=np.float32, fix: Callable[[str, np.ndarray], np.ndarray] | None = None,
-                    progress: bool = False) -> dict:
-    """Read every tensor the config needs and build the param pytree (numpy, `dtype`).
+class ParamSlices:
+    """A param in maxjax layout whose ``[index]`` reads only that part of the stored tensor (transposed for
+    matrices); ``np.asarray`` reads it whole."""
 
-    `fix(key, array)` is a per-format correction applied in HF layout before the shape check (GGUF's Q/K
-    row permutation). Raises ValueError naming the source and tensor on a missing tensor or a wrong shape.
+    def __init__(self, stored: Any, is_matrix: bool, dtype: np.dtype):
+        self.stored, self.is_matrix, self.dtype = stored, is_matrix, dtype
+        self.shape = tuple(stored.shape[::-1] if is_matrix else stored.shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if index is Ellipsis:
+            part = self.stored[...]
+        else:
+            index = tuple(index) + (slice(None),) * (len(self.shape) - len(tuple(index)))
+            part = self.stored[index[::-1] if self.is_matrix else index]
+        return np.ascontiguousarray((part.T if self.is_matrix else part).astype(self.dtype, copy=False))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self[...] if dtype is None else self[...].astype(dtype)
+
+
+ParamReader = Callable[[str, "int | None"], "np.ndarray | ParamSlices | dict"]
+
+
+def param_reader(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray], names: set[str], source: str,
+                 dtype=np.float32, fix: Callable[[str, np.ndarray], np.ndarray] | None = None) -> ParamReader:
+    """``read_param(key, layer)`` -> one param in maxjax layout ([in, out], `dtype`); `layer` None for globals.
+
+    Reads one tensor per call (a mixture-of-experts layer's experts stacked), so a sharded load holds at most one
+    tensor on the host at a time. `fix(key, array)` is a per-format correction applied in HF layout before the
+    shape check (GGUF's Q/K row permutation). A GGUF block weight (a dict) comes back as stored, out-major.
+    Raises ValueError naming the source and tensor on a missing tensor (checked for every tensor up front) or a
+    wrong shape.
     """
     shapes = param_shapes(cfg)
-    params: dict = {key: None for key in shapes if key != "layers"}
-    params["layers"] = {key: np.empty(shape, dtype) for key, shape in shapes["layers"].items()}
+    table = layer_tensors(cfg)
     read, names = unfuse(cfg, fmt, read, names)
-    entries = list(_entries(cfg, fmt))
-    missing = [part for *_, name, _ in entries for part in _expand(name, cfg.num_experts) if part not in names]
+    missing = [part for *_, name, _ in _entries(cfg, fmt) for part in _expand(name, cfg.num_experts)
+               if part not in names]
     if missing:
         shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
         raise ValueError(f"{source}: missing tensor(s) {shown} expected for a Llama-family model with "
                          f"{cfg.num_layers} layers")
-    layer_blocks: dict[str, list] = {}  # GGUF block weights per layer, stacked at the end
-    for group, key, layer, name, is_matrix in tqdm(entries, desc="tensors", unit="tensor", disable=not progress):
+
+    def read_param(key: str, layer: int | None = None) -> np.ndarray | ParamSlices | dict:
+        name = checkpoint_name(key, fmt, layer, cfg)
+        is_matrix = (table if layer is not None else GLOBAL_TENSORS)[key][2]
         array = _read_stacked(read, name, cfg.num_experts)
         if fix is not None:
             array = fix(key, array)
-        expected = shapes["layers"][key][1:] if group else shapes[key]
+        expected = shapes["layers"][key][1:] if layer is not None else shapes[key]
         expected_stored = (*expected[:-2], expected[-1], expected[-2]) if is_matrix else expected
         stored = block_shape(array) if isinstance(array, dict) else tuple(array.shape)
         if tuple(stored) != tuple(expected_stored):
             raise ValueError(f"{source}: tensor {name} has shape {tuple(stored)}, expected "
                              f"{tuple(expected_stored)} for config {_shape_summary(cfg)}")
         if isinstance(array, dict):  # kept quantized: out-major [O, D] as stored, no transpose or cast
-            if group:
-                layer_blocks.setdefault(key, [None] * cfg.num_layers)[layer] = array
-            else:
-                params[key] = array
-            continue
-        array = (array.swapaxes(-1, -2) if is_matrix else array).astype(dtype)
-        if group:
+            return array
+        if not isinstance(array, np.ndarray):  # a sliceable file tensor (safetensors): read shard by shard
+            return ParamSlices(array, is_matrix, np.dtype(dtype))
+        return np.ascontiguousarray((array.swapaxes(-1, -2) if is_matrix else array).astype(dtype, copy=False))
+
+    return read_param
+
+
+def tree_reader(params: dict) -> ParamReader:
+    """``read(key, layer)`` over a param tree with stacked layers (host or device arrays)."""
+    return lambda key, layer=None: params[key] if layer is None else params["layers"][key][layer]
+
+
+def assemble_params(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray], names: set[str],
+                    source: str, dtype=np.float32, fix: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                    progress: bool = False) -> dict:
+    """Read every tensor the config needs and build the param pytree (numpy, `dtype`, layers stacked)."""
+    read_param = param_reader(cfg, fmt, read, names, source, dtype, fix)
+    shapes = param_shapes(cfg)
+    params: dict = {key: None for key in shapes if key != "layers"}
+    params["layers"] = {key: np.empty(shape, dtype) for key, shape in shapes["layers"].items()}
+    layer_blocks: dict[str, list] = {}  # GGUF block weights per layer, stacked at the end
+    for group, key, layer, _, _ in tqdm(list(_entries(cfg, fmt)), desc="tensors", unit="tensor",
+                                        disable=not progress):
+        array = read_param(key, layer)
+        if group and isinstance(array, dict):
+            layer_blocks.setdefault(key, [None] * cfg.num_layers)[layer] = array
+        elif group:
             params["layers"][key][layer] = array
         else:
-            params[key] = np.ascontiguousarray(array)
+            params[key] = array if isinstance(array, dict) else np.asarray(array)
     for key, per_layer in layer_blocks.items():
         params["layers"][key] = {part: np.stack([w[part] for w in per_layer]) for part in per_layer[0]}
     return params
@@ -175,3 +222,14 @@ def assemble_params(cfg: LlamaConfig, fmt: str, read: Callable[[str], np.ndarray
 def _shape_summary(cfg: LlamaConfig) -> str:
     return (f"(vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, heads "
             f"{cfg.num_heads}/{cfg.num_kv_heads} x {cfg.head_dim})")
+
+
+def checkpoint_tensors(params: dict, fmt: str) -> dict[str, np.ndarray]:
+    """The inverse of `assemble_params`: params (layers stacked) under their `fmt` names, matrices [out, in]."""
+    column = FORMAT_COLUMN[fmt]
+    out = {GLOBAL_TENSORS[k][column]: np.ascontiguousarray(v.T if GLOBAL_TENSORS[k][2] else v)
+           for k, v in params.items() if k != "layers"}
+    for key, stacked in params["layers"].items():
+        name, is_matrix = LAYER_TENSORS[key][column], LAYER_TENSORS[key][2]
+        out.update({name.format(i=i): np.ascontiguousarray(a.T if is_matrix else a) for i, a in enumerate(stacked)})
+    return out

@@ -6,15 +6,17 @@ when loaded, so they are refused with a note on how to convert them.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from maxjax.architectures.llama import LlamaConfig
 from maxjax.architectures.registry import resolve_hf
 from maxjax.weights.files import open_safetensors, read_json_object
-from maxjax.weights.llama_names import assemble_params
+from maxjax.weights.llama_names import assemble_params, checkpoint_tensors, param_reader
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_HINT = ("pickle checkpoints are refused because loading them can run arbitrary code; convert once with "
@@ -69,12 +71,31 @@ class SafetensorsReader:
         return set(self.location)
 
     def read(self, name: str) -> np.ndarray:
-        file = self.location[name]
+        return self.slices(name)[...]
+
+    def slices(self, name: str) -> "StoredTensor":
+        """The tensor without reading it: ``[index]`` reads only that slice from the file."""
+        return StoredTensor(self.location[name], name)
+
+
+class StoredTensor:
+    """One safetensors tensor read slice by slice (`get_slice`): a device shard reads only its own part."""
+
+    def __init__(self, file: Path, name: str):
+        self.file, self.name = file, name
         with open_safetensors(file) as f:
-            if f.get_slice(name).get_dtype() != "BF16":
-                return f.get_tensor(name)
-        with open_safetensors(file, framework="flax") as f:
-            return np.asarray(f.get_tensor(name))
+            stored = f.get_slice(name)
+            self.shape = tuple(stored.get_shape())
+            self.bf16 = stored.get_dtype() == "BF16"  # numpy cannot name it: read through flax (ml_dtypes)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        with open_safetensors(self.file, framework="flax" if self.bf16 else "numpy") as f:
+            if index is Ellipsis:
+                return np.asarray(f.get_tensor(self.name))
+            return np.asarray(f.get_slice(self.name)[index])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self[...] if dtype is None else self[...].astype(dtype)
 
 
 # Checkpoint names that differ from the ones `llama_names` maps, as (pattern, replacement): the text decoder of
@@ -99,9 +120,11 @@ def checkpoint_aliases(names: set[str]) -> dict[str, str]:
     return aliases
 
 
-def load_safetensors_dir(folder: str | Path, dtype=np.float32,
-                         progress: bool = False) -> tuple[LlamaConfig, dict, dict]:
-    """(config, params, hf_config) of an HF folder of a supported family (`maxjax.architectures.registry`)."""
+def load_safetensors_dir(folder: str | Path, dtype=np.float32, progress: bool = False,
+                         lazy: bool = False) -> tuple[LlamaConfig, Any, dict]:
+    """(config, params, hf_config) of an HF folder of a supported family (`maxjax.architectures.registry`).
+
+    `lazy`: params is a `read(key, layer)` function that reads one tensor per call (sharded loads)."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"model folder not found: {folder}")
@@ -110,6 +133,18 @@ def load_safetensors_dir(folder: str | Path, dtype=np.float32,
     _, cfg = resolve_hf(hf_config)
     reader = SafetensorsReader(safetensors_files(folder))
     aliases = checkpoint_aliases(reader.names())
-    params = assemble_params(cfg, "hf", lambda name: reader.read(aliases.get(name, name)),
-                             reader.names() | set(aliases), str(folder), dtype=dtype, progress=progress)
+    read = reader.slices if lazy else reader.read
+    args = (cfg, "hf", lambda name: read(aliases.get(name, name)), reader.names() | set(aliases), str(folder))
+    params = param_reader(*args, dtype=dtype) if lazy else assemble_params(*args, dtype=dtype, progress=progress)
     return cfg, params, hf_config
+
+
+def save_safetensors_dir(folder: str | Path, cfg: LlamaConfig, params: dict) -> Path:
+    """An HF folder (config.json + model.safetensors) of numpy params: what `load_safetensors_dir` reads."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(checkpoint_tensors(params, "hf"), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    return folder

@@ -105,14 +105,24 @@ def read_store_config(folder: str | Path) -> tuple[str, LlamaConfig, dict]:
     return architecture, config_from_json(data["config"], str(folder / CONFIG_FILE)), data
 
 
-def load_store_params(folder: str | Path, dtype=np.float32) -> dict:
-    """The param pytree of a store, as numpy arrays in `dtype`."""
+def load_store_params(folder: str | Path, dtype=np.float32, shardings: Any = None) -> dict:
+    """The param pytree of a store, as numpy arrays in `dtype`; or, given a matching tree of `shardings`,
+    as device arrays restored straight onto their shards (each device reads only its slice)."""
     import orbax.checkpoint as ocp
 
     path = Path(folder).resolve() / "params"
     if not path.is_dir():
         raise FileNotFoundError(f"model store {folder} has no params/ checkpoint")
-    params = ocp.StandardCheckpointer().restore(path)
+    checkpointer = ocp.StandardCheckpointer()
+    if shardings is not None:
+        import jax
+
+        stored = checkpointer.metadata(path)
+        stored = getattr(stored, "item_metadata", stored)  # orbax >= 0.11 wraps the tree
+        target = jax.tree.map(lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, dtype, sharding=sharding),
+                              dict(stored), shardings)
+        return checkpointer.restore(path, target)
+    params = checkpointer.restore(path)
     return _to_numpy(params, np.dtype(dtype))
 
 

@@ -1,0 +1,170 @@
+"""Tensor-parallel layout of Llama params: heads, MLP width and vocabulary split over the mesh's "model" axis.
+
+Each "model" shard must hold whole heads, and the query heads of a shard must use kv heads of the same shard.
+When the head counts do not divide the shard count, the params are rewritten at load time into an equivalent
+model whose counts do (as the serving engines do):
+
+* kv heads are replicated r = tp / gcd(KVH, tp) times, so KVH' = r * KVH divides by tp;
+* each kv head's group of G query heads is split over its r copies, ceil(G / r) heads each, and the missing
+  query heads are padding: zero Q columns and zero output-projection rows, so they add exactly 0;
+* the MLP width is padded with zero gate/up columns and zero down rows to a multiple of tp
+  (silu(0) * 0 = 0).
+
+Examples: SmolLM2 (9 heads, 3 kv heads) at tp 3 is unchanged; at tp 2 it becomes 12 heads / 6 kv heads
+(2 query heads per kv head, 3 of them padding); Llama-3-8B (32/8) at tp 16 becomes 32 / 16 (each kv head twice).
+The embedding / LM head is split over the vocabulary when tp divides it, else replicated. Norms are replicated.
+Q/K/V and gate/up stay separate matrices under tensor parallelism: a fused matrix split evenly would mix
+Q columns with K/V columns across shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from maxjax.architectures.llama import LlamaConfig, fuse_projections, param_shapes
+from maxjax.runtime.mesh import DATA, MODEL, axis_if_divides, from_callback, put
+from maxjax.weights.llama_names import tree_reader
+
+# param key -> (sharded axis counted from the end, what it splits); every other param is replicated.
+_SPLIT = {
+    "wq": (-1, "heads"), "wk": (-1, "heads"), "wv": (-1, "heads"),
+    "bq": (-1, "heads"), "bk": (-1, "heads"), "bv": (-1, "heads"),
+    "wo": (-2, "heads"),
+    "w_gate": (-1, "width"), "w_up": (-1, "width"), "w_down": (-2, "width"),
+    "embed": (-2, "vocab"), "lm_head": (-1, "vocab"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+    """Where each query / kv head of the tensor-parallel model comes from (-1: a padding query head)."""
+
+    q_source: np.ndarray  # i32 [H']
+    kv_source: np.ndarray  # i32 [KVH']
+    width: int  # padded MLP width F'
+
+
+def head_layout(cfg: LlamaConfig, tp: int) -> HeadLayout:
+    kvh, group = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    copies = tp // math.gcd(kvh, tp)  # r
+    per_copy = -(-group // copies)  # ceil(G / r)
+    kv_source = np.repeat(np.arange(kvh), copies)  # new kv head g*r + c <- original kv head g
+    q_source = np.full(kvh * copies * per_copy, -1, np.int32)
+    for new_kv, kv in enumerate(kv_source):
+        copy = new_kv % copies
+        for j in range(per_copy):
+            in_group = copy * per_copy + j
+            if in_group < group:
+                q_source[new_kv * per_copy + j] = kv * group + in_group
+    width = -(-cfg.intermediate_size // tp) * tp
+    return HeadLayout(q_source, kv_source.astype(np.int32), width)
+
+
+def tensor_parallel_config(cfg: LlamaConfig, tp: int) -> LlamaConfig:
+    """The config of the rewritten model (padded / replicated heads, padded MLP width)."""
+    layout = head_layout(cfg, tp)
+    return dataclasses.replace(cfg, num_heads=len(layout.q_source), num_kv_heads=len(layout.kv_source),
+                               intermediate_size=layout.width)
+
+
+def _take_heads(array: np.ndarray, axis: int, source: np.ndarray, head_dim: int) -> np.ndarray:
+    """Head blocks of ``array`` along ``axis`` (heads * head_dim) picked by ``source``; -1 gives zeros."""
+    axis = axis % array.ndim
+    heads = array.reshape(array.shape[:axis] + (-1, head_dim) + array.shape[axis + 1:])
+    picked = np.take(heads, np.maximum(source, 0), axis=axis)
+    mask_shape = [1] * picked.ndim
+    mask_shape[axis] = len(source)
+    picked = np.where((source >= 0).reshape(mask_shape), picked, 0).astype(array.dtype)
+    return picked.reshape(array.shape[:axis] + (-1,) + array.shape[axis + 1:])
+
+
+def _pad_axis(array: np.ndarray, axis: int, size: int) -> np.ndarray:
+    axis = axis % array.ndim
+    if array.shape[axis] == size:
+        return array
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (0, size - array.shape[axis])
+    return np.pad(array, pad)
+
+
+def to_tensor_parallel(key: str, array: np.ndarray, cfg: LlamaConfig, tp: int) -> np.ndarray:
+    """One param (stacked [L, ...] or one layer's) in the layout of `tensor_parallel_config(cfg, tp)`."""
+    if tp == 1 or key not in _SPLIT or _SPLIT[key][1] == "vocab":
+        return array
+    layout = head_layout(cfg, tp)
+    axis, what = _SPLIT[key]
+    if what == "width":
+        return _pad_axis(array, axis, layout.width)
+    source = layout.q_source if key in ("wq", "bq", "wo") else layout.kv_source
+    return _take_heads(array, axis, source, cfg.head_dim)
+
+
+def param_spec(key: str, ndim: int, cfg: LlamaConfig, mesh: Mesh) -> P:
+    """The PartitionSpec of one param of the tensor-parallel model (leading layer axis, if any, unsplit)."""
+    spec: list[str | None] = [None] * ndim
+    if key in _SPLIT and mesh.shape[MODEL] > 1:
+        axis, what = _SPLIT[key]
+        if what == "vocab":
+            spec[axis] = axis_if_divides(mesh, MODEL, cfg.vocab_size)
+        else:
+            spec[axis] = MODEL
+    return P(*spec)
+
+
+def place_params(params: dict | Callable[[str, int | None], Any], cfg: LlamaConfig, mesh: Mesh,
+                 dtype: Any) -> tuple[LlamaConfig, dict]:
+    """(config, params on ``mesh``) in the serving layout: rewritten for tensor parallelism (module docstring),
+    layers unstacked; Q/K/V and gate/up fused when there is one model shard.
+
+    ``params``: a tree with stacked layers, or ``read(key, layer)`` giving one original param at a time
+    (``maxjax.weights.llama_names.param_reader``); each param is placed before the next is read, so the host
+    never holds more than one tensor.
+    """
+    read = params if callable(params) else tree_reader(params)
+    tp = mesh.shape[MODEL]
+    tp_cfg = tensor_parallel_config(cfg, tp)
+
+    def place(key: str, layer: int | None) -> jax.Array:
+        array = read(key, layer)
+        sharding = NamedSharding(mesh, param_spec(key, len(array.shape), tp_cfg, mesh))
+        if tp_cfg == cfg:  # nothing to rewrite
+            if isinstance(array, jax.Array):  # restored onto the mesh already: reshard only
+                return jax.device_put(array.astype(dtype), sharding)
+            return from_callback(array.shape, dtype, sharding, lambda index: array[index])  # shard by shard
+        return put(to_tensor_parallel(key, np.asarray(array, dtype), cfg, tp), sharding)
+
+    keys = param_shapes(cfg)
+    params = {key: place(key, None) for key in keys if key != "layers"}
+    params["layers"] = [{key: place(key, layer) for key in keys["layers"]} for layer in range(cfg.num_layers)]
+    if tp == 1:  # one model shard: fused projections are shard-consistent
+        params = fuse_projections(params)
+    return tp_cfg, params
+
+
+def restore_shardings(cfg: LlamaConfig, mesh: Mesh) -> dict | None:
+    """Shardings of the stacked param tree (a model store) restored straight onto ``mesh``, or None when the
+    tensor-parallel layout rewrites heads or MLP width (that model is restored to the host, then placed)."""
+    if tensor_parallel_config(cfg, mesh.shape[MODEL]) != cfg:
+        return None
+    shapes = param_shapes(cfg)
+    out = {key: NamedSharding(mesh, param_spec(key, len(shape), cfg, mesh)) for key, shape in shapes.items()
+           if key != "layers"}
+    out["layers"] = {key: NamedSharding(mesh, param_spec(key, len(shape), cfg, mesh))
+                     for key, shape in shapes["layers"].items()}
+    return out
+
+
+def cache_spec() -> P:
+    """KV cache [L, slots, KVH', positions, Dh]: slots over "data", kv heads over "model"."""
+    return P(None, DATA, MODEL, None, None)
+
+
+def counts_spec(cfg: LlamaConfig, mesh: Mesh) -> P:
+    """Generated-token counts [slots, V]: slots over "data", vocabulary as the logits."""
+    return P(DATA, axis_if_divides(mesh, MODEL, cfg.vocab_size))

@@ -23,6 +23,8 @@ EXPECTED = {
     "04_embeddings.ipynb": ["image/png", "nearest"],
     "05_speech.ipynb": ["RANDOM", "<audio", "image/png"],
     "06_max_protocol.ipynb": ["image/png", "programs compiled after warmup: 0"],
+    "07_many_devices.ipynb": ["8 devices", "P(None, 'data', 'model', None, None)", "identical: True",
+                              "programs compiled after warmup: 0", "CPU 0,3"],
 }
 TIME_LIMIT_S = 600  # per notebook, cold compile cache on a loaded 2-core CI box
 

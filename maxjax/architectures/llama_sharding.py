@@ -15,6 +15,12 @@ Examples: SmolLM2 (9 heads, 3 kv heads) at tp 3 is unchanged; at tp 2 it becomes
 The embedding / LM head is split over the vocabulary when tp divides it, else replicated. Norms are replicated.
 Q/K/V and gate/up stay separate matrices under tensor parallelism: a fused matrix split evenly would mix
 Q columns with K/V columns across shards.
+
+Mixture-of-experts weights (e_gate / e_up [E, D, Fe], e_down [E, Fe, D]) are split over each expert's MLP width
+when tp divides Fe: every shard holds every expert's 1/tp columns, so the routed math of
+`maxjax.architectures.moe` (a per-block dynamic index into the expert axis) stays shard-local and costs one
+all-reduce per layer, as the dense MLP, whatever the routing. Else over the expert axis when tp divides E (the
+partitioner gathers the indexed expert's weights per block); else they are replicated. The router is replicated.
 """
 
 from __future__ import annotations
@@ -39,6 +45,18 @@ _SPLIT = {
     "w_gate": (-1, "width"), "w_up": (-1, "width"), "w_down": (-2, "width"),
     "embed": (-2, "vocab"), "lm_head": (-1, "vocab"),
 }
+# expert param key -> sharded axis (counted from the end) when splitting each expert's width / the expert axis.
+_EXPERT_AXIS = {"width": {"e_gate": -1, "e_up": -1, "e_down": -2}, "experts": {"e_gate": -3, "e_up": -3, "e_down": -3}}
+
+
+def expert_split(cfg: LlamaConfig, tp: int) -> str | None:
+    """How the experts are split over ``tp`` model shards: "width" (tp divides moe_intermediate_size), else
+    "experts" (tp divides num_experts), else None (replicated); see the module docstring."""
+    if not cfg.num_experts or tp == 1:
+        return None
+    if cfg.moe_intermediate_size % tp == 0:
+        return "width"
+    return "experts" if cfg.num_experts % tp == 0 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +132,9 @@ def param_spec(key: str, ndim: int, cfg: LlamaConfig, mesh: Mesh) -> P:
             spec[axis] = axis_if_divides(mesh, MODEL, cfg.vocab_size)
         else:
             spec[axis] = MODEL
+    split = expert_split(cfg, mesh.shape[MODEL])
+    if split and key in _EXPERT_AXIS[split]:
+        spec[_EXPERT_AXIS[split][key]] = MODEL
     return P(*spec)
 
 

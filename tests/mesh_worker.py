@@ -262,8 +262,8 @@ def check_multihost() -> dict:
 
 
 def check_moe(folder: str) -> dict:
-    """A tiny random Qwen3-MoE (transformers' classes, 8 experts of width 32, top-2) at tp 2 and 4 vs one
-    device: uncached logits, greedy tokens through next_token, and where the expert weights live."""
+    """A tiny random Qwen3-MoE (transformers' classes, 8 experts of width 30, top-2) at tp 2 and 4 (width padded
+    to 32) vs one device: uncached logits, greedy tokens through next_token, and where the expert weights live."""
     import torch
     import transformers
 
@@ -271,9 +271,9 @@ def check_moe(folder: str) -> dict:
 
     config = transformers.Qwen3MoeConfig(
         vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=30,
         norm_topk_prob=True, initializer_range=0.15, tie_word_embeddings=False)
-    torch.manual_seed(0)
+    torch.manual_seed(6)  # a seed whose greedy text varies
     transformers.Qwen3MoeForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     weights = load_weights(folder, with_tokenizer=False)
     rng = np.random.default_rng(0)
@@ -281,18 +281,15 @@ def check_moe(folder: str) -> dict:
     tokens = np.stack([rng.integers(4, config.vocab_size, size=24).astype(np.int32) for _ in range(2)])
     single = engine(weights.config, weights.params, 1)
     reference = {"logits": full_logits(single, tokens), "greedy": generate(single, prompts, 10, 4)["tokens"]}
-    result = {"greedy_tokens": reference["greedy"]}
+    result = {"greedy_tokens": reference["greedy"], "experts_original_bytes": sum(
+        weights.params["layers"][k][0].nbytes for k in ("e_gate", "e_up", "e_down"))}
     for tp in (2, 4):
         eng = engine(weights.config, weights.params, tp)
-        layer = eng.params["layers"][0]
         result[f"{tp}x1"] = {
+            "expert_width": eng.model_config.moe_intermediate_size,
             "logits_error": float(np.abs(full_logits(eng, tokens) - reference["logits"]).max()),
             "greedy_equal": generate(eng, prompts, 10, 4)["tokens"] == reference["greedy"],
-            "split": llama_sharding.expert_split(eng.model_config, tp),
-            "bytes": shard_bytes(eng)["layer0"],
-            "experts_device_bytes": sum(sum(s.data.nbytes for s in layer[k].addressable_shards
-                                            if s.device == jax.devices()[0]) for k in ("e_gate", "e_up", "e_down")),
-            "experts_total_bytes": sum(int(layer[k].nbytes) for k in ("e_gate", "e_up", "e_down"))}
+            "bytes": shard_bytes(eng)["layer0"]}
     return result
 
 

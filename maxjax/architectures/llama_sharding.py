@@ -20,9 +20,9 @@ Mixture-of-experts weights (e_gate / e_up [E, D, Fe], e_down [E, Fe, D]) are spl
 padded like the dense MLP to a multiple of tp: every shard holds every expert's 1/tp columns, so the routed
 math of `maxjax.architectures.moe` (a per-block dynamic index into the expert axis) stays shard-local, costs one
 all-reduce per layer as the dense MLP, and splits the work evenly whatever the routing. Splitting the expert
-axis instead makes the partitioner all-gather every expert's weights at each call (measured on 4 CPU devices,
-32 experts of 512 x 256, top-2: 183 ms per 8-token call vs 4.9 ms split by width and 10.5 ms replicated), so it
-is not used, and no expert count forces replication. The router is replicated.
+axis instead makes the partitioner all-gather every expert's weights at each call, slower than replicating them
+(`benchmarks/bench_moe_sharding.py`), so it is not used, and no expert count forces replication. The router is
+replicated.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ JAX fixes its device count when it starts, so the test sets
 line of measured values; the assertions (and their tolerances) live in the test.
 
     python tests/mesh_worker.py tiny | smollm2 GGUF | load TMPDIR | embed MINILM_DIR | multihost HOST:PORT PROCESS_ID
+                                | moe TMPDIR
 """
 
 from __future__ import annotations
@@ -260,6 +261,38 @@ def check_multihost() -> dict:
             "local_devices": len(jax.local_devices()), "greedy": generate(eng, prompts, 10, 4)["tokens"]}
 
 
+def check_moe(folder: str) -> dict:
+    """A tiny random Qwen3-MoE (transformers' classes, 8 experts of width 30, top-2) at tp 2 and 4 (width padded
+    to 32) vs one device: uncached logits, greedy tokens through next_token, and where the expert weights live."""
+    import torch
+    import transformers
+
+    from maxjax.weights import load_weights
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=30,
+        norm_topk_prob=True, initializer_range=0.15, tie_word_embeddings=False)
+    torch.manual_seed(6)  # a seed whose greedy text varies
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    weights = load_weights(folder, with_tokenizer=False)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(4, config.vocab_size, size=n).astype(np.int32) for n in (5, 11, 3)]
+    tokens = np.stack([rng.integers(4, config.vocab_size, size=24).astype(np.int32) for _ in range(2)])
+    single = engine(weights.config, weights.params, 1)
+    reference = {"logits": full_logits(single, tokens), "greedy": generate(single, prompts, 10, 4)["tokens"]}
+    result = {"greedy_tokens": reference["greedy"], "experts_original_bytes": sum(
+        weights.params["layers"][k][0].nbytes for k in ("e_gate", "e_up", "e_down"))}
+    for tp in (2, 4):
+        eng = engine(weights.config, weights.params, tp)
+        result[f"{tp}x1"] = {
+            "expert_width": eng.model_config.moe_intermediate_size,
+            "logits_error": float(np.abs(full_logits(eng, tokens) - reference["logits"]).max()),
+            "greedy_equal": generate(eng, prompts, 10, 4)["tokens"] == reference["greedy"],
+            "bytes": shard_bytes(eng)["layer0"]}
+    return result
+
+
 if __name__ == "__main__":
     check = sys.argv[1]
     if check == "multihost":  # python mesh_worker.py multihost COORDINATOR PROCESS_ID (2 processes)
@@ -270,5 +303,5 @@ if __name__ == "__main__":
     assert len(jax.devices()) >= 8, "start with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     result = {"tiny": check_tiny, "smollm2": lambda: check_smollm2(sys.argv[2]),
               "multihost": check_multihost, "load": lambda: check_load(sys.argv[2]),
-              "embed": lambda: check_embed(sys.argv[2])}[check]()
+              "embed": lambda: check_embed(sys.argv[2]), "moe": lambda: check_moe(sys.argv[2])}[check]()
     print("RESULT " + json.dumps(result))

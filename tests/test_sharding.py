@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from maxjax.architectures import llama, llama_sharding
+from maxjax.architectures import llama, llama_sharding, moe
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.engine import Engine
 
@@ -144,6 +144,31 @@ def test_embeddings_split_over_data_devices_equal_one_device(tmp_path_factory, m
     assert result["min_cosine"] >= 0.99999 and result["max_abs"] <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    return run_worker(tmp_path_factory, "moe", str(tmp_path_factory.mktemp("qwen3_moe")))
+
+
+@pytest.mark.parametrize("mesh", ["2x1", "4x1"])
+def test_tiny_moe_on_a_mesh_matches_one_device_with_experts_split(tiny_moe, mesh):
+    """Qwen3-MoE, 8 experts of width 30: split 15 + 15 at tp 2, padded to 32 and split 8 x 4 at tp 4."""
+    tp = int(mesh[0])
+    run = tiny_moe[mesh]
+    assert run["logits_error"] <= LOGITS_TOL
+    assert run["greedy_equal"]
+    assert run["expert_width"] == (30 if tp == 2 else 32)
+    layer = run["bytes"]
+    assert layer["e_gate"]["spec"] == layer["e_up"]["spec"] == [None, None, "model"]
+    assert layer["e_down"]["spec"] == [None, "model", None]
+    assert layer["router"]["spec"] == [None, None]
+    experts = [layer[key] for key in ("e_gate", "e_up", "e_down")]
+    for info in experts:  # each device holds exactly its 1/tp of every expert tensor
+        assert info["device_bytes"] * tp == info["total_bytes"]
+    # vs the unpadded experts: 1/tp (tp 2), 8/30 with the 2 padding columns (tp 4); replicated would be 1
+    assert sum(info["device_bytes"] for info in experts) <= tiny_moe["experts_original_bytes"] / tp * 1.07
+    assert all(len(set(row)) > 3 for row in tiny_moe["greedy_tokens"].values())
+
+
 # -- in this process (one device): configs refused before anything is placed -----------------------------
 
 def test_mesh_needs_enough_devices():
@@ -215,3 +240,21 @@ def test_rewritten_params_give_the_same_logits_on_one_device():
 
     assert (tp_cfg.num_heads, tp_cfg.num_kv_heads, tp_cfg.intermediate_size) == (12, 12, 32)
     np.testing.assert_allclose(logits(tp_cfg, dict(params, layers=layers)), logits(cfg, params), atol=1e-5)
+
+
+def test_padded_expert_width_leaves_the_output_unchanged():
+    """Experts of width 6 at tp 4: zero gate/up columns and zero down rows up to width 8 leave the output as is
+    (up to float32 rounding: the padded contraction sums in another order)."""
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                            num_kv_heads=1, head_dim=4, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=6)
+    assert llama_sharding.tensor_parallel_config(cfg, 4).moe_intermediate_size == 8
+    rng = np.random.default_rng(0)
+    h, router = rng.standard_normal((2, 5, 8), np.float32), rng.standard_normal((8, 4), np.float32)
+    experts = {key: rng.standard_normal(shape, np.float32) for key, shape in
+               (("e_gate", (4, 8, 6)), ("e_up", (4, 8, 6)), ("e_down", (4, 6, 8)))}
+    padded = {key: llama_sharding.to_tensor_parallel(key, value, cfg, 4) for key, value in experts.items()}
+    assert padded["e_gate"].shape == (4, 8, 8) and padded["e_down"].shape == (4, 8, 8)
+    outputs = [np.asarray(moe.sparse_moe(h, router, *map(jax.numpy.asarray, w.values()), 2, True, jax.nn.silu))
+               for w in (experts, padded)]
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-6, atol=1e-6)

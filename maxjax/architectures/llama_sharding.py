@@ -1,4 +1,4 @@
-"""Tensor-parallel layout of Llama params: heads, MLP width and vocabulary split over the mesh's "model" axis.
+"""Tensor-parallel layout of Llama params: heads, MLP and expert widths, vocabulary split over the mesh's "model" axis.
 
 Each "model" shard must hold whole heads, and the query heads of a shard must use kv heads of the same shard.
 When the head counts do not divide the shard count, the params are rewritten at load time into an equivalent
@@ -15,6 +15,14 @@ Examples: SmolLM2 (9 heads, 3 kv heads) at tp 3 is unchanged; at tp 2 it becomes
 The embedding / LM head is split over the vocabulary when tp divides it, else replicated. Norms are replicated.
 Q/K/V and gate/up stay separate matrices under tensor parallelism: a fused matrix split evenly would mix
 Q columns with K/V columns across shards.
+
+Mixture-of-experts weights (e_gate / e_up [E, D, Fe], e_down [E, Fe, D]) are split over each expert's MLP width,
+padded like the dense MLP to a multiple of tp: every shard holds every expert's 1/tp columns, so the routed
+math of `maxjax.architectures.moe` (a per-block dynamic index into the expert axis) stays shard-local, costs one
+all-reduce per layer as the dense MLP, and splits the work evenly whatever the routing. Splitting the expert
+axis instead makes the partitioner all-gather every expert's weights at each call, slower than replicating them
+(`benchmarks/bench_moe_sharding.py`), so it is not used, and no expert count forces replication. The router is
+replicated.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ _SPLIT = {
     "wo": (-2, "heads"),
     "w_gate": (-1, "width"), "w_up": (-1, "width"), "w_down": (-2, "width"),
     "embed": (-2, "vocab"), "lm_head": (-1, "vocab"),
+    "e_gate": (-1, "expert_width"), "e_up": (-1, "expert_width"), "e_down": (-2, "expert_width"),
 }
 
 
@@ -48,6 +57,7 @@ class HeadLayout:
     q_source: np.ndarray  # i32 [H']
     kv_source: np.ndarray  # i32 [KVH']
     width: int  # padded MLP width F'
+    expert_width: int  # padded width of each expert's MLP Fe' (0: no experts)
 
 
 def head_layout(cfg: LlamaConfig, tp: int) -> HeadLayout:
@@ -63,14 +73,15 @@ def head_layout(cfg: LlamaConfig, tp: int) -> HeadLayout:
             if in_group < group:
                 q_source[new_kv * per_copy + j] = kv * group + in_group
     width = -(-cfg.intermediate_size // tp) * tp
-    return HeadLayout(q_source, kv_source.astype(np.int32), width)
+    expert_width = -(-cfg.moe_intermediate_size // tp) * tp
+    return HeadLayout(q_source, kv_source.astype(np.int32), width, expert_width)
 
 
 def tensor_parallel_config(cfg: LlamaConfig, tp: int) -> LlamaConfig:
-    """The config of the rewritten model (padded / replicated heads, padded MLP width)."""
+    """The config of the rewritten model (padded / replicated heads, padded MLP and expert widths)."""
     layout = head_layout(cfg, tp)
     return dataclasses.replace(cfg, num_heads=len(layout.q_source), num_kv_heads=len(layout.kv_source),
-                               intermediate_size=layout.width)
+                               intermediate_size=layout.width, moe_intermediate_size=layout.expert_width)
 
 
 def _take_heads(array: np.ndarray, axis: int, source: np.ndarray, head_dim: int) -> np.ndarray:
@@ -99,8 +110,8 @@ def to_tensor_parallel(key: str, array: np.ndarray, cfg: LlamaConfig, tp: int) -
         return array
     layout = head_layout(cfg, tp)
     axis, what = _SPLIT[key]
-    if what == "width":
-        return _pad_axis(array, axis, layout.width)
+    if what in ("width", "expert_width"):
+        return _pad_axis(array, axis, getattr(layout, what))
     source = layout.q_source if key in ("wq", "bq", "wo") else layout.kv_source
     return _take_heads(array, axis, source, cfg.head_dim)
 

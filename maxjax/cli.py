@@ -75,14 +75,11 @@ def _sampling_params(args):
 def _load_llm(args, max_batch_size: int = 1):
     from maxjax.pipelines.llm import LLM
 
-    start = time.perf_counter()
-    llm = LLM(args.model, chat=not getattr(args, "raw", False),
-              max_batch_size=max(max_batch_size, args.data_parallel),  # every "data" shard holds a slot
-              max_seq_len=args.max_seq_len, dtype=args.dtype, matmul_precision=args.matmul_precision,
-              quantize=args.quantize, lora_adapters=_lora_adapters(args), tensor_parallel=args.tensor_parallel,
-              data_parallel=args.data_parallel)
-    print(f"[maxjax] loaded {llm.pipeline.model_name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return llm
+    return LLM(args.model, chat=not getattr(args, "raw", False),
+               max_batch_size=max(max_batch_size, args.data_parallel),  # every "data" shard holds a slot
+               max_seq_len=args.max_seq_len, dtype=args.dtype, matmul_precision=args.matmul_precision,
+               quantize=args.quantize, lora_adapters=_lora_adapters(args), tensor_parallel=args.tensor_parallel,
+               data_parallel=args.data_parallel)  # LLM reports loading on stderr
 
 
 def _read_json_schema(path: str) -> dict:

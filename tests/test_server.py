@@ -20,16 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
+import openai
 import pytest
 
 from maxjax.interfaces import SamplingParams
 
 pytestmark = pytest.mark.slow
-
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = dict(max_batch_size=4, max_seq_len=256, length_buckets=(128, 256), max_num_steps=8)  # as test_generate_real: shared compile cache

@@ -87,11 +87,22 @@ def bench_moe(batch: int, repeats: int, iters: int) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def quick_json_args(doc: str) -> argparse.Namespace:
+    """The micro-benchmarks' command line: ``--quick`` (fewer, smaller runs) and ``--json FILE``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="write the figures to this file")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def write_json(path: str | None, results: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def main() -> None:
+    args = quick_json_args(__doc__)
     batch, span, repeats, iters = (4, 512, 3, 5) if args.quick else (8, 2048, 5, 10)
     results = {"machine": f"{platform.machine()}, {jax.devices()[0].platform}", "batch": batch, "span": span,
                "sliding": bench_sliding(batch, span, repeats, iters), "moe": bench_moe(batch, repeats, iters)}
@@ -100,9 +111,7 @@ def main() -> None:
           f"window 128 {s['window_128']:.2f} ms ({s['ratio']:.2f}x)")
     print(f"MoE feed-forward, batch {batch} tokens: top-2 of 32 routed {m['routed_top2_of_32']:.3f} ms, "
           f"every expert {m['every_expert']:.3f} ms ({m['ratio']:.2f}x)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ are copied to every device at each call). On a CPU the script splits the host in
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import sys
@@ -30,7 +28,7 @@ from maxjax.architectures import llama, llama_sharding, moe  # noqa: E402
 from maxjax.runtime.mesh import mesh_of  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_families import median_ms  # noqa: E402
+from bench_families import median_ms, quick_json_args, write_json  # noqa: E402
 
 D, F, E, K, TP = 512, 256, 32, 2, 4
 KEYS = ("e_gate", "e_up", "e_down")
@@ -67,10 +65,7 @@ def bench(tokens: int, repeats: int, iters: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None, help="write the figures to this file")
-    args = parser.parse_args()
+    args = quick_json_args(__doc__)
     token_counts, repeats, iters = ((8,), 3, 5) if args.quick else ((8, 256), 5, 10)
     results = {"machine": f"{jax.devices()[0].platform}, {len(jax.devices())} devices, tp {TP}"}
     for tokens in token_counts:
@@ -78,9 +73,7 @@ def main() -> None:
         for name, f in figures.items():
             print(f"{tokens:4d} tokens, experts {name:22s}: {f['ms']:8.2f} ms  "
                   f"all-gathers {f['all_gathers']}, all-reduces {f['all_reduces']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxjax.architectures import moe
-from maxjax.architectures.attention_span import visible_keys
+from maxjax.architectures.attention import attention, attention_mask, softcap, visible_keys, write_cache
 from maxjax.architectures.lora import lora_delta
 from maxjax.architectures.quantized import (concat_outputs, embed_lookup, embed_matmul, is_blocks, is_quantized,
                                                 linear)
@@ -46,11 +46,6 @@ from maxjax.architectures.rope import apply_rope, rope_cos_sin as _rope_cos_sin,
 from maxjax.architectures.rope import rope_type as _rope_type
 
 Params = dict[str, Any]
-
-# A large finite negative instead of -inf: a fully masked (padding) query row then gets a uniform softmax
-# rather than NaN, so garbage in padding rows stays finite.
-_MASK_VALUE = -1e30
-
 
 class KVCache(NamedTuple):
     """Per-layer keys and values, [L, num_slots, max_seq_len, KVH, Dh] each."""
@@ -310,59 +305,10 @@ def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, local: bool = False) ->
 rope = apply_rope
 
 
-def attention_mask(positions: jax.Array, kv_len: int, sliding_window: int | None) -> jax.Array:
-    """Which cache positions each query may see: [B, T, kv_len] bool (causal by position, optional window)."""
-    key_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
-    query_pos = positions[:, :, None]  # [B, T, 1]
-    mask = key_pos <= query_pos
-    if sliding_window is not None:
-        mask &= key_pos > query_pos - sliding_window
-    return mask  # padding queries (position < 0) see nothing
-
-
-def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    """cap * tanh(x / cap): bounds scores or logits smoothly to (-cap, cap) (Gemma 2); identity when None."""
-    return x if cap is None else jnp.tanh(x / cap) * cap
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
-              logit_cap: float | None = None) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, Dh]; k, v [B, KVH, S, Dh]; mask [B, T, S] -> [B, T, H, Dh].
-
-    Query head h uses kv head h // (H // KVH), as HF's repeat_kv does. Scores and softmax in at least float32.
-    Scores are scaled by `scale` (default 1/sqrt(Dh)) and soft-capped at `logit_cap` before masking.
-    """
-    B, T, H, Dh = q.shape
-    KVH = k.shape[1]
-    q = q.reshape(B, T, KVH, H // KVH, Dh)  # [B, T, KVH, G, Dh]
-    score_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(score_dtype)  # [B, KVH, G, T, S]
-    scores = scores / math.sqrt(Dh) if scale is None else scores * scale
-    scores = softcap(scores, logit_cap)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, KVH, G, T, S]
-    # Output in the operands' order, then transposed: asking XLA CPU for btkgd directly keeps a slow
-    # standalone dot (measured 70 -> 56 ms per batch-32 decode step of SmolLM2-135M with this form).
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4)  # [B, T, KVH, G, Dh]
-    return out.reshape(B, T, H, Dh)
-
-
 def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, act=jax.nn.silu) -> jax.Array:
     """Gated MLP: (act(x @ W_gate) * (x @ W_up)) @ W_down (SwiGLU with silu, GeGLU with gelu).
     x [..., D] -> [..., D]."""
     return (act(x @ w_gate) * (x @ w_up)) @ w_down  # [..., F] -> [..., D]
-
-
-def _write_cache(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, slots: jax.Array,
-                 positions: jax.Array) -> jax.Array:
-    """Scatter new [B, T, KVH, Dh] into cache [L, S, KVH, M, Dh] at (layer, slots[b], :, positions[b, t]).
-
-    Padding positions (< 0) are sent out of range and dropped.
-    """
-    max_seq_len = cache_kv.shape[3]
-    write_pos = jnp.where(positions >= 0, positions, max_seq_len)  # [B, T]
-    # Advanced indices split by the head slice: the update is indexed [B, T, KVH, Dh].
-    return cache_kv.at[layer, slots[:, None], :, write_pos].set(new.astype(cache_kv.dtype), mode="drop")
 
 
 def _project(h: jax.Array, layer: Params, key: str, lora_index: jax.Array | None) -> jax.Array:
@@ -428,8 +374,8 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     q = rope(q, cos, sin)  # [B, T, H, Dh]
     k = rope(k, cos, sin)  # [B, T, KVH, Dh]
     v = v.reshape(B, T, KVH, Dh)  # [B, T, KVH, Dh]
-    cache = KVCache(k=_write_cache(cache.k, layer_index, k, slots, positions),
-                    v=_write_cache(cache.v, layer_index, v, slots, positions))
+    cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
+                    v=write_cache(cache.v, layer_index, v, slots, positions))
     keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
     keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5

@@ -59,6 +59,7 @@ def child(spec: dict) -> dict:
     from maxjax.runtime.config import RuntimeConfig
     from maxjax.runtime.engine import Engine
     from maxjax.runtime.mesh import make_mesh
+    from maxjax.runtime.sharded import restore_shardings
     from maxjax.weights import load_weights
 
     tp, dp = spec["mesh"]
@@ -73,7 +74,7 @@ def child(spec: dict) -> dict:
         params = jax.device_put(weights.params)
     else:
         weights = load_weights(spec["path"], "float32", with_tokenizer=False, lazy=True,
-                               store_shardings=lambda cfg: llama_sharding.restore_shardings(cfg, mesh))
+                               store_shardings=lambda cfg: restore_shardings(llama, llama_sharding, cfg, mesh))
         params = weights.params
     engine = Engine(llama, weights.config, params, config, layout=llama_sharding)
     jax.block_until_ready(engine.params)

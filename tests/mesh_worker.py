@@ -29,6 +29,7 @@ from maxjax.runtime.compile_cache import compile_count, enable_compile_cache
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.engine import Engine
 from maxjax.runtime.mesh import make_mesh
+from maxjax.runtime.sharded import restore_shardings
 
 TINY = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8,
                          num_kv_heads=4, head_dim=8, tie_word_embeddings=False)
@@ -220,7 +221,7 @@ def check_load(folder: str) -> dict:
             start = time.perf_counter()
             mesh = make_mesh(config)
             weights = load_weights(path, "float32", with_tokenizer=False, lazy=True,
-                                   store_shardings=lambda cfg: llama_sharding.restore_shardings(cfg, mesh))
+                                   store_shardings=lambda cfg: restore_shardings(llama, llama_sharding, cfg, mesh))
             eng = Engine(llama, weights.config, weights.params, config, layout=llama_sharding)
             jax.block_until_ready(eng.params)
             seconds = time.perf_counter() - start

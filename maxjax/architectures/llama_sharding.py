@@ -23,21 +23,21 @@ all-reduce per layer as the dense MLP, and splits the work evenly whatever the r
 axis instead makes the partitioner all-gather every expert's weights at each call, slower than replicating them
 (`benchmarks/bench_moe_sharding.py`), so it is not used, and no expert count forces replication. The router is
 replicated.
+
+This module only describes the layout (rewritten params and PartitionSpecs); `maxjax.runtime.sharded` places
+the params onto a mesh with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
 
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from maxjax.architectures.llama import LlamaConfig, fuse_projections, param_shapes
-from maxjax.runtime.mesh import DATA, MODEL, axis_if_divides, from_callback, put
-from maxjax.weights.llama_names import tree_reader
+from maxjax.architectures.llama import LlamaConfig
+from maxjax.architectures.mesh_axes import DATA, MODEL, axis_if_divides
 
 # param key -> (sharded axis counted from the end, what it splits); every other param is replicated.
 _SPLIT = {
@@ -126,49 +126,6 @@ def param_spec(key: str, ndim: int, cfg: LlamaConfig, mesh: Mesh) -> P:
         else:
             spec[axis] = MODEL
     return P(*spec)
-
-
-def place_params(params: dict | Callable[[str, int | None], Any], cfg: LlamaConfig, mesh: Mesh,
-                 dtype: Any) -> tuple[LlamaConfig, dict]:
-    """(config, params on ``mesh``) in the serving layout: rewritten for tensor parallelism (module docstring),
-    layers unstacked; Q/K/V and gate/up fused when there is one model shard.
-
-    ``params``: a tree with stacked layers, or ``read(key, layer)`` giving one original param at a time
-    (``maxjax.weights.llama_names.param_reader``); each param is placed before the next is read, so the host
-    never holds more than one tensor.
-    """
-    read = params if callable(params) else tree_reader(params)
-    tp = mesh.shape[MODEL]
-    tp_cfg = tensor_parallel_config(cfg, tp)
-
-    def place(key: str, layer: int | None) -> jax.Array:
-        array = read(key, layer)
-        sharding = NamedSharding(mesh, param_spec(key, len(array.shape), tp_cfg, mesh))
-        if tp_cfg == cfg:  # nothing to rewrite
-            if isinstance(array, jax.Array):  # restored onto the mesh already: reshard only
-                return jax.device_put(array.astype(dtype), sharding)
-            return from_callback(array.shape, dtype, sharding, lambda index: array[index])  # shard by shard
-        return put(to_tensor_parallel(key, np.asarray(array, dtype), cfg, tp), sharding)
-
-    keys = param_shapes(cfg)
-    params = {key: place(key, None) for key in keys if key != "layers"}
-    params["layers"] = [{key: place(key, layer) for key in keys["layers"]} for layer in range(cfg.num_layers)]
-    if tp == 1:  # one model shard: fused projections are shard-consistent
-        params = fuse_projections(params)
-    return tp_cfg, params
-
-
-def restore_shardings(cfg: LlamaConfig, mesh: Mesh) -> dict | None:
-    """Shardings of the stacked param tree (a model store) restored straight onto ``mesh``, or None when the
-    tensor-parallel layout rewrites heads or MLP width (that model is restored to the host, then placed)."""
-    if tensor_parallel_config(cfg, mesh.shape[MODEL]) != cfg:
-        return None
-    shapes = param_shapes(cfg)
-    out = {key: NamedSharding(mesh, param_spec(key, len(shape), cfg, mesh)) for key, shape in shapes.items()
-           if key != "layers"}
-    out["layers"] = {key: NamedSharding(mesh, param_spec(key, len(shape), cfg, mesh))
-                     for key, shape in shapes["layers"].items()}
-    return out
 
 
 def cache_spec() -> P:

@@ -63,6 +63,7 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     from maxjax.runtime.config import RuntimeConfig
     from maxjax.runtime.engine import Engine
     from maxjax.runtime.mesh import make_mesh
+    from maxjax.runtime.sharded import restore_shardings
     from maxjax.weights import load_weights
 
     unknown = sorted(set(runtime) - {f.name for f in dataclasses.fields(RuntimeConfig)})
@@ -76,7 +77,7 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
                             matmul_precision=config.matmul_precision, progress=progress)
     else:  # tensor by tensor: the engine places each device's slice straight onto it
         loaded = load_weights(model, config.dtype, lazy=True, progress=progress,
-                              store_shardings=lambda cfg: llama_sharding.restore_shardings(cfg, mesh))
+                              store_shardings=lambda cfg: restore_shardings(llama, llama_sharding, cfg, mesh))
     if config.max_seq_len > loaded.config.max_position_embeddings:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context length "
                          f"{loaded.config.max_position_embeddings}")

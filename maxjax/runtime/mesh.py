@@ -14,9 +14,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from maxjax.architectures.mesh_axes import DATA, MODEL, axis_if_divides
 from maxjax.runtime.config import RuntimeConfig
 
-DATA, MODEL = "data", "model"
+__all__ = ["DATA", "MODEL", "axis_if_divides", "from_callback", "make_mesh", "mesh_of", "put", "rows_spec"]
 
 
 def make_mesh(config: RuntimeConfig, devices: list | None = None) -> Mesh | None:
@@ -36,11 +37,6 @@ def mesh_of(tensor_parallel: int, data_parallel: int, devices: list | None = Non
                          f"but only {len(devices)} are available ({devices[0].platform}); on a CPU, "
                          "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts gives N devices")
     return Mesh(np.asarray(devices[:count]).reshape(data_parallel, tensor_parallel), (DATA, MODEL))
-
-
-def axis_if_divides(mesh: Mesh, axis: str, size: int) -> str | None:
-    """``axis`` when it splits ``size`` evenly, else None (replicated): a sharded dimension must divide."""
-    return axis if size % mesh.shape[axis] == 0 else None
 
 
 def rows_spec(mesh: Mesh, array: Any) -> P:

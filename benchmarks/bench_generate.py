@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["host_overhead"] = mx.host_overhead(P, calls=max(1, min(4, (span - P - 1) // args.num_steps)))
     results["compiles_during_timed_part"] = compile_count() - compiles_before
 
-    results["decode_step_ops"] = decode_step_ops(mx, batches[0], span)
+    results["decode_step_ops"] = decode_step_ops(mx, batches[0], span, split=not args.quick)
     rates = read_bandwidth(0.25 if args.quick else (1.0 if on_cpu else 4.0))
     roofline = rates["best"] / results["weight_bytes_per_token"]
     b1 = next((r for r in rows if r["batch"] == 1), None)
@@ -370,10 +370,11 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int) -> dict:
+def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int, split: bool = True) -> dict:
     """The per-step fixed cost of the (batch, span) decode program, from its optimized HLO
     (``hlo_stats.decode_step_profile``): kernels per decode-loop iteration (greedy, and with sampling and
-    log-probabilities), bytes moved by copy-like kernels, and the split per layer / outside the layers."""
+    log-probabilities), bytes moved by copy-like kernels, and (``split``: two more compiles) the split per
+    layer / outside the layers."""
     from maxjax.runtime.hlo_stats import decode_step_profile
 
     engine = mx.pipe.engine
@@ -384,7 +385,7 @@ def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int) -> dict:
            "sampling_and_logprobs": sampled["kernels"], "sampling_inner_loop_iterations":
            sampled["inner_loop_iterations"], "moved_MB": greedy["moved_bytes"] / 1e6,
            "weight_copy_MB": greedy["weight_copy_bytes"] / 1e6}
-    split = layer_split(engine, batch, span)
+    split = layer_split(engine, batch, span) if split else None
     if split:
         out.update(per_layer=split[0], outside_layers=split[1])
     return out

@@ -384,7 +384,7 @@ def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int, split: bool = True)
            "per_layer": greedy["kernels"] / engine.model_config.num_layers,
            "sampling_and_logprobs": sampled["kernels"], "sampling_inner_loop_iterations":
            sampled["inner_loop_iterations"], "moved_MB": greedy["moved_bytes"] / 1e6,
-           "weight_copy_MB": greedy["weight_copy_bytes"] / 1e6}
+           "weight_copy_MB": greedy["weight_copy_bytes"] / 1e6, "state_copy_MB": greedy["state_copy_bytes"] / 1e6}
     split = layer_split(engine, batch, span) if split else None
     if split:
         out.update(per_layer=split[0], outside_layers=split[1])
@@ -442,8 +442,8 @@ def format_table(r: dict) -> str:
     lines.append(f"kernels per decode step (batch {ops['batch']}, compiled HLO): greedy {ops['greedy']} "
                  f"({ops['per_layer']:.1f} per layer{outside}; " + ", ".join(f"{k} {v}" for k, v in ops["by_opcode"].items())
                  + f"), with sampling and logprobs {ops['sampling_and_logprobs']} (+{ops['sampling_inner_loop_iterations']}"
-                 f" inner-loop iterations); copy kernels move {ops['moved_MB']:.1f} MB per step, weight copies"
-                 f" {ops['weight_copy_MB']:.1f} MB")
+                 f" inner-loop iterations); copy kernels move {ops['moved_MB']:.1f} MB per step, of which weight"
+                 f" copies {ops['weight_copy_MB']:.1f} MB and KV cache/state copies {ops['state_copy_MB']:.1f} MB")
     if "start" in r:
         s = r["start"]
         lines.append(f"start to first output: cold {s['cold']['start_to_first_output_s']:.1f} s "

@@ -23,10 +23,11 @@ RUNTIME = RuntimeConfig(max_batch_size=4, max_seq_len=32, max_num_steps=4, lengt
 SHAPE = (4, 32)
 
 # Measured with jax 0.10.2 on XLA CPU (greedy branch of the tiny model above, batch 4, span 32): 24 kernels per
-# layer (30 when each layer scattered its K/V into the cache) and 60 outside them (embedding, final norm,
-# lm_head, greedy sampling, loop bookkeeping and the one deferred cache write; 40 before).
+# layer (30 when each layer scattered its K/V into the cache) and 65 outside them (embedding, final norm,
+# lm_head, greedy sampling, loop bookkeeping and the one deferred cache write; 40 before: the deferred write
+# adds 20, the CPU's two-reduction argmax 5).
 MAX_KERNELS_PER_LAYER = 24
-MAX_KERNELS_OUTSIDE_LAYERS = 60
+MAX_KERNELS_OUTSIDE_LAYERS = 65
 
 
 def _profile(num_layers: int, **runtime) -> dict:
@@ -44,6 +45,7 @@ def test_decode_kernels_per_step_stay_under_their_bounds():
     # No weight is copied per step, no loop runs inside a greedy step, and the only data-moving kernels are
     # the per-layer K/V reads (a gather of [B, KVH, span, Dh] with the new key appended, twice per layer).
     assert one["weight_copy_bytes"] == two["weight_copy_bytes"] == 0
+    assert one["state_copy_bytes"] == two["state_copy_bytes"] == 0  # the cache is updated in place
     assert one["inner_loop_iterations"] == 0
     kv_read = 2 * 4 * CFG.num_kv_heads * (SHAPE[1] + 1) * CFG.head_dim * 4  # bytes, per layer
     assert kv_read <= two["moved_bytes"] - one["moved_bytes"] <= 1.25 * kv_read

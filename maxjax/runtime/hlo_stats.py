@@ -121,8 +121,9 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16
                 "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _ARRAY_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
 # Operations (or fusions whose result is made by one) that only move data: a copy of their output is written.
+# (A dynamic-update-slice is not one: it updates its operand in place.)
 _MOVES = frozenset({"copy", "gather", "dynamic-slice", "slice", "concatenate", "transpose", "pad", "reverse",
-                    "broadcast", "dynamic-update-slice"})
+                    "broadcast"})
 
 
 def _result_shapes(line: str, opcode: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -173,23 +174,33 @@ def decode_step_profile(text: str, branches: str = "smallest") -> dict:
     * ``inner_loop_iterations``: iterations of loops nested in the step (e.g. a bisection in the sampler): on a
       GPU each one also evaluates its condition on the host unless the loop runs from a command buffer;
     * ``moved_bytes``: bytes written per step by kernels that only move data (copies, gathers, slices,
-      concatenations, as themselves or as a fusion's root), and of those ``weight_copy_bytes``, the ones whose
-      result has the shape of one of the program's matrix parameters of 16 KiB or more (leading 1s aside: a
-      weight read out of a stacked array, e.g. by a scanned layer body).
+      concatenations, as themselves or as a fusion's root); of those, ``weight_copy_bytes`` are copies with
+      the shape of a weight (a matrix parameter of 16 KiB or more that the program does not update, leading 1s
+      aside: e.g. a layer's weights read out of a stacked array by a scanned layer body) and
+      ``state_copy_bytes`` copies with the shape of the state the program updates in place (the donated KV
+      cache and token counts: XLA copies it when a read could follow an in-place update).
     ``branches`` as in ``loop_body_ops``.
     """
     pick = {"largest": max, "smallest": min}[branches]
     comps, entry = _computations(text)
     body = _loop_body(comps, entry)
     lines = _kernel_lines(comps, body, set(), pick) if body else []
-    param_shapes = set()
+    header = text.split("\n", 1)[0]
+    aliases = header.split("input_output_alias=", 1)[1].split("entry_computation_layout", 1)[0] \
+        if "input_output_alias=" in header else ""
+    donated = {int(n) for n in re.findall(r"\((\d+),", aliases)}
+    weight_shapes, state_shapes = set(), set()
     for line in comps.get(entry, []):
         match = _HLO_INSTRUCTION.match(line)
-        if match and match.group(1) == "parameter":
-            param_shapes.update(_squeezed(s) for s in _result_shapes(line, "parameter")
-                                if len(_squeezed(s)[1]) >= 2 and _nbytes([s]) >= 16 << 10)
+        number = re.search(r"\bparameter\((\d+)\)", line)
+        if match and match.group(1) == "parameter" and number:
+            shapes = [_squeezed(s) for s in _result_shapes(line, "parameter")]
+            if int(number.group(1)) in donated:
+                state_shapes.update(shapes)
+            else:
+                weight_shapes.update(s for s in shapes if len(s[1]) >= 2 and _nbytes([s]) >= 16 << 10)
     ops: Counter = Counter()
-    moved = weights = iterations = 0
+    moved = weights = state = iterations = 0
     for line, opcode, times in lines:
         if opcode == "while":
             trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
@@ -199,6 +210,8 @@ def decode_step_profile(text: str, branches: str = "smallest") -> dict:
         if _moving_op(comps, line, opcode):
             shapes = _result_shapes(line, opcode)
             moved += times * _nbytes(shapes)
-            weights += times * _nbytes([s for s in shapes if _squeezed(s) in param_shapes])
+            weights += times * _nbytes([s for s in shapes if _squeezed(s) in weight_shapes])
+            state += times * _nbytes([s for s in shapes if _squeezed(s) in state_shapes])
     return {"kernels": sum(ops.values()), "by_opcode": dict(ops.most_common()),
-            "inner_loop_iterations": iterations, "moved_bytes": moved, "weight_copy_bytes": weights}
+            "inner_loop_iterations": iterations, "moved_bytes": moved, "weight_copy_bytes": weights,
+            "state_copy_bytes": state}

@@ -393,7 +393,8 @@ def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int, split: bool = True)
 
 def layer_split(engine, batch: int, span: int) -> tuple[int, int] | None:
     """(kernels per layer, kernels outside the layers) of a greedy decode step, from the same program built for
-    1 and 2 layers of the model's config (random float weights, one device); None where that cannot be built."""
+    2 and 3 layers of the model's config (random float weights, one device; with 1 layer XLA shares more); None
+    where that cannot be built. The full program can launch a few more per layer than this."""
     import dataclasses
 
     import jax
@@ -405,13 +406,15 @@ def layer_split(engine, batch: int, span: int) -> tuple[int, int] | None:
     if engine.mesh is not None or not hasattr(arch, "init_params") or not dataclasses.is_dataclass(cfg):
         return None
     counts = []
-    for layers in (1, 2):
-        small = dataclasses.replace(cfg, num_layers=layers)
+    for layers in (2, 3):
+        types = getattr(cfg, "layer_types", None)
+        small = dataclasses.replace(cfg, num_layers=layers, **({"layer_types": types[:layers]} if types else {}))
         config = dataclasses.replace(engine.config, quantize=None, max_loras=0, length_buckets=(span,),
                                      batch_buckets=(batch,), max_seq_len=span, max_batch_size=batch)
         probe = Engine(arch, small, arch.init_params(small, jax.random.key(0)), config)
         counts.append(decode_step_profile(probe.compiled_text("decode", (batch, span)))["kernels"])
-    return counts[1] - counts[0], 2 * counts[0] - counts[1]
+    per_layer = counts[1] - counts[0]
+    return per_layer, counts[0] - 2 * per_layer
 
 
 def format_table(r: dict) -> str:

@@ -22,12 +22,12 @@ RUNTIME = RuntimeConfig(max_batch_size=4, max_seq_len=32, max_num_steps=4, lengt
                         max_prefill_len=32, batch_buckets=(4,))
 SHAPE = (4, 32)
 
-# Measured with jax 0.10.2 on XLA CPU (greedy branch of the tiny model above, batch 4, span 32): 24 kernels per
-# layer (30 when each layer scattered its K/V into the cache) and 65 outside them (embedding, final norm,
-# lm_head, greedy sampling, loop bookkeeping and the one deferred cache write; 40 before: the deferred write
-# adds 20, the CPU's two-reduction argmax 5).
-MAX_KERNELS_PER_LAYER = 24
-MAX_KERNELS_OUTSIDE_LAYERS = 65
+# Measured with jax 0.10.2 on XLA CPU (greedy branch of the tiny model above, batch 4, span 32, the same program
+# built for 2 and 3 layers): 28 kernels per layer (30 when each layer scattered its K/V into the cache; 29 vs 36
+# for SmolLM2's shape) and 57 outside them (embedding, final norm, lm_head, greedy sampling, loop bookkeeping
+# and the one deferred cache write; 40 before: the deferred write adds about 12, the CPU's argmax 5).
+MAX_KERNELS_PER_LAYER = 28
+MAX_KERNELS_OUTSIDE_LAYERS = 57
 
 
 def _profile(num_layers: int, **runtime) -> dict:
@@ -37,9 +37,9 @@ def _profile(num_layers: int, **runtime) -> dict:
 
 
 def test_decode_kernels_per_step_stay_under_their_bounds():
-    one, two = _profile(1), _profile(2)
+    one, two = _profile(2), _profile(3)  # (with 1 layer XLA shares more between the layer and the rest)
     per_layer = two["kernels"] - one["kernels"]
-    outside = one["kernels"] - per_layer
+    outside = one["kernels"] - 2 * per_layer
     assert per_layer <= MAX_KERNELS_PER_LAYER, (per_layer, two["by_opcode"])
     assert outside <= MAX_KERNELS_OUTSIDE_LAYERS, (outside, one["by_opcode"])
     # No weight is copied per step, no loop runs inside a greedy step, and the only data-moving kernels are

@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["host_overhead"] = mx.host_overhead(P, calls=max(1, min(4, (span - P - 1) // args.num_steps)))
     results["compiles_during_timed_part"] = compile_count() - compiles_before
 
-    results["decode_step_ops"] = decode_step_ops(mx, batches[0], span)
+    results["decode_step_ops"] = decode_step_ops(mx, batches[0], span, split=not args.quick)
     rates = read_bandwidth(0.25 if args.quick else (1.0 if on_cpu else 4.0))
     roofline = rates["best"] / results["weight_bytes_per_token"]
     b1 = next((r for r in rows if r["batch"] == 1), None)
@@ -370,15 +370,51 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int) -> dict:
-    """Device operations per decode-loop iteration of the (batch, span) program, from its optimized HLO."""
-    from maxjax.runtime.hlo_stats import loop_body_ops
+def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int, split: bool = True) -> dict:
+    """The per-step fixed cost of the (batch, span) decode program, from its optimized HLO
+    (``hlo_stats.decode_step_profile``): kernels per decode-loop iteration (greedy, and with sampling and
+    log-probabilities), bytes moved by copy-like kernels, and (``split``: two more compiles) the split per
+    layer / outside the layers."""
+    from maxjax.runtime.hlo_stats import decode_step_profile
 
-    text = mx.pipe.engine.compiled_text("decode", (batch, span))
-    greedy, sampled = loop_body_ops(text, "smallest"), loop_body_ops(text, "largest")
-    return {"batch": batch, "greedy": sum(greedy.values()), "by_opcode": dict(greedy.most_common()),
-            "per_layer": sum(greedy.values()) / mx.pipe.engine.model_config.num_layers,
-            "sampling_and_logprobs": sum(sampled.values())}
+    engine = mx.pipe.engine
+    text = engine.compiled_text("decode", (batch, span))
+    greedy, sampled = decode_step_profile(text, "smallest"), decode_step_profile(text, "largest")
+    out = {"batch": batch, "greedy": greedy["kernels"], "by_opcode": greedy["by_opcode"],
+           "per_layer": greedy["kernels"] / engine.model_config.num_layers,
+           "sampling_and_logprobs": sampled["kernels"], "sampling_inner_loop_iterations":
+           sampled["inner_loop_iterations"], "moved_MB": greedy["moved_bytes"] / 1e6,
+           "weight_copy_MB": greedy["weight_copy_bytes"] / 1e6, "state_copy_MB": greedy["state_copy_bytes"] / 1e6}
+    split = layer_split(engine, batch, span) if split else None
+    if split:
+        out.update(per_layer=split[0], outside_layers=split[1])
+    return out
+
+
+def layer_split(engine, batch: int, span: int) -> tuple[int, int] | None:
+    """(kernels per layer, kernels outside the layers) of a greedy decode step, from the same program built for
+    2 and 3 layers of the model's config (random float weights, one device; with 1 layer XLA shares more); None
+    where that cannot be built. The full program can launch a few more per layer than this."""
+    import dataclasses
+
+    import jax
+
+    from maxjax.runtime.engine import Engine
+    from maxjax.runtime.hlo_stats import decode_step_profile
+
+    arch, cfg = engine.arch, engine.model_config
+    if engine.mesh is not None or not hasattr(arch, "init_params") or not dataclasses.is_dataclass(cfg):
+        return None
+    counts = []
+    for layers in (2, 3):
+        types = getattr(cfg, "layer_types", None)
+        small = dataclasses.replace(cfg, num_layers=layers, **({"layer_types": types[:layers]} if types else {}))
+        config = dataclasses.replace(engine.config, quantize=None, max_loras=0, length_buckets=(span,),
+                                     batch_buckets=(batch,), max_seq_len=span, max_batch_size=batch)
+        probe = Engine(arch, small, arch.init_params(small, jax.random.key(0)), config)
+        counts.append(decode_step_profile(probe.compiled_text("decode", (batch, span)))["kernels"])
+    per_layer = counts[1] - counts[0]
+    return per_layer, counts[0] - 2 * per_layer
 
 
 def format_table(r: dict) -> str:
@@ -405,9 +441,12 @@ def format_table(r: dict) -> str:
                  f"maxjax {r['maxjax_load_s']:.1f} s"
                  + (f", HF {r['hf_load_s']:.1f} s" if r.get("hf_load_s") is not None else ""))
     ops = r["decode_step_ops"]
-    lines.append(f"device operations per decode step (batch {ops['batch']}, compiled HLO): greedy {ops['greedy']} "
-                 f"({ops['per_layer']:.1f} per layer; " + ", ".join(f"{k} {v}" for k, v in ops["by_opcode"].items())
-                 + f"), with sampling and logprobs {ops['sampling_and_logprobs']}")
+    outside = f", {ops['outside_layers']} outside them" if "outside_layers" in ops else ""
+    lines.append(f"kernels per decode step (batch {ops['batch']}, compiled HLO): greedy {ops['greedy']} "
+                 f"({ops['per_layer']:.1f} per layer{outside}; " + ", ".join(f"{k} {v}" for k, v in ops["by_opcode"].items())
+                 + f"), with sampling and logprobs {ops['sampling_and_logprobs']} (+{ops['sampling_inner_loop_iterations']}"
+                 f" inner-loop iterations); copy kernels move {ops['moved_MB']:.1f} MB per step, of which weight"
+                 f" copies {ops['weight_copy_MB']:.1f} MB and KV cache/state copies {ops['state_copy_MB']:.1f} MB")
     if "start" in r:
         s = r["start"]
         lines.append(f"start to first output: cold {s['cold']['start_to_first_output_s']:.1f} s "

@@ -51,5 +51,6 @@ def test_bench_generate_random_shape_quick(tmp_path):
     ops = r["decode_step_ops"]
     assert ops["by_opcode"].get("dot", 0) + ops["by_opcode"].get("fusion", 0) > 0
     assert 0 < ops["greedy"] <= ops["sampling_and_logprobs"]
+    assert ops["moved_MB"] > 0 and ops["weight_copy_MB"] > 0  # --quick scans the layers: weights are copied
     main(args + ["--batch-sizes", "1", "--no-hf"])  # the second run reuses the folder
     assert (folder / "done").stat().st_mtime == written

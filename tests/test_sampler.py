@@ -127,3 +127,53 @@ def test_same_seed_is_reproducible_and_batch_invariant():
     draws = {int(sample_jit(jnp.asarray(logits[:1]), zeros[:1], jnp.array([n], jnp.int32),
                             batch(1, top_k=0, seed=7))[0]) for n in range(40)}
     assert len(draws) > 1
+
+
+def _filter_by_bisection(logits, s):
+    """filter_logits as it is defined: both thresholds by bisection, for every row."""
+    from maxjax.runtime import sampler
+
+    vocab = logits.shape[-1]
+    logits = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
+    keys = sampler._sortable(logits)
+    logits = jnp.where(keys >= sampler._kth_largest(keys, k)[:, None], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    p_min = jnp.maximum(sampler.top_p_threshold(probs, s.top_p), s.min_p * jnp.max(probs, axis=-1))
+    return jnp.where(probs >= p_min[:, None], logits, -jnp.inf)
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [
+    ([1, 3, 50, 64, 0, 5000], 1.0, 0.0),       # every k small or unlimited: lax.top_k
+    ([1, 3, 50, 65, 0, 300], 1.0, 0.0),        # a k above 64: bisection
+    ([0, 0, 5000, 0, 0, 0], 1.0, 0.0),         # no limit anywhere: both skipped
+    ([0, 40, 0, 7, 0, 0], [0.9, 1.0, 0.5, 1.0, 0.3, 1.0], [0.0, 0.0, 0.1, 0.0, 0.0, 0.05]),
+])
+def test_filter_fast_paths_equal_the_bisections_exactly(top_k, top_p, min_p):
+    """The batch-level fast paths (lax.top_k for small k, skipped passes) keep exactly the same tokens,
+    with ties (logits rounded to one decimal over a 4096-token vocabulary) and -inf entries."""
+    from maxjax.runtime.sampler import filter_logits
+
+    rng = np.random.default_rng(0)
+    logits = np.round(rng.normal(0, 2, (6, 4096)), 1).astype(np.float32)
+    logits[2, :100] = -np.inf
+    logits[3, :40] = -0.0  # equal to the zeros among the rest
+    arrays = empty_sampling(6, 4096, 4)
+    arrays.update(top_k=np.asarray(top_k, np.int32) * np.ones(6, np.int32),
+                  top_p=np.asarray(top_p, np.float32) * np.ones(6, np.float32),
+                  min_p=np.asarray(min_p, np.float32) * np.ones(6, np.float32),
+                  temperature=np.linspace(0.5, 1.5, 6).astype(np.float32))
+    s = SamplingBatch(**{k: jnp.asarray(v) for k, v in arrays.items()})
+    fast = np.asarray(jax.jit(filter_logits)(jnp.asarray(logits), s))
+    np.testing.assert_array_equal(fast, np.asarray(jax.jit(_filter_by_bisection)(jnp.asarray(logits), s)))
+    kept = np.isfinite(fast).sum(axis=1)
+    assert kept[0] >= 1 and (kept[np.asarray(top_k) == 3] >= 3).all()
+
+
+def test_argmax_is_jnp_argmax_with_ties_and_infinities():
+    from maxjax.runtime.sampler import argmax
+
+    x = np.round(np.random.default_rng(1).normal(0, 1, (5, 3000)), 1).astype(np.float32)  # many ties
+    x[1] = -np.inf
+    x[2, 7] = x[2, 2500] = np.inf
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))

@@ -88,3 +88,33 @@ def write_cache(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, slots: ja
     write_pos = jnp.where(positions >= 0, positions, max_seq_len)  # [B, T]
     # Advanced indices split by the head slice: the update is indexed [B, T, KVH, Dh].
     return cache_kv.at[layer, slots[:, None], :, write_pos].set(new.astype(cache_kv.dtype), mode="drop")
+
+
+def hide_current(mask: jax.Array, positions: jax.Array) -> jax.Array:
+    """A mask [B, T, kv_len] that also hides each query's own position (and any later one): the cache entries a
+    query sees when its own key is not written yet but appended (`with_new_key`)."""
+    key_pos = jnp.arange(mask.shape[-1], dtype=jnp.int32)  # [S]
+    return mask & (key_pos < positions[:, :, None])
+
+
+def with_new_key(keys: jax.Array, values: jax.Array, mask: jax.Array, positions: jax.Array, k: jax.Array,
+                 v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Keys/values [B, KVH, S, Dh] read from a cache that does not hold the current token yet (mask from
+    `hide_current`), with that token's own k, v [B, 1, KVH, Dh] appended as key S, visible to real queries.
+
+    Why: decode can then write every layer's new K/V with one scatter after the last layer
+    (`write_cache_layers`) instead of two scatters (and their index arithmetic) per layer.
+    """
+    keys = jnp.concatenate([keys, k.transpose(0, 2, 1, 3).astype(keys.dtype)], axis=2)  # [B, KVH, S + 1, Dh]
+    values = jnp.concatenate([values, v.transpose(0, 2, 1, 3).astype(values.dtype)], axis=2)
+    return keys, values, jnp.concatenate([mask, (positions >= 0)[:, :, None]], axis=-1)  # [B, 1, S + 1]
+
+
+def write_cache_layers(cache_kv: jax.Array, new: jax.Array, slots: jax.Array, positions: jax.Array) -> jax.Array:
+    """Scatter every layer's new [L, B, T, KVH, Dh] into cache [L, S, KVH, M, Dh] at (l, slots[b], :,
+    positions[b, t]) in one operation; padding positions (< 0) are dropped."""
+    max_seq_len = cache_kv.shape[3]
+    write_pos = jnp.where(positions >= 0, positions, max_seq_len)  # [B, T]
+    layers = jnp.arange(cache_kv.shape[0], dtype=jnp.int32)[:, None, None]  # [L, 1, 1]
+    return cache_kv.at[layers, slots[None, :, None], :, write_pos[None]].set(new.astype(cache_kv.dtype),
+                                                                              mode="drop")

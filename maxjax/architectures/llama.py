@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxjax.architectures import moe
-from maxjax.architectures.attention import attention, attention_mask, softcap, visible_keys, write_cache
+from maxjax.architectures.attention import (attention, attention_mask, hide_current, softcap, visible_keys,
+                                            with_new_key, write_cache, write_cache_layers)
 from maxjax.architectures.lora import lora_delta
 from maxjax.architectures.quantized import (concat_outputs, embed_lookup, embed_matmul, is_blocks, is_quantized,
                                                 linear)
@@ -360,9 +361,12 @@ def _ffn(h: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | 
 
 def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array, cache: KVCache, layer_index: jax.Array, slots: jax.Array,
-                  positions: jax.Array, kv_len: int, lora_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                  positions: jax.Array, kv_len: int, lora_index: jax.Array | None = None,
+                  defer_write: bool = False) -> tuple[jax.Array, KVCache, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block: x [B, T, D] -> [B, T, D]; writes this layer's K/V into the cache, then attends.
-    ``lora_index`` [B]: each row's LoRA adapter slot, when the layer carries adapters (0: the base model)."""
+    ``lora_index`` [B]: each row's LoRA adapter slot, when the layer carries adapters (0: the base model).
+    ``defer_write`` (decode, T = 1; ``mask`` from `hide_current`): the cache is left as it is, the new key is
+    attended to beside it, and (k, v) [B, T, KVH, Dh] are returned for the caller to write; otherwise None."""
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
@@ -374,9 +378,12 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     q = rope(q, cos, sin)  # [B, T, H, Dh]
     k = rope(k, cos, sin)  # [B, T, KVH, Dh]
     v = v.reshape(B, T, KVH, Dh)  # [B, T, KVH, Dh]
-    cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
-                    v=write_cache(cache.v, layer_index, v, slots, positions))
+    if not defer_write:
+        cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
+                        v=write_cache(cache.v, layer_index, v, slots, positions))
     keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
+    if defer_write:
+        keys, values, mask = with_new_key(keys, values, mask, positions, k, v)  # [B, KVH, S + 1, Dh]
     keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap)  # [B, T, H, Dh]
@@ -384,12 +391,12 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     x = x + (rms_norm(h, layer["post_attn_norm"], eps, offset) if cfg.post_norms else h)  # [B, T, D]
     h = _ffn(rms_norm(x, layer["mlp_norm"], eps, offset), layer, cfg, lora_index)  # [B, T, D]
     x = x + (rms_norm(h, layer["post_mlp_norm"], eps, offset) if cfg.post_norms else h)  # [B, T, D]
-    return x, cache
+    return x, cache, ((k, v) if defer_write else None)
 
 
 def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                    slots: jax.Array, *, kv_len: int, scan: bool | None = None,
-                   lora_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                   lora_index: jax.Array | None = None, defer_write: bool = False):
     """Final-normed hidden states [B, T, D] for tokens/positions [B, T] (int32), and the updated cache.
 
     Every real token's K/V is written to `cache[:, slots[b], :, positions[b, t]]` before attention, so a prefill
@@ -398,6 +405,10 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
     (stacked: scan, a list from `unstack_layers`: unrolled). Unstacked layers are stacked inside the program
     when scanned. `lora_index` [B] int32: each row's LoRA adapter slot (layers carry them as "lora", see
     `maxjax.architectures.lora`); None or adapter-free layers: the base model.
+    `defer_write` (decode: T = 1, unrolled): the cache is only read; each query attends to it and to its own new
+    key, and (hidden, cache, (k, v) [L, B, T, KVH, Dh]) is returned for `write_new_kv` to store later. Why: one
+    scatter per step for all layers instead of two per layer (with their index arithmetic), and the write can
+    come before the next step's reads, so XLA updates the donated cache in place.
     """
     if kv_len > cache.k.shape[3]:
         raise ValueError(f"kv_len ({kv_len}) exceeds the cache's max_seq_len ({cache.k.shape[3]})")
@@ -415,15 +426,24 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
     unstacked = isinstance(layers, (list, tuple))
     if scan is None:
         scan = not unstacked
+    if defer_write and (scan or tokens.shape[1] != 1):
+        raise ValueError("defer_write is for decode: one token per row and unrolled layers (scan=False)")
 
     if not scan:
+        if defer_write:
+            mask_global, mask_local = hide_current(mask_global, positions), hide_current(mask_local, positions)
+        new_kv = []
         for layer_index in range(cfg.num_layers):
             layer = layers[layer_index] if unstacked else jax.tree.map(lambda a, i=layer_index: a[i], layers)
             local = local_layers[layer_index]
             (cos, sin), mask = (rope_local, mask_local) if local else (rope_global, mask_global)
-            x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len,
-                                     lora_index)
-        return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), cache
+            x, cache, kv = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions,
+                                         kv_len, lora_index, defer_write=defer_write)
+            new_kv.append(kv)
+        hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+        if defer_write:  # [L, B, T, KVH, Dh] each
+            return hidden, cache, (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
+        return hidden, cache
 
     if unstacked:
         layers = jax.tree.map(lambda *a: jnp.stack(a), *layers)
@@ -433,13 +453,21 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
         layer, layer_index, local = scanned
         cos, sin, mask = (jnp.where(local, a, b) for a, b in zip((*rope_local, mask_local),
                                                                  (*rope_global, mask_global)))
-        x, cache = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len,
-                                 lora_index)
+        x, cache, _ = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len,
+                                    lora_index)
         return (x.astype(dtype), cache), None
 
     layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     (x, cache), _ = jax.lax.scan(body, (x, cache), (layers, layer_indices, jnp.asarray(local_layers)))
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), cache  # [B, T, D]
+
+
+def write_new_kv(cache: KVCache, new_kv: tuple[jax.Array, jax.Array], slots: jax.Array,
+                 positions: jax.Array) -> KVCache:
+    """Stores the (k, v) [L, B, T, KVH, Dh] that `forward_hidden(..., defer_write=True)` returned for
+    positions [B, T] of rows in `slots` [B] (positions < 0 write nothing)."""
+    return KVCache(k=write_cache_layers(cache.k, new_kv[0], slots, positions),
+                   v=write_cache_layers(cache.v, new_kv[1], slots, positions))
 
 
 def lm_head(params: Params, cfg: LlamaConfig, hidden: jax.Array) -> jax.Array:

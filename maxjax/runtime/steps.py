@@ -120,16 +120,31 @@ def decode_step(arch: Any, cfg: Any, k: int, max_steps: int, params: Any, cache:
     out_lp = LogProbs(jnp.zeros((max_steps, num_rows), jnp.float32),
                       jnp.zeros((max_steps, num_rows, k), jnp.int32),
                       jnp.zeros((max_steps, num_rows, k), jnp.float32))
+    # Unrolled layers defer the cache write: a step attends to the cache plus its own new K/V, and the next
+    # step stores them first (one scatter for all layers; see llama.forward_hidden's defer_write).
+    defer = not scan_layers
+    pending = None
+    if defer:
+        kv_shape = (cfg.num_layers, num_rows, 1, cfg.num_kv_heads, cfg.head_dim)
+        pending = (jnp.zeros(kv_shape, cache.k.dtype), jnp.zeros(kv_shape, cache.v.dtype),
+                   jnp.full((num_rows, 1), -1, jnp.int32))  # (k, v, positions): nothing yet
 
     def cond(carry):
         i, active = carry[0], carry[1]
         return (i < max_steps) & jnp.any(active)
 
     def body(carry):
-        i, active, cache, row_counts, tokens, positions, num_generated, out_tokens, out_lp = carry
-        hidden, cache = arch.forward_hidden(params, cfg, tokens[:, None], jnp.where(active, positions, -1)[:, None],
-                                            cache, rows.slots, kv_len=kv_len, scan=scan_layers,
-                                            lora_index=rows.lora_index)  # [B, 1, D]
+        i, active, cache, pending, row_counts, tokens, positions, num_generated, out_tokens, out_lp = carry
+        step_positions = jnp.where(active, positions, -1)[:, None]  # [B, 1]
+        if defer:
+            cache = arch.write_new_kv(cache, pending[:2], rows.slots, pending[2])
+            hidden, cache, new_kv = arch.forward_hidden(params, cfg, tokens[:, None], step_positions, cache,
+                                                        rows.slots, kv_len=kv_len, scan=False,
+                                                        lora_index=rows.lora_index, defer_write=True)  # [B, 1, D]
+            pending = (*new_kv, step_positions)
+        else:
+            hidden, cache = arch.forward_hidden(params, cfg, tokens[:, None], step_positions, cache, rows.slots,
+                                                kv_len=kv_len, scan=True, lora_index=rows.lora_index)  # [B, 1, D]
         logits = arch.lm_head(params, cfg, hidden[:, 0])  # [B, V]
         new = sample(logits, row_counts, num_generated, sampling)  # [B]
         lp = _maybe_logprobs(rows.logprobs & active, logits, new, k)
@@ -141,10 +156,12 @@ def decode_step(arch: Any, cfg: Any, k: int, max_steps: int, params: Any, cache:
         positions = positions + active
         tokens = jnp.where(active, new, tokens)
         active = active & ~stopped & (i + 1 < rows.steps)
-        return i + 1, active, cache, row_counts, tokens, positions, num_generated, out_tokens, out_lp
+        return i + 1, active, cache, pending, row_counts, tokens, positions, num_generated, out_tokens, out_lp
 
-    carry = (jnp.int32(0), rows.steps > 0, cache, row_counts, rows.tokens, rows.positions, rows.num_generated,
-             out_tokens, out_lp)
-    _, _, cache, row_counts, _, _, _, out_tokens, out_lp = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(0), rows.steps > 0, cache, pending, row_counts, rows.tokens, rows.positions,
+             rows.num_generated, out_tokens, out_lp)
+    _, _, cache, pending, row_counts, _, _, _, out_tokens, out_lp = jax.lax.while_loop(cond, body, carry)
+    if defer:
+        cache = arch.write_new_kv(cache, pending[:2], rows.slots, pending[2])
     counts = counts.at[slot_ids].set(row_counts, mode="drop")
     return cache, counts, out_tokens, out_lp

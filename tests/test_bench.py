@@ -54,3 +54,18 @@ def test_bench_generate_random_shape_quick(tmp_path):
     assert ops["moved_MB"] > 0 and ops["weight_copy_MB"] > 0  # --quick scans the layers: weights are copied
     main(args + ["--batch-sizes", "1", "--no-hf"])  # the second run reuses the folder
     assert (folder / "done").stat().st_mtime == written
+
+
+@pytest.mark.slow  # HF transformers is the peer
+def test_bench_generate_end_to_end_quick(tmp_path, smollm2_gguf):
+    """--end-to-end: batch 2 through one KV slot (the second request queues), both systems, every figure."""
+    out = tmp_path / "e2e.json"
+    main = runpy.run_path(str(SCRIPT))["main"]
+    main(["--end-to-end", "--quick", "--no-start", "--model", str(smollm2_gguf), "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert [row["batch"] for row in r["end_to_end"]] == [1, 2] and r["compiles_during_timed_part"] == 0
+    for row in r["end_to_end"]:
+        assert row["maxjax_e2e_tok_s"] > 0 and row["hf_e2e_tok_s"] > 0 and row["e2e_ratio"] > 0
+    assert r["end_to_end"][0]["greedy_same_tokens"] == 1.0
+    assert r["ttft"]["maxjax_s"] > 0 and r["ttft"]["hf_s"] > 0
+    assert r["programs_used"] == 2  # one prefill and one decode shape in the quick runtime

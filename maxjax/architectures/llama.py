@@ -256,8 +256,8 @@ def fuse_projections(params: Params) -> Params:
 
 
 def runtime_params(params: Params) -> Params:
-    """The layout the serving engine runs: fused projections, unstacked layers (decode unrolls them and reads
-    weights in place; prefill stacks them inside its program and scans, which compiles fast)."""
+    """The layout the serving engine runs: fused projections, unstacked layers (decode and prefill unroll them
+    and read weights in place; a scan stacks them inside its program, a copy of the weights per call)."""
     params = fuse_projections(params)
     if isinstance(params["layers"], (list, tuple)):
         return params

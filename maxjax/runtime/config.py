@@ -37,9 +37,14 @@ def default_compile_cache_dir() -> Path:
 class RuntimeConfig:
     """Shapes and limits of the compiled programs.
 
-    ``length_buckets`` serve both as prefill chunk lengths and as attention spans: decode attends over the
-    smallest bucket that holds every row's positions, so a short conversation does not read a long cache.
-    Prompts longer than ``max_prefill_len`` are prefilled in chunks of that size.
+    ``length_buckets`` are attention spans: decode attends over the smallest bucket that holds every row's
+    positions, so a short conversation does not read a long cache. Prompts longer than ``max_prefill_len`` are
+    prefilled in chunks of that size. Prefill computes every padded token (its cost per token is flat on a
+    CPU), so its chunk lengths (``prefill_length_buckets``) are finer than the spans: by default 32 and 64
+    below the length buckets, for chat prompts. A chunk shorter than ``max_prefill_len`` attends over its own
+    span only (the smallest length bucket that holds it); a chunk that must see further into the cache (the
+    tail of a long prompt) runs as a ``max_prefill_len`` chunk. New prompts are prefilled several rows per call
+    (``prefill_batch_buckets``) when the call holds at most ``max_prefill_len`` tokens.
     """
 
     max_batch_size: int = 8
@@ -47,14 +52,16 @@ class RuntimeConfig:
     max_num_steps: int = 16
     length_buckets: tuple[int, ...] | None = None
     batch_buckets: tuple[int, ...] | None = None
-    prefill_batch_buckets: tuple[int, ...] = (1,)
+    prefill_batch_buckets: tuple[int, ...] | None = None  # default: (1, 4) up to max_batch_size
     max_prefill_len: int | None = None  # default: the largest length bucket <= 512
+    prefill_length_buckets: tuple[int, ...] | None = None  # default: see _default_prefill_lengths
     max_logprobs: int = 20
     max_stop_ids: int = 8
     dtype: str = "float32"  # "auto": bfloat16 on GPU/TPU, float32 on CPU (maxjax.runtime.precision)
     matmul_precision: str | None = None  # None: "highest" for float32, "default" for bfloat16 (see precision.py)
     quantize: str | None = None  # "int8": weight-only int8 linear layers; "gguf": a GGUF file's blocks kept
     scan_decode_layers: bool = False  # True: decode scans its layers (compiles faster, runs ~1.5x slower on CPU)
+    scan_prefill_layers: bool = False  # True: prefill scans its layers (compiles faster, copies the weights per call)
     compile_cache_dir: str | None = None
     max_loras: int = 0  # LoRA adapters resident at once (0: LoRA off, the programs carry no adapter math)
     max_lora_rank: int = 16  # adapters of higher rank are refused; lower ranks are zero-padded to this
@@ -74,7 +81,8 @@ class RuntimeConfig:
         object.__setattr__(self, "matmul_precision", resolve_matmul_precision(self.matmul_precision, self.dtype))
         if self.quantize not in (None, "int8", "gguf"):
             raise ValueError(f"quantize must be None, 'int8' or 'gguf', got {self.quantize!r}")
-        if self.length_buckets is None:
+        defaults = self.length_buckets is None
+        if defaults:
             object.__setattr__(self, "length_buckets", _default_length_buckets(self.max_seq_len))
         if self.batch_buckets is None:
             # Decode rows are split over "data": every batch bucket is a multiple of data_parallel.
@@ -82,6 +90,8 @@ class RuntimeConfig:
                                                                     self.max_batch_size))
         _check_buckets("length_buckets", self.length_buckets, self.max_seq_len)
         _check_buckets("batch_buckets", self.batch_buckets, self.max_batch_size)
+        if self.prefill_batch_buckets is None:
+            object.__setattr__(self, "prefill_batch_buckets", tuple(b for b in (1, 4) if b <= self.max_batch_size))
         _check_buckets("prefill_batch_buckets", self.prefill_batch_buckets, self.max_batch_size, exact_top=False)
         _check_data_parallel(self)
         if self.max_loras and self.num_devices > 1:
@@ -93,6 +103,13 @@ class RuntimeConfig:
         if self.max_prefill_len not in self.length_buckets:
             raise ValueError(f"max_prefill_len ({self.max_prefill_len}) must be one of length_buckets "
                              f"{self.length_buckets}")
+        if self.prefill_length_buckets is None:
+            object.__setattr__(self, "prefill_length_buckets", _default_prefill_lengths(self, defaults))
+        _check_buckets("prefill_length_buckets", self.prefill_length_buckets, self.max_prefill_len)
+        missing = [b for b in self.length_buckets if b <= self.max_prefill_len and b not in self.prefill_length_buckets]
+        if missing:
+            raise ValueError(f"prefill_length_buckets {self.prefill_length_buckets} must hold every length bucket up "
+                             f"to max_prefill_len ({self.max_prefill_len}); missing {missing}")
 
     @property
     def num_devices(self) -> int:
@@ -101,16 +118,34 @@ class RuntimeConfig:
 
     @property
     def prefill_lengths(self) -> tuple[int, ...]:
-        return tuple(b for b in self.length_buckets if b <= self.max_prefill_len)
+        return self.prefill_length_buckets
+
+    def span_of(self, length: int) -> int:
+        """The attention span of a prefill chunk of ``length`` tokens that starts at position 0."""
+        return bucket_for(length, self.length_buckets, "prefill chunk length")
 
     def decode_shapes(self) -> list[tuple[int, int]]:
         """Every (batch, attention span) a decode program is compiled for."""
         return [(b, s) for b in self.batch_buckets for s in self.length_buckets]
 
     def prefill_shapes(self) -> list[tuple[int, int, int]]:
-        """Every (batch, chunk length, attention span) a prefill program is compiled for."""
+        """Every (batch, chunk length, attention span) a prefill program is compiled for: short chunks at their
+        own span, ``max_prefill_len`` chunks at every span; several rows only up to ``max_prefill_len`` tokens."""
         return [(b, t, s) for b in self.prefill_batch_buckets for t in self.prefill_lengths
-                for s in self.length_buckets if s >= t]
+                for s in self.length_buckets
+                if (s == self.span_of(t) or (t == self.max_prefill_len and s >= t))
+                and (b == 1 or (b * t <= self.max_prefill_len and s == self.span_of(t)))]
+
+    def prefill_shape(self, num_tokens: int, end: int) -> tuple[int, int]:
+        """(chunk length, span) of the program that prefills ``num_tokens`` tokens ending at position ``end - 1``."""
+        span = bucket_for(end, self.length_buckets, "sequence length")
+        length = next(t for t in self.prefill_lengths
+                      if t >= num_tokens and (span == self.span_of(t) or t == self.max_prefill_len))
+        return length, span
+
+    def prefill_rows_per_call(self, length: int, span: int) -> tuple[int, ...]:
+        """The batch buckets a prefill call of this (chunk length, span) may use."""
+        return tuple(b for b in self.prefill_batch_buckets if (b, length, span) in self.prefill_shapes())
 
 
 def _default_length_buckets(max_seq_len: int) -> tuple[int, ...]:
@@ -120,6 +155,15 @@ def _default_length_buckets(max_seq_len: int) -> tuple[int, ...]:
         out.append(n)
         n *= 4
     return tuple(out) + (max_seq_len,)
+
+
+def _default_prefill_lengths(config: RuntimeConfig, default_spans: bool) -> tuple[int, ...]:
+    """The length buckets up to max_prefill_len; with the default spans also 32 and 64, which fit chat prompts
+    (a 30-token prompt padded to 128 computes 4x its tokens)."""
+    lengths = {b for b in config.length_buckets if b <= config.max_prefill_len}
+    if default_spans:
+        lengths |= {b for b in (32, 64) if b < config.max_prefill_len}
+    return tuple(sorted(lengths))
 
 
 def _check_data_parallel(config: RuntimeConfig) -> None:

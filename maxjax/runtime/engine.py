@@ -111,7 +111,8 @@ class Engine:
         k = config.max_logprobs or 1
         precise = functools.partial(with_matmul_precision, precision=config.matmul_precision)
         self._step_fns = {
-            "prefill": precise(functools.partial(prefill_step, arch, self.model_config, k)),
+            "prefill": precise(functools.partial(prefill_step, arch, self.model_config, k,
+                                                 scan_layers=config.scan_prefill_layers)),
             "decode": precise(functools.partial(decode_step, arch, self.model_config, k, config.max_num_steps,
                                                 scan_layers=config.scan_decode_layers)),
         }

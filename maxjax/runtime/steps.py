@@ -75,16 +75,17 @@ def _add_counts(counts: jax.Array, tokens: jax.Array, where: jax.Array) -> jax.A
 
 
 def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: jax.Array,
-                 rows: PrefillRows, sampling: SamplingBatch, *, kv_len: int):
+                 rows: PrefillRows, sampling: SamplingBatch, *, kv_len: int, scan_layers: bool = False):
     """Writes a chunk of each row's prompt into its cache slot; rows whose prompt ends here sample.
 
+    Layers are unrolled by default over the engine's unstacked weights: a scan would first stack every
+    layer's weights into new arrays inside the program, a full copy of the model on every call
+    (``scan_layers=True`` compiles faster and pays that copy).
     Returns (cache, counts, first_tokens [B], first-token LogProbs [B], echo LogProbs [B, T]).
     The slots' token counts are reset: penalties count the tokens generated since the prompt was encoded.
     """
-    # Scanned layers: prefill is compute-bound, so the scan's per-layer weight copy costs little and the
-    # program compiles several times faster than an unrolled one.
     hidden, cache = arch.forward_hidden(params, cfg, rows.tokens, rows.positions, cache, rows.slots,
-                                        kv_len=kv_len, scan=True, lora_index=rows.lora_index)  # [B, T, D]
+                                        kv_len=kv_len, scan=scan_layers, lora_index=rows.lora_index)  # [B, T, D]
     batch = jnp.arange(rows.tokens.shape[0])
     logits = arch.lm_head(params, cfg, hidden[batch, rows.last_index])  # [B, V]
     row_counts = jnp.zeros((rows.tokens.shape[0], counts.shape[1]), counts.dtype)  # [B, V]

@@ -1,0 +1,113 @@
+"""Batched prefill: several new requests share one prefill call (rows grouped by program shape) and get the
+same tokens and log-probabilities as when each is prefilled alone; nothing compiles after warm-up; the
+default bucket policy fits short chat prompts."""
+
+import jax
+import numpy as np
+import pytest
+
+from maxjax.architectures import llama
+from maxjax.context import TextContext
+from maxjax.interfaces import SamplingParams, TextGenerationInputs
+from maxjax.pipelines.text import TextGenerationPipeline
+from maxjax.runtime.compile_cache import compile_count
+from maxjax.runtime.config import RuntimeConfig, bucket_for
+from maxjax.runtime.engine import Engine
+
+CFG = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
+# Chunks of 8 and 32 tokens; a call holds up to 32 tokens: 4 rows of 8.
+RUNTIME = RuntimeConfig(max_batch_size=8, max_seq_len=64, max_num_steps=4, length_buckets=(32, 64),
+                        max_prefill_len=32, prefill_length_buckets=(8, 32), prefill_batch_buckets=(1, 4),
+                        batch_buckets=(8,))
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    params = llama.init_params(CFG, jax.random.key(3))
+    pipe = TextGenerationPipeline(Engine(llama, CFG, dict(params, lm_head=params["lm_head"] * 8), RUNTIME))
+    pipe.warmup()
+    calls = []
+    prefill = pipe.engine.prefill
+
+    def recording_prefill(rows, sampling, kv_len):
+        calls.append((rows["tokens"].shape, kv_len))
+        return prefill(rows, sampling, kv_len)
+
+    pipe.engine.prefill = recording_prefill
+    pipe.prefill_calls = calls
+    return pipe
+
+
+def contexts(lengths, seed=0):
+    """New requests: greedy, seeded sampling and log-probabilities (with echo) mixed over the rows."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, n in enumerate(lengths):
+        prompt = rng.integers(4, CFG.vocab_size, size=n).astype(np.int32)
+        params = SamplingParams(top_k=8, temperature=0.8, seed=i) if i % 3 == 1 else SamplingParams()
+        logprobs = 3 if i % 3 == 2 else 0
+        out[f"r{i}"] = TextContext(f"r{i}", prompt, max_length=n + 6, sampling_params=params,
+                                   log_probabilities=logprobs, log_probabilities_echo=bool(logprobs))
+    return out
+
+
+def run(pipe, batch):
+    """{request id: (tokens, log-probabilities)} of running ``batch`` to completion together."""
+    tokens = {rid: [] for rid in batch}
+    logprobs = {rid: [] for rid in batch}
+    live = dict(batch)
+    while live:
+        for rid, out in pipe.next_token(TextGenerationInputs(dict(live), 4)).items():
+            tokens[rid] += out.tokens
+            logprobs[rid] += [(lp.token_log_probabilities, lp.top_log_probabilities)
+                              for lp in out.log_probabilities or []]
+            if out.is_done:
+                pipe.release(rid)
+                del live[rid]
+    return {rid: (tokens[rid], logprobs[rid]) for rid in batch}
+
+
+def test_batched_prefill_equals_one_at_a_time(pipeline):
+    before = compile_count()
+    lengths = [3, 7, 5, 8, 12, 16, 40, 2]  # 40 > max_prefill_len: chunked, alone in its calls
+    pipeline.prefill_calls.clear()
+    together = run(pipeline, contexts(lengths))
+    batched = list(pipeline.prefill_calls)
+    alone = {}
+    for rid, ctx in contexts(lengths).items():
+        alone.update(run(pipeline, {rid: ctx}))
+    assert set(together) == set(alone)
+    for rid in alone:
+        assert together[rid][0] == alone[rid][0], rid
+        for (lp_t, top_t), (lp_a, top_a) in zip(together[rid][1], alone[rid][1], strict=True):
+            np.testing.assert_allclose(lp_t, lp_a, atol=2e-5)
+            assert top_t[0].keys() == top_a[0].keys()
+    # Rows 0-3 and 7 (<= 8 tokens) share calls of 4 and 1 (no padding rows); rows 4-5 (32-token chunks) run
+    # alone; the long prompt runs its 32-token chunk at span 32, then its 8-token tail as a 32-token chunk at
+    # span 64.
+    assert sorted(batched) == sorted([((4, 8), 32), ((1, 8), 32)] + [((1, 32), 32)] * 3 + [((1, 32), 64)])
+    assert compile_count() == before, "a batched prefill compiled after warm-up"
+    assert pipeline.engine.num_programs == len(RUNTIME.prefill_shapes()) + len(RUNTIME.decode_shapes())
+    assert pipeline.slots.num_free == RUNTIME.max_batch_size
+
+
+def test_prefill_shapes_of_the_policy():
+    assert RUNTIME.prefill_shapes() == [(1, 8, 32), (1, 32, 32), (1, 32, 64), (4, 8, 32)]
+    assert RUNTIME.prefill_shape(5, 5) == (8, 32)
+    assert RUNTIME.prefill_shape(8, 40) == (32, 64)  # a tail deep in the cache runs as a max_prefill_len chunk
+    with pytest.raises(ValueError, match="prefill_length_buckets"):
+        RuntimeConfig(max_seq_len=64, length_buckets=(32, 64), max_prefill_len=32, prefill_length_buckets=(8, 16))  # no 32
+
+
+def test_default_policy_fits_short_prompts():
+    """The default runtime (LLM, load_pipeline): a 64-token prompt is a 64-token chunk attending over 128
+    positions, and its 64 new tokens decode over a 128 span, never 2048; short prompts share calls of 4."""
+    config = RuntimeConfig()
+    assert config.prefill_shape(64, 64) == (64, 128)
+    assert config.prefill_shape(25, 25) == (32, 128)
+    assert config.prefill_rows_per_call(64, 128) == (1, 4)
+    assert bucket_for(64 + 64 - 1, config.length_buckets, "span") == 128
+    assert config.prefill_shape(512, 512) == (512, 512) and config.prefill_rows_per_call(512, 512) == (1,)
+    assert len(config.prefill_shapes()) == 8 and len(config.decode_shapes()) == 12
+    assert RuntimeConfig(max_batch_size=1).prefill_batch_buckets == (1,)

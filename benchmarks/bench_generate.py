@@ -29,7 +29,11 @@ Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a `
   config (``warmup=True``) and producing its first output, with an empty vs a filled compile cache;
 * lazy start: the same without ``warmup()``, as the CLI runs (programs compile on first use): a fresh process
   to its first token, with an empty vs a filled compile cache;
-* load time against reading the raw file once (page cache warm after the first read).
+* load time against reading the raw file once (page cache warm after the first read);
+* ``--llamacpp``: llama.cpp (``llamacpp_peer.py``, 2 threads) on the same GGUF file (its own 4-bit blocks) and
+  on an F32 copy of the same weights (written once into ``--cache-dir``), beside maxjax float32 and maxjax
+  with the file's blocks kept (``quantize="gguf"``): decode tokens/s at batch 1 and for 8 sequences, time
+  to first token of the ``--ttft-len`` prompt.
 
 ``--tensor-parallel N --data-parallel M`` runs maxjax on an (M, N) device mesh (batch sizes must be multiples
 of M). On a CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` splits one CPU into 8 devices that
@@ -245,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--no-start", action="store_true", help="skip the cold/warm start subprocesses")
     parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--llamacpp", action="store_true", help="add llama.cpp (llama-cpp-python) as a peer")
+    parser.add_argument("--llamacpp-threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes for tests (no meaningful figures)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--_start-child", default=None, help=argparse.SUPPRESS)
@@ -340,6 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["host_overhead"] = mx.host_overhead(P, calls=max(1, min(4, (span - P - 1) // args.num_steps)))
     results["compiles_during_timed_part"] = compile_count() - compiles_before
 
+    if args.llamacpp:
+        results["llamacpp_comparison"] = llamacpp_comparison(args, gguf, mx, fields, prompts, ttft_prompt)
     results["decode_step_ops"] = decode_step_ops(mx, batches[0], span)
     rates = read_bandwidth(0.25 if args.quick else (1.0 if on_cpu else 4.0))
     roofline = rates["best"] / results["weight_bytes_per_token"]
@@ -368,6 +376,33 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def llamacpp_comparison(args, gguf: Path, mx: MaxjaxRunner, fields: dict, prompts: dict, ttft_prompt) -> dict:
+    """llama.cpp on the file and on its F32 copy, maxjax float32 and maxjax on the file's blocks, measured
+    alike in this run (batch 1 and 8 of the bench's batch sizes)."""
+    from llamacpp_peer import INSTALL_HINT, f32_copy, llamacpp_available, llamacpp_figures, peer_figures
+
+    if not llamacpp_available():
+        print(INSTALL_HINT, file=sys.stderr, flush=True)
+        return {"missing": INSTALL_HINT}
+    if Path(gguf).suffix != ".gguf" or args.dtype != "float32" or args.quantize or args.data_parallel > 1:
+        return {"skipped": "llama.cpp runs a float32 single-device comparison on a GGUF --model"}
+    peer = {b: p for b, p in prompts.items() if b in (1, 8)} or {min(prompts): prompts[min(prompts)]}
+    N = args.new_tokens
+    reference = np.array(list(mx.generate(peer[min(peer)], N).values()))
+    rows = {"maxjax float32": peer_figures(mx.generate, peer, N, ttft_prompt, args.repeats)}
+    quantized = MaxjaxRunner(gguf, dict(fields, quantize="gguf"))
+    rows["maxjax quantize=gguf (blocks kept)"] = peer_figures(quantized.generate, peer, N, ttft_prompt, args.repeats)
+    del quantized
+    files = {"f32": f32_copy(Path(gguf), Path(args.cache_dir) / "f32"), "q4": Path(gguf)}
+    cpp = llamacpp_figures(files, peer, N, ttft_prompt, args.llamacpp_threads, args.repeats, reference)
+    rows["llama.cpp F32 copy"] = cpp["f32"]
+    rows[f"llama.cpp {Path(gguf).name}"] = cpp["q4"]
+    return {"llamacpp": cpp, "rows": rows, "ttft_len": int(ttft_prompt.shape[1]),
+            "ratios_of": {"maxjax float32 / llama.cpp F32": ("maxjax float32", "llama.cpp F32 copy"),
+                          "maxjax gguf blocks / llama.cpp file": ("maxjax quantize=gguf (blocks kept)",
+                                                                  f"llama.cpp {Path(gguf).name}")}}
 
 
 def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int) -> dict:
@@ -418,6 +453,11 @@ def format_table(r: dict) -> str:
             lines.append(f"lazy start (no warmup, as the CLI) to first token: cold "
                          f"{s['lazy_cold']['start_to_first_output_s']:.1f} s, warm "
                          f"{s['lazy_warm']['start_to_first_output_s']:.1f} s")
+    peer = r.get("llamacpp_comparison")
+    if peer:
+        from llamacpp_peer import format_peer_table
+
+        lines += format_peer_table(peer) if "rows" in peer else [f"llama.cpp: {peer.get('missing') or peer['skipped']}"]
     la = r["machine"]
     lines.append(f"load average at start {la['load_average_start']}, at end {la['load_average_end']}")
     return "\n".join(lines)

@@ -43,6 +43,7 @@ share its cores and memory: such a run checks that the mesh works, its speed mea
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -378,10 +379,24 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def peer_figures(generate, prompts: dict[int, np.ndarray], new_tokens: int, ttft_prompt: np.ndarray,
+                 repeats: int) -> dict:
+    """Decode tokens/s per batch size and the time to first token of ``ttft_prompt`` for any system whose
+    ``generate(prompts, n)`` runs greedy to n new tokens (the first call of each shape is not timed)."""
+    out: dict = {"decode_tok_s": {}}
+    for batch, rows in prompts.items():
+        generate(rows, 2)
+        full, first = timed(lambda: generate(rows, new_tokens), repeats), timed(lambda: generate(rows, 1), repeats)
+        out["decode_tok_s"][batch] = decode_rate(batch, new_tokens, full, first)
+    generate(ttft_prompt, 1)
+    out["ttft_s"] = timed(lambda: generate(ttft_prompt, 1), max(3, repeats))
+    return out
+
+
 def llamacpp_comparison(args, gguf: Path, mx: MaxjaxRunner, fields: dict, prompts: dict, ttft_prompt) -> dict:
     """llama.cpp on the file and on its F32 copy, maxjax float32 and maxjax on the file's blocks, measured
     alike in this run (batch 1 and 8 of the bench's batch sizes)."""
-    from llamacpp_peer import INSTALL_HINT, f32_copy, llamacpp_available, llamacpp_figures, peer_figures
+    from llamacpp_peer import INSTALL_HINT, f32_copy, llamacpp_available, llamacpp_figures
 
     if not llamacpp_available():
         print(INSTALL_HINT, file=sys.stderr, flush=True)
@@ -390,13 +405,15 @@ def llamacpp_comparison(args, gguf: Path, mx: MaxjaxRunner, fields: dict, prompt
         return {"skipped": "llama.cpp runs a float32 single-device comparison on a GGUF --model"}
     peer = {b: p for b, p in prompts.items() if b in (1, 8)} or {min(prompts): prompts[min(prompts)]}
     N = args.new_tokens
+    measure = functools.partial(peer_figures, prompts=peer, new_tokens=N, ttft_prompt=ttft_prompt,
+                                repeats=args.repeats)
     reference = np.array(list(mx.generate(peer[min(peer)], N).values()))
-    rows = {"maxjax float32": peer_figures(mx.generate, peer, N, ttft_prompt, args.repeats)}
+    rows = {"maxjax float32": measure(mx.generate)}
     quantized = MaxjaxRunner(gguf, dict(fields, quantize="gguf"))
-    rows["maxjax quantize=gguf (blocks kept)"] = peer_figures(quantized.generate, peer, N, ttft_prompt, args.repeats)
+    rows["maxjax quantize=gguf (blocks kept)"] = measure(quantized.generate)
     del quantized
     files = {"f32": f32_copy(Path(gguf), Path(args.cache_dir) / "f32"), "q4": Path(gguf)}
-    cpp = llamacpp_figures(files, peer, N, ttft_prompt, args.llamacpp_threads, args.repeats, reference)
+    cpp = llamacpp_figures(files, peer, N, ttft_prompt, args.llamacpp_threads, measure, reference)
     rows["llama.cpp F32 copy"] = cpp["f32"]
     rows[f"llama.cpp {Path(gguf).name}"] = cpp["q4"]
     return {"llamacpp": cpp, "rows": rows, "ttft_len": int(ttft_prompt.shape[1]),

@@ -9,9 +9,8 @@ sequences decoded together in one ``llama_batch`` per step, time to first token 
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,11 +21,7 @@ INSTALL_HINT = ("llama.cpp is not installed: pip install llama-cpp-python (build
 
 
 def llamacpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def f32_copy(gguf_path: Path, cache_dir: Path) -> Path:
@@ -118,38 +113,17 @@ class LlamaCppRunner:
         return np.stack(tokens, axis=1)
 
 
-def peer_figures(generate: Callable[[np.ndarray, int], object], prompts: dict[int, np.ndarray], new_tokens: int,
-                 ttft_prompt: np.ndarray, repeats: int) -> dict:
-    """Decode tokens/s per batch size and the time to first token of ``ttft_prompt``, measured as maxjax's rows
-    (``generate(prompts, n)`` runs greedy to n new tokens; its first call of each shape is not timed)."""
-    def timed(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    out: dict = {"decode_tok_s": {}}
-    for batch, rows in prompts.items():
-        generate(rows, 2)
-        full, first = timed(lambda: generate(rows, new_tokens)), timed(lambda: generate(rows, 1))
-        out["decode_tok_s"][batch] = batch * (new_tokens - 1) / max(full - first, 1e-9)
-    generate(ttft_prompt, 1)
-    out["ttft_s"] = timed(lambda: generate(ttft_prompt, 1))
-    return out
-
-
 def llamacpp_figures(files: dict[str, Path], prompts: dict[int, np.ndarray], new_tokens: int,
-                     ttft_prompt: np.ndarray, threads: int, repeats: int, reference: np.ndarray) -> dict:
-    """llama.cpp on each of ``files`` ({label: GGUF}); ``reference`` is maxjax's float32 greedy tokens of the
-    batch-1 prompt, compared with each file's (the F32 copy must agree; 4-bit blocks may drift)."""
+                     ttft_prompt: np.ndarray, threads: int, measure: Callable, reference: np.ndarray) -> dict:
+    """llama.cpp on each of ``files`` ({label: GGUF}), its figures from ``measure(generate)`` (the bench's own
+    timing); ``reference`` is maxjax's float32 greedy tokens of the smallest batch, compared with each file's
+    (the F32 copy must agree; 4-bit blocks may drift)."""
     seq_len = max(prompts[max(prompts)].shape[1] + new_tokens, ttft_prompt.shape[1] + 1)
     result = {"threads": threads}
     for label, path in files.items():
         runner = LlamaCppRunner(path, threads, max(prompts), 1 << (seq_len - 1).bit_length())
         try:
-            figures = peer_figures(runner.generate, prompts, new_tokens, ttft_prompt, repeats)
+            figures = measure(runner.generate)
             ours = runner.generate(prompts[min(prompts)], reference.shape[1])
             figures["greedy_same_tokens_as_maxjax"] = float(np.mean(ours == reference))
         finally:

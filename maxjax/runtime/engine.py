@@ -160,11 +160,15 @@ class Engine:
                            inputs=abstract_signature((self.params, self.cache, self.counts)))
 
     def _load_stored(self, kind: str, shape: tuple[int, ...]):
-        program = self._store.load(self._store_key(kind, shape)) if self._store else None
-        if program is not None:
-            self._programs[(kind, shape)] = program
+        """The stored program of (kind, shape), or None. Safe to call from several threads."""
+        return self._store.load(self._store_key(kind, shape)) if self._store else None
+
+    def _add(self, kind: str, shape: tuple[int, ...], program: Any, loaded: bool) -> None:
+        self._programs[(kind, shape)] = program
+        if loaded:
             self.programs_loaded += 1
-        return program
+        else:
+            self._save(kind, shape, program)
 
     def _save(self, kind: str, shape: tuple[int, ...], program: Any) -> None:
         if self._store:
@@ -179,10 +183,11 @@ class Engine:
                 raise ValueError(f"no {kind} program for shape {shape}: the bucket policy allows {allowed}")
             start, hits = time.perf_counter(), cache_hit_count()
             program = self._load_stored(kind, shape)
-            if program is None:
+            loaded = program is not None
+            if not loaded:
                 log.info("compiling the %s program for shape %s (first use of this shape)...", kind, shape)
-                program = self._programs[key] = self._lower(kind, shape).compile()
-                self._save(kind, shape, program)
+                program = self._lower(kind, shape).compile()
+            self._add(kind, shape, program, loaded)
             how = "loaded from the compile cache" if cache_hit_count() > hits else "compiled"
             log.info("%s %s%s in %.1f s", how, kind, shape, time.perf_counter() - start)
         return program
@@ -197,13 +202,17 @@ class Engine:
 
     def warmup(self, workers: int | None = None) -> int:
         """Compiles every program the bucket policy can ask for, in parallel. Returns how many."""
-        todo = [(kind, shape) for kind, shape in self.all_shapes()
-                if (kind, shape) not in self._programs and self._load_stored(kind, shape) is None]
-        lowered = [self._lower(kind, shape) for kind, shape in todo]  # tracing holds the GIL: do it serially
+        todo = [(kind, shape) for kind, shape in self.all_shapes() if (kind, shape) not in self._programs]
         with ThreadPoolExecutor(max_workers=workers or max(1, len(todo))) as pool:
+            # Loading a stored executable runs outside the GIL: in parallel, as compiling does.
+            stored = list(pool.map(lambda kind_shape: self._load_stored(*kind_shape), todo))
+            for (kind, shape), program in zip(todo, stored):
+                if program is not None:
+                    self._add(kind, shape, program, loaded=True)
+            todo = [kind_shape for kind_shape, program in zip(todo, stored) if program is None]
+            lowered = [self._lower(kind, shape) for kind, shape in todo]  # tracing holds the GIL: do it serially
             for (kind, shape), program in zip(todo, pool.map(lambda low: low.compile(), lowered)):
-                self._programs[(kind, shape)] = program
-                self._save(kind, shape, program)
+                self._add(kind, shape, program, loaded=False)
         return len(self._programs)
 
     @property

@@ -18,7 +18,8 @@ Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a `
   maxjax runs through the public ``next_token`` protocol with multi-step decode (``num_steps``).
 * time to first token for a ``--ttft-len`` prompt, both systems;
 * device read bandwidth (the best of a jitted reduction, a jitted matrix-vector product and, on the CPU,
-  numpy on every core: machine.py) and the batch-1 roofline: weight bytes read per token / bandwidth;
+  numpy on every core: machine.py; with ``--llamacpp`` also the rate llama.cpp's F32 decode reads) and the
+  batch-1 roofline: weight bytes read per token / bandwidth;
 * device operations per decode step, counted in the compiled decode program (fusions, dots, copies, custom
   calls per loop iteration: a CPU-visible proxy for kernel launches and the per-step fixed cost);
 * load time of both systems and maxjax's compile time;
@@ -351,6 +352,11 @@ def main(argv: list[str] | None = None) -> dict:
         results["llamacpp_comparison"] = llamacpp_comparison(args, gguf, mx, fields, prompts, ttft_prompt)
     results["decode_step_ops"] = decode_step_ops(mx, batches[0], span)
     rates = read_bandwidth(0.25 if args.quick else (1.0 if on_cpu else 4.0))
+    if "rows" in results.get("llamacpp_comparison", {}):  # a real decode's read rate: a floor for the best
+        from llamacpp_peer import f32_read_rate
+
+        rates["llamacpp_f32_decode"] = f32_read_rate(results["llamacpp_comparison"]) or 0.0
+        rates["best"] = max(rates.values())
     roofline = rates["best"] / results["weight_bytes_per_token"]
     b1 = next((r for r in rows if r["batch"] == 1), None)
     results["bandwidth"] = {"read_GB_s": rates["best"] / 1e9, "kernels_GB_s": {k: v / 1e9 for k, v in rates.items()},
@@ -447,7 +453,8 @@ def format_table(r: dict) -> str:
                  + (f", HF {t['hf_s'] * 1e3:.0f} ms ({t['ratio']:.2f}x)" if "hf_s" in t else ""))
     bw = r["bandwidth"]
     frac = f"{bw['maxjax_fraction'] * 100:.0f}%" if bw["maxjax_fraction"] is not None else "n/a"
-    lines.append(f"read bandwidth {bw['read_GB_s']:.1f} GB/s, weights {r['weight_bytes_per_token'] / 1e6:.0f} MB/token"
+    kernels = ", ".join(f"{k} {v:.1f}" for k, v in bw["kernels_GB_s"].items() if k != "best")
+    lines.append(f"read bandwidth {bw['read_GB_s']:.1f} GB/s (best of {kernels}), weights {r['weight_bytes_per_token'] / 1e6:.0f} MB/token"
                  f" -> batch-1 roofline {bw['batch1_roofline_tok_s']:.1f} tok/s; maxjax at {frac}")
     h = r["host_overhead"]
     lines.append(f"host overhead per decode step (batch 1): {h['host_ms_per_step']:.2f} ms of "

@@ -132,6 +132,13 @@ def llamacpp_figures(files: dict[str, Path], prompts: dict[int, np.ndarray], new
     return result
 
 
+def f32_read_rate(comparison: dict) -> float | None:
+    """Bytes/s llama.cpp's batch-1 decode of the F32 copy reads (file bytes x tokens/s): memory bandwidth that a
+    real decode reaches, beside the read kernels of machine.py (None without a batch-1 figure)."""
+    f32 = comparison["llamacpp"]["f32"]
+    return f32["file_bytes"] * f32["decode_tok_s"][1] if 1 in f32["decode_tok_s"] else None
+
+
 def format_peer_table(r: dict) -> list[str]:
     """The llama.cpp comparison as lines of bench_generate's table."""
     cols = sorted({int(b) for fig in r["rows"].values() for b in fig["decode_tok_s"]})

@@ -164,14 +164,11 @@ class Engine:
         return self._store.load(self._store_key(kind, shape)) if self._store else None
 
     def _add(self, kind: str, shape: tuple[int, ...], program: Any, loaded: bool) -> None:
+        """Enters a program in the table; a freshly compiled one is also stored for the next process."""
         self._programs[(kind, shape)] = program
         if loaded:
             self.programs_loaded += 1
-        else:
-            self._save(kind, shape, program)
-
-    def _save(self, kind: str, shape: tuple[int, ...], program: Any) -> None:
-        if self._store:
+        elif self._store:
             self._store.save(self._store_key(kind, shape), program)
 
     def _program(self, kind: str, shape: tuple[int, ...]):

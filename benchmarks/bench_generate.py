@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["llamacpp_comparison"] = llamacpp_comparison(args, gguf, mx, fields, prompts, ttft_prompt)
     results["decode_step_ops"] = decode_step_ops(mx, batches[0], span)
     rates = read_bandwidth(0.25 if args.quick else (1.0 if on_cpu else 4.0))
-    if "rows" in results.get("llamacpp_comparison", {}):  # a real decode's read rate: a floor for the best
+    if "rows" in results.get("llamacpp_comparison", {}) and not args.quick:  # a real decode's read rate
         from llamacpp_peer import f32_read_rate
 
         rates["llamacpp_f32_decode"] = f32_read_rate(results["llamacpp_comparison"]) or 0.0

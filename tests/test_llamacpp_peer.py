@@ -1,5 +1,7 @@
 """benchmarks/llamacpp_peer.py: the F32 copy holds the same metadata and weights as its GGUF, and the bench's
---llamacpp quick mode runs with or without llama.cpp installed (no timing asserts: the machine is shared)."""
+--llamacpp quick mode runs without llama.cpp installed (no timing asserts: the machine is shared). With
+llama.cpp installed, `bench_generate.py --quick --llamacpp` checks that the F32 copy gives maxjax's greedy
+tokens (its table says so); that run is not part of the suite (it loads three more models)."""
 
 import json
 import runpy
@@ -13,7 +15,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from llamacpp_peer import f32_copy, llamacpp_available  # noqa: E402
+from llamacpp_peer import f32_copy  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -52,19 +54,16 @@ def test_f32_copy_keeps_metadata_and_dequantizes_every_tensor(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_llamacpp_quick(tmp_path, smollm2_gguf):
+def test_bench_quick_mode_without_llamacpp(tmp_path, smollm2_gguf, monkeypatch):
+    """--llamacpp where llama.cpp is not installed: the bench says how to install it and reports the rest."""
+    import llamacpp_peer
+
+    monkeypatch.setattr(llamacpp_peer, "llamacpp_available", lambda: False)
     main = runpy.run_path(str(BENCH / "bench_generate.py"))["main"]
     r = main(["--quick", "--model", str(smollm2_gguf), "--no-hf", "--no-start", "--llamacpp",
               "--cache-dir", str(tmp_path), "--json", str(tmp_path / "bench.json")])
-    assert json.loads((tmp_path / "bench.json").read_text())["llamacpp_comparison"] == json.loads(
-        json.dumps(r["llamacpp_comparison"]))
-    peer = r["llamacpp_comparison"]
-    if not llamacpp_available():
-        assert "pip install llama-cpp-python" in peer["missing"]
-        return
-    assert len(peer["rows"]) == 4
-    for figures in peer["rows"].values():
-        assert all(rate > 0 for rate in figures["decode_tok_s"].values()) and figures["ttft_s"] > 0
-    # The F32 copy holds maxjax's float32 weights: the same greedy tokens.
-    assert peer["llamacpp"]["f32"]["greedy_same_tokens_as_maxjax"] == 1.0
-    assert peer["llamacpp"]["f32"]["file_bytes"] > 4 * peer["llamacpp"]["q4"]["file_bytes"]
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert "pip install llama-cpp-python" in written["llamacpp_comparison"]["missing"]
+    assert not list(tmp_path.glob("**/*.gguf"))  # nothing written for a peer that cannot run
+    (row,) = r["decode"]
+    assert row["maxjax_decode_tok_s"] > 0 and r["compiles_during_timed_part"] == 0

@@ -34,9 +34,12 @@ def test_warm_process_loads_every_program_without_tracing(tmp_path):
     assert warm["loaded"] == warm["programs"] == 3
     assert warm["warmup_traces"] == 0 and warm["traces"] == 0  # nothing traced: not warm-up, not generation
     assert warm["tokens"] == cold["tokens"] and len(cold["tokens"]) == 8
-    changed = start(tmp_path, "8")  # another max_num_steps: another decode program, nothing may load
+    changed = start(tmp_path, "8")  # another max_num_steps: other keys, nothing may load
     assert changed["loaded"] == 0 and changed["warmup_traces"] >= 3
     assert changed["tokens"] == cold["tokens"]
+    # Its 2 decode programs were compiled and stored; its prefill program (the same HLO) came from XLA's cache
+    # and is not stored (re-serialized, such an executable can miss functions when loaded on the CPU).
+    assert len(list((tmp_path / "programs").glob("*.program"))) == 3 + 2
 
 
 def _program():

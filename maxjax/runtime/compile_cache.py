@@ -24,6 +24,7 @@ _compiles = 0
 _cache_hits = 0
 _traces = 0
 _listening = False
+_this_thread = threading.local()
 
 
 def _on_duration(event: str, duration: float, **_) -> None:
@@ -41,6 +42,7 @@ def _on_event(event: str, **_) -> None:
     if event == _CACHE_HIT_EVENT:
         with _lock:
             _cache_hits += 1
+        _this_thread.hits = getattr(_this_thread, "hits", 0) + 1  # the event fires in the compiling thread
 
 
 def compile_count() -> int:
@@ -60,6 +62,14 @@ def cache_hit_count() -> int:
     compile_count()
     with _lock:
         return _cache_hits
+
+
+def compile_noting_cache_hit(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
+    """Compiles ``lowered``; also says whether the executable came from the persistent cache (thread-safe)."""
+    compile_count()
+    before = getattr(_this_thread, "hits", 0)
+    compiled = lowered.compile()
+    return compiled, getattr(_this_thread, "hits", 0) > before
 
 
 def trace_count() -> int:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.runtime.compile_cache import cache_hit_count
+from maxjax.runtime.compile_cache import cache_hit_count, compile_noting_cache_hit
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.lora import LoraSlots
 from maxjax.runtime.mesh import make_mesh
@@ -163,13 +163,19 @@ class Engine:
         """The stored program of (kind, shape), or None. Safe to call from several threads."""
         return self._store.load(self._store_key(kind, shape)) if self._store else None
 
-    def _add(self, kind: str, shape: tuple[int, ...], program: Any, loaded: bool) -> None:
-        """Enters a program in the table; a freshly compiled one is also stored for the next process."""
+    def _add(self, kind: str, shape: tuple[int, ...], program: Any, how: str) -> None:
+        """Enters a program in the table (``how``: "stored", "xla-cache" or "compiled"); a freshly compiled one
+        is also stored for the next process. One from XLA's cache is not: on the CPU (jax 0.10) such an
+        executable, serialized again, misses some of its functions when it is loaded."""
         self._programs[(kind, shape)] = program
-        if loaded:
+        if how == "stored":
             self.programs_loaded += 1
-        elif self._store:
+        elif how == "compiled" and self._store:
             self._store.save(self._store_key(kind, shape), program)
+
+    def _compile(self, lowered: Any) -> tuple[Any, str]:
+        program, cache_hit = compile_noting_cache_hit(lowered)
+        return program, "xla-cache" if cache_hit else "compiled"
 
     def _program(self, kind: str, shape: tuple[int, ...]):
         key = (kind, shape)
@@ -179,12 +185,11 @@ class Engine:
             if shape not in allowed:
                 raise ValueError(f"no {kind} program for shape {shape}: the bucket policy allows {allowed}")
             start, hits = time.perf_counter(), cache_hit_count()
-            program = self._load_stored(kind, shape)
-            loaded = program is not None
-            if not loaded:
+            program, how = self._load_stored(kind, shape), "stored"
+            if program is None:
                 log.info("compiling the %s program for shape %s (first use of this shape)...", kind, shape)
-                program = self._lower(kind, shape).compile()
-            self._add(kind, shape, program, loaded)
+                program, how = self._compile(self._lower(kind, shape))
+            self._add(kind, shape, program, how)
             how = "loaded from the compile cache" if cache_hit_count() > hits else "compiled"
             log.info("%s %s%s in %.1f s", how, kind, shape, time.perf_counter() - start)
         return program
@@ -205,11 +210,11 @@ class Engine:
             stored = list(pool.map(lambda kind_shape: self._load_stored(*kind_shape), todo))
             for (kind, shape), program in zip(todo, stored):
                 if program is not None:
-                    self._add(kind, shape, program, loaded=True)
+                    self._add(kind, shape, program, "stored")
             todo = [kind_shape for kind_shape, program in zip(todo, stored) if program is None]
             lowered = [self._lower(kind, shape) for kind, shape in todo]  # tracing holds the GIL: do it serially
-            for (kind, shape), program in zip(todo, pool.map(lambda low: low.compile(), lowered)):
-                self._add(kind, shape, program, loaded=False)
+            for (kind, shape), (program, how) in zip(todo, pool.map(self._compile, lowered)):
+                self._add(kind, shape, program, how)
         return len(self._programs)
 
     @property

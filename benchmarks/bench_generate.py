@@ -19,7 +19,8 @@ Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a `
   maxjax runs through the public ``next_token`` protocol with multi-step decode (``num_steps``).
 * time to first token for a ``--ttft-len`` prompt, both systems;
 * device read bandwidth (the best of a jitted reduction, a jitted matrix-vector product and, on the CPU,
-  numpy on every core: machine.py) and the batch-1 roofline: weight bytes read per token / bandwidth;
+  numpy on every core: machine.py; with ``--llamacpp`` also the rate llama.cpp's F32 decode reads) and the
+  batch-1 roofline: weight bytes read per token / bandwidth;
 * device operations per decode step, counted in the compiled decode program (fusions, dots, copies, custom
   calls per loop iteration: a CPU-visible proxy for kernel launches and the per-step fixed cost);
 * load time of both systems and maxjax's compile time;
@@ -30,7 +31,11 @@ Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a `
   config (``warmup=True``) and producing its first output, with an empty vs a filled compile cache;
 * lazy start: the same without ``warmup()``, as the CLI runs (programs compile on first use): a fresh process
   to its first token, with an empty vs a filled compile cache;
-* load time against reading the raw file once (page cache warm after the first read).
+* load time against reading the raw file once (page cache warm after the first read);
+* ``--llamacpp``: llama.cpp (``llamacpp_peer.py``, 2 threads) on the same GGUF file (its own 4-bit blocks) and
+  on an F32 copy of the same weights (written once into ``--cache-dir``), beside maxjax float32 and maxjax
+  with the file's blocks kept (``quantize="gguf"``): decode tokens/s at batch 1 and for 8 sequences, time
+  to first token of the ``--ttft-len`` prompt.
 
 ``--end-to-end`` runs the default ``load_pipeline()`` (no runtime fields) as ``LLM`` and the server drive it
 (requests beyond its KV slots queue): end-to-end and decode tokens/s for ``--prompt-len`` 64 + ``--new-tokens``
@@ -45,6 +50,7 @@ share its cores and memory: such a run checks that the mesh works, its speed mea
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -251,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--no-start", action="store_true", help="skip the cold/warm start subprocesses")
     parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--llamacpp", action="store_true", help="add llama.cpp (llama-cpp-python) as a peer")
+    parser.add_argument("--llamacpp-threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes for tests (no meaningful figures)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--end-to-end", action="store_true",
@@ -350,8 +358,15 @@ def main(argv: list[str] | None = None) -> dict:
     results["host_overhead"] = mx.host_overhead(P, calls=max(1, min(4, (span - P - 1) // args.num_steps)))
     results["compiles_during_timed_part"] = compile_count() - compiles_before
 
+    if args.llamacpp:
+        results["llamacpp_comparison"] = llamacpp_comparison(args, gguf, mx, fields, prompts, ttft_prompt)
     results["decode_step_ops"] = decode_step_ops(mx, batches[0], span, split=not args.quick)
     rates = read_bandwidth(0.25 if args.quick else (1.0 if on_cpu else 4.0))
+    if "rows" in results.get("llamacpp_comparison", {}) and not args.quick:  # a real decode's read rate
+        from llamacpp_peer import f32_read_rate
+
+        rates["llamacpp_f32_decode"] = f32_read_rate(results["llamacpp_comparison"]) or 0.0
+        rates["best"] = max(rates.values())
     roofline = rates["best"] / results["weight_bytes_per_token"]
     b1 = next((r for r in rows if r["batch"] == 1), None)
     results["bandwidth"] = {"read_GB_s": rates["best"] / 1e9, "kernels_GB_s": {k: v / 1e9 for k, v in rates.items()},
@@ -378,6 +393,49 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def peer_figures(generate, prompts: dict[int, np.ndarray], new_tokens: int, ttft_prompt: np.ndarray,
+                 repeats: int) -> dict:
+    """Decode tokens/s per batch size and the time to first token of ``ttft_prompt`` for any system whose
+    ``generate(prompts, n)`` runs greedy to n new tokens (the first call of each shape is not timed)."""
+    out: dict = {"decode_tok_s": {}}
+    for batch, rows in prompts.items():
+        generate(rows, 2)
+        full, first = timed(lambda: generate(rows, new_tokens), repeats), timed(lambda: generate(rows, 1), repeats)
+        out["decode_tok_s"][batch] = decode_rate(batch, new_tokens, full, first)
+    generate(ttft_prompt, 1)
+    out["ttft_s"] = timed(lambda: generate(ttft_prompt, 1), max(3, repeats))
+    return out
+
+
+def llamacpp_comparison(args, gguf: Path, mx: MaxjaxRunner, fields: dict, prompts: dict, ttft_prompt) -> dict:
+    """llama.cpp on the file and on its F32 copy, maxjax float32 and maxjax on the file's blocks, measured
+    alike in this run (batch 1 and 8 of the bench's batch sizes)."""
+    from llamacpp_peer import INSTALL_HINT, f32_copy, llamacpp_available, llamacpp_figures
+
+    if not llamacpp_available():
+        print(INSTALL_HINT, file=sys.stderr, flush=True)
+        return {"missing": INSTALL_HINT}
+    if Path(gguf).suffix != ".gguf" or args.dtype != "float32" or args.quantize or args.data_parallel > 1:
+        return {"skipped": "llama.cpp runs a float32 single-device comparison on a GGUF --model"}
+    peer = {b: p for b, p in prompts.items() if b in (1, 8)} or {min(prompts): prompts[min(prompts)]}
+    N = args.new_tokens
+    measure = functools.partial(peer_figures, prompts=peer, new_tokens=N, ttft_prompt=ttft_prompt,
+                                repeats=args.repeats)
+    reference = np.array(list(mx.generate(peer[min(peer)], N).values()))
+    rows = {"maxjax float32": measure(mx.generate)}
+    quantized = MaxjaxRunner(gguf, dict(fields, quantize="gguf"))
+    rows["maxjax quantize=gguf (blocks kept)"] = measure(quantized.generate)
+    del quantized
+    files = {"f32": f32_copy(Path(gguf), Path(args.cache_dir) / "f32"), "q4": Path(gguf)}
+    cpp = llamacpp_figures(files, peer, N, ttft_prompt, args.llamacpp_threads, measure, reference)
+    rows["llama.cpp F32 copy"] = cpp["f32"]
+    rows[f"llama.cpp {Path(gguf).name}"] = cpp["q4"]
+    return {"llamacpp": cpp, "rows": rows, "ttft_len": int(ttft_prompt.shape[1]),
+            "ratios_of": {"maxjax float32 / llama.cpp F32": ("maxjax float32", "llama.cpp F32 copy"),
+                          "maxjax gguf blocks / llama.cpp file": ("maxjax quantize=gguf (blocks kept)",
+                                                                  f"llama.cpp {Path(gguf).name}")}}
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -561,7 +619,8 @@ def format_table(r: dict) -> str:
                  + (f", HF {t['hf_s'] * 1e3:.0f} ms ({t['ratio']:.2f}x)" if "hf_s" in t else ""))
     bw = r["bandwidth"]
     frac = f"{bw['maxjax_fraction'] * 100:.0f}%" if bw["maxjax_fraction"] is not None else "n/a"
-    lines.append(f"read bandwidth {bw['read_GB_s']:.1f} GB/s, weights {r['weight_bytes_per_token'] / 1e6:.0f} MB/token"
+    kernels = ", ".join(f"{k} {v:.1f}" for k, v in bw["kernels_GB_s"].items() if k != "best")
+    lines.append(f"read bandwidth {bw['read_GB_s']:.1f} GB/s (best of {kernels}), weights {r['weight_bytes_per_token'] / 1e6:.0f} MB/token"
                  f" -> batch-1 roofline {bw['batch1_roofline_tok_s']:.1f} tok/s; maxjax at {frac}")
     h = r["host_overhead"]
     lines.append(f"host overhead per decode step (batch 1): {h['host_ms_per_step']:.2f} ms of "
@@ -587,6 +646,11 @@ def format_table(r: dict) -> str:
             lines.append(f"lazy start (no warmup, as the CLI) to first token: cold "
                          f"{s['lazy_cold']['start_to_first_output_s']:.1f} s, warm "
                          f"{s['lazy_warm']['start_to_first_output_s']:.1f} s")
+    peer = r.get("llamacpp_comparison")
+    if peer:
+        from llamacpp_peer import format_peer_table
+
+        lines += format_peer_table(peer) if "rows" in peer else [f"llama.cpp: {peer.get('missing') or peer['skipped']}"]
     la = r["machine"]
     lines.append(f"load average at start {la['load_average_start']}, at end {la['load_average_end']}")
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 Why several kernels: one numpy thread summing a buffer reads well below what the memory system delivers
 (llama.cpp's float32 decode of SmolLM2 reads faster than that figure), so the roofline it implies is too
 low and a fraction of it flatters. The figure reported is the best of a jitted reduction and a jitted
-matrix-vector product on the device (what a decode step does), plus, on the CPU, numpy sums on every core.
+matrix-vector product on the device (what a decode step does), plus, on the CPU, numpy sums on every core
+and BLAS's threaded matrix-vector product.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _best_rate(fn, nbytes: int, repeats: int) -> float:
     return best
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> dict[str, float]:
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
     """Bytes/s read by each kernel over a ``gib`` GiB float32 buffer (larger than any cache), and the best."""
     import jax
     import jax.numpy as jnp
@@ -47,6 +48,9 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> dict[str, float]:
         with ThreadPoolExecutor(threads) as pool:
             rates[f"numpy_{threads}_threads"] = _best_rate(lambda: list(pool.map(np.sum, parts)), host_buf.nbytes,
                                                            repeats)
+        # BLAS's matrix-vector product (its own threads): the access pattern of a decode step, as llama.cpp runs it.
+        matrix, ones = host_buf.reshape(-1, cols), np.ones(cols, np.float32)
+        rates["numpy_blas_gemv"] = _best_rate(lambda: matrix @ ones, host_buf.nbytes, repeats)
     rates["best"] = max(rates.values())
     return rates
 

@@ -2,11 +2,13 @@
 
 The engine knows bucket shapes and packed row arrays, never requests or contexts. Every program is
 compiled ahead of time into a table keyed by its shape (``warmup``), or on first use; a shape that the
-bucket policy does not produce is an error, not a silent compile.
+bucket policy does not produce is an error, not a silent compile. Compiled programs are also serialized
+beside the compile cache (``program_store``), so the next process loads them without tracing the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -18,11 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.runtime.compile_cache import cache_hit_count
+from maxjax.runtime.compile_cache import cache_hit_count, compile_noting_cache_hit
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.lora import LoraSlots
 from maxjax.runtime.mesh import make_mesh
 from maxjax.runtime.precision import with_matmul_precision
+from maxjax.runtime.program_store import abstract_signature, default_store, program_key
 from maxjax.runtime.sharded import place_state, program_shardings, put_rows
 from maxjax.runtime.sampler import SamplingBatch
 from maxjax.runtime.steps import DecodeRows, PrefillRows, decode_step, prefill_step
@@ -117,6 +120,9 @@ class Engine:
                                                 scan_layers=config.scan_decode_layers)),
         }
         self._programs: dict[tuple, Any] = {}
+        # Serialized programs: single-device only (sharded executables are not serialized, see program_store).
+        self._store = default_store() if self.mesh is None and jax.process_count() == 1 else None
+        self.programs_loaded = 0  # programs this engine took from the store instead of tracing and compiling
 
     # -- program table -------------------------------------------------------------------------------
     def _example(self, kind: str, shape: tuple[int, ...]):
@@ -148,6 +154,30 @@ class Engine:
             return rows, sampling
         return put_rows(self.mesh, rows), put_rows(self.mesh, sampling)
 
+    def _store_key(self, kind: str, shape: tuple[int, ...]) -> str:
+        """Everything that decides the program, known without tracing it (see ``program_store``)."""
+        return program_key(kind=kind, shape=shape, arch=self.arch.__name__, model=repr(self.model_config),
+                           runtime=repr(dataclasses.replace(self.config, compile_cache_dir=None)),
+                           inputs=abstract_signature((self.params, self.cache, self.counts)))
+
+    def _load_stored(self, kind: str, shape: tuple[int, ...]):
+        """The stored program of (kind, shape), or None. Safe to call from several threads."""
+        return self._store.load(self._store_key(kind, shape)) if self._store else None
+
+    def _add(self, kind: str, shape: tuple[int, ...], program: Any, how: str) -> None:
+        """Enters a program in the table (``how``: "stored", "xla-cache" or "compiled"); a freshly compiled one
+        is also stored for the next process. One from XLA's cache is not: on the CPU (jax 0.10) such an
+        executable, serialized again, misses some of its functions when it is loaded."""
+        self._programs[(kind, shape)] = program
+        if how == "stored":
+            self.programs_loaded += 1
+        elif how == "compiled" and self._store:
+            self._store.save(self._store_key(kind, shape), program)
+
+    def _compile(self, lowered: Any) -> tuple[Any, str]:
+        program, cache_hit = compile_noting_cache_hit(lowered)
+        return program, "xla-cache" if cache_hit else "compiled"
+
     def _program(self, kind: str, shape: tuple[int, ...]):
         key = (kind, shape)
         program = self._programs.get(key)
@@ -156,8 +186,11 @@ class Engine:
             if shape not in allowed:
                 raise ValueError(f"no {kind} program for shape {shape}: the bucket policy allows {allowed}")
             start, hits = time.perf_counter(), cache_hit_count()
-            log.info("compiling the %s program for shape %s (first use of this shape)...", kind, shape)
-            program = self._programs[key] = self._lower(kind, shape).compile()
+            program, how = self._load_stored(kind, shape), "stored"
+            if program is None:
+                log.info("compiling the %s program for shape %s (first use of this shape)...", kind, shape)
+                program, how = self._compile(self._lower(kind, shape))
+            self._add(kind, shape, program, how)
             how = "loaded from the compile cache" if cache_hit_count() > hits else "compiled"
             log.info("%s %s%s in %.1f s", how, kind, shape, time.perf_counter() - start)
         return program
@@ -173,10 +206,16 @@ class Engine:
     def warmup(self, workers: int | None = None) -> int:
         """Compiles every program the bucket policy can ask for, in parallel. Returns how many."""
         todo = [(kind, shape) for kind, shape in self.all_shapes() if (kind, shape) not in self._programs]
-        lowered = [self._lower(kind, shape) for kind, shape in todo]  # tracing holds the GIL: do it serially
         with ThreadPoolExecutor(max_workers=workers or max(1, len(todo))) as pool:
-            for (kind, shape), program in zip(todo, pool.map(lambda low: low.compile(), lowered)):
-                self._programs[(kind, shape)] = program
+            # Loading a stored executable runs outside the GIL: in parallel, as compiling does.
+            stored = list(pool.map(lambda kind_shape: self._load_stored(*kind_shape), todo))
+            for (kind, shape), program in zip(todo, stored):
+                if program is not None:
+                    self._add(kind, shape, program, "stored")
+            todo = [kind_shape for kind_shape, program in zip(todo, stored) if program is None]
+            lowered = [self._lower(kind, shape) for kind, shape in todo]  # tracing holds the GIL: do it serially
+            for (kind, shape), (program, how) in zip(todo, pool.map(self._compile, lowered)):
+                self._add(kind, shape, program, how)
         return len(self._programs)
 
     @property

@@ -73,6 +73,9 @@ class RuntimeConfig:
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be an integer in [1, 16], got "
                              f"{self.num_speculative_tokens!r}")
+        if self.speculative is not None and self.tensor_parallel * self.data_parallel > 1:
+            raise ValueError("speculative: speculative decoding is not served on a mesh yet (tensor_parallel x "
+                             "data_parallel must be 1)")
         if not isinstance(self.max_loras, int) or self.max_loras < 0:
             raise ValueError(f"max_loras must be a non-negative integer, got {self.max_loras!r}")
         if not 0 <= self.max_logprobs <= 100:

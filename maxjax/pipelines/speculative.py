@@ -28,9 +28,12 @@ from maxjax.pipelines.text import host_logprobs
 from maxjax.runtime.config import bucket_for
 from maxjax.runtime.engine import Engine, empty_sampling, empty_verify_rows
 
-MIN_ACCEPTED = 0.5  # accepted drafts per verify round below which drafting costs more than it saves
-PAUSE_TOKENS = 32  # how long a row that stopped paying decodes plainly before it drafts again
-EMA_WEIGHT = 0.3  # weight of the latest round in the acceptance average
+# A verify call of SmolLM2 at batch 1 costs about 1.65 decode steps on a 2-core CPU (benchmarks/
+# bench_speculative.py reports the break-even): drafting pays above ~0.65 accepted drafts per verify round.
+MIN_ACCEPTED = 0.7  # accepted drafts per verify round below which a row stops drafting
+PAUSE_TOKENS = 64  # how long a row that stopped paying decodes plainly before it drafts again
+EMA_WEIGHT = 0.5  # weight of the latest round in the acceptance average
+START_ACCEPTED = 1.5  # the average a row starts (and resumes) with: two fruitless rounds pause it
 
 
 def make_drafter(config: Any, draft_engine: Engine | None) -> Any:
@@ -122,8 +125,8 @@ class SpeculativeDecoding:
         self.stats["drafted"] += drafted
         self.stats["accepted"] += accepted
         rid = ctx.request_id
-        average = (1 - EMA_WEIGHT) * self._accepted.get(rid, float(self.k)) + EMA_WEIGHT * accepted
+        average = (1 - EMA_WEIGHT) * self._accepted.get(rid, START_ACCEPTED) + EMA_WEIGHT * accepted
         self._accepted[rid] = average
         if average < MIN_ACCEPTED:
             self._resume_at[rid] = ctx.num_generated + PAUSE_TOKENS
-            self._accepted[rid] = float(self.k)  # a fresh start when it resumes
+            self._accepted[rid] = START_ACCEPTED  # a fresh start when it resumes

@@ -15,7 +15,7 @@ CODE = "".join(f"def scale_{n}(values):\n    return [v * {n} for v in values]\n\
 PROMPTS = {
     "rewrite": dict(messages=[{"role": "user", "content": "Repeat this sentence three times: the quick brown fox "
                                                           "jumps over the lazy dog."}]),
-    "code": dict(prompt=CODE + "def scale_4(values):\n"),
+    "code": dict(prompt=CODE + "def scale_4(values):\n    return"),
     "chat": dict(messages=[{"role": "user", "content": "What is the capital of France?"}]),
     "raw": dict(prompt="The three primary colors are"),
 }
@@ -42,17 +42,21 @@ def self_drafter(pipe, smollm2_gguf):
     return DraftModelDrafter(load_draft_engine(smollm2_gguf, pipeline.engine.model_config, config))
 
 
-def generate(pipe, names, drafter=None, num_steps=8, **fields):
-    """{name: (tokens, final status, visible text or None)}; drafter None: speculation off."""
+def generate(pipe, requests, drafter=None, num_steps=8):
+    """{name: (tokens, final status, visible text or None)} for {name: request fields} (``max_new_tokens`` and
+    ``sampling``: SamplingParams fields); drafter None: speculation off."""
     tokenizer, pipeline = pipe
     speculative = pipeline.speculative
     if drafter is not None:
         speculative.drafter = drafter
     pipeline.speculative = speculative if drafter is not None else None
-    params = SamplingParams(max_new_tokens=fields.pop("max_new_tokens", 40), **fields.pop("sampling", {}))
-    contexts = {n: tokenizer.build_context(TextGenerationRequest(n, 0, "smollm2", sampling_params=params,
-                                                                 **PROMPTS[n], **fields)) for n in names}
-    tokens = {n: [] for n in names}
+    contexts = {}
+    for name, fields in requests.items():
+        fields = dict(fields)
+        params = SamplingParams(max_new_tokens=fields.pop("max_new_tokens", 20), **fields.pop("sampling", {}))
+        contexts[name] = tokenizer.build_context(TextGenerationRequest(name, 0, "smollm2", sampling_params=params,
+                                                                       **PROMPTS[name], **fields))
+    tokens = {n: [] for n in contexts}
     try:
         while not all(c.is_done for c in contexts.values()):
             live = {n: c for n, c in contexts.items() if not c.is_done}
@@ -69,27 +73,29 @@ def generate(pipe, names, drafter=None, num_steps=8, **fields):
 
 
 def test_greedy_identical_with_speculation(pipe, self_drafter):
-    names = list(PROMPTS)
-    reference = generate(pipe, names)
+    everything = {name: {} for name in PROMPTS}
+    reference = generate(pipe, everything)
     ngram = NgramDrafter()
-    assert generate(pipe, names, ngram) == reference  # batch 4
+    assert generate(pipe, everything, ngram) == reference  # batch 4
     stats = pipe[1].speculative.stats
     assert 0 < stats["accepted"] < stats["drafted"]  # accepted drafts and rejections, then decode goes on
-    for name in ("rewrite", "chat"):  # batch 1
-        assert generate(pipe, [name], ngram, num_steps=5) == {name: reference[name]}
-    assert generate(pipe, names, self_drafter) == reference
-    assert generate(pipe, ["code"], self_drafter, num_steps=3) == {"code": reference["code"]}
+    assert generate(pipe, {"rewrite": {}}, ngram, num_steps=5) == {"rewrite": reference["rewrite"]}  # batch 1
+    assert generate(pipe, everything, self_drafter) == reference
+    code = {"code": dict(max_new_tokens=12)}
+    assert generate(pipe, code, self_drafter, num_steps=3)["code"][0] == reference["code"][0][:12]
 
 
 def test_stops_eos_lengths_and_json_rows_as_without_speculation(pipe):
-    cases = [
-        (["rewrite", "code"], dict(stop=["fox jumps", "* 4"])),  # stop strings
-        (["chat", "raw"], dict(max_new_tokens=60)),  # eos ends the chat answer
-        (["code", "rewrite"], dict(max_new_tokens=7)),
-        (["chat"], dict(response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
-                        max_new_tokens=30)),
-        (["raw", "code"], dict(sampling=dict(repetition_penalty=1.2, min_new_tokens=10), max_new_tokens=20)),
+    schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}
+    batches = [
+        {"rewrite": dict(stop=["fox jumps"]),  # a stop string
+         "chat": dict(max_new_tokens=30),  # eos ends the answer
+         "code": dict(max_new_tokens=7),  # drafts longer than what is left
+         "raw": dict(sampling=dict(repetition_penalty=1.2, min_new_tokens=10), max_new_tokens=16)},
+        {"chat": dict(response_format=schema, max_new_tokens=30),  # no drafts: beside a drafting row
+         "code": dict(stop=["* 4"], max_new_tokens=30)},
     ]
-    for names, fields in cases:
-        expected = generate(pipe, names, **dict(fields))
-        assert generate(pipe, names, NgramDrafter(), **dict(fields)) == expected, fields
+    for requests in batches:
+        expected = generate(pipe, requests)
+        assert generate(pipe, requests, NgramDrafter()) == expected
+    assert expected["code"][2].rstrip().endswith("[v") and expected["chat"][1].name == "END_OF_SEQUENCE"

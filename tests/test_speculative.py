@@ -17,7 +17,7 @@ from scipy import stats
 from maxjax.architectures import llama
 from maxjax.context import TextContext
 from maxjax.interfaces import SamplingParams, TextGenerationInputs
-from maxjax.pipelines.drafters import DraftModelDrafter, ngram_draft
+from maxjax.pipelines.drafters import DraftModelDrafter, NgramDrafter, ngram_draft
 from maxjax.pipelines.text import TextGenerationPipeline
 from maxjax.runtime.compile_cache import compile_count
 from maxjax.runtime.config import RuntimeConfig
@@ -74,17 +74,6 @@ class BadDrafter:
         pass
 
 
-def run(pipeline, contexts, num_steps):
-    out = {rid: [] for rid in contexts}
-    while any(not c.is_done for c in contexts.values()):
-        live = {rid: c for rid, c in contexts.items() if not c.is_done}
-        for rid, o in pipeline.next_token(TextGenerationInputs(live, num_steps)).items():
-            out[rid] += o.tokens
-    for rid in contexts:
-        pipeline.release(rid)
-    return out
-
-
 def contexts(prompts, max_new=20, **params):
     return {f"r{i}": TextContext(f"r{i}", p, max_length=RUNTIME.max_seq_len,
                                  sampling_params=SamplingParams(max_new_tokens=max_new, **params))
@@ -102,26 +91,27 @@ def _prompts(seed):
     return [PROMPT[:12], rng.integers(0, CFG.vocab_size, 9), np.tile(PROMPT[:3], 3), rng.integers(0, 32, 14)]
 
 
-def test_greedy_identical_with_ngram_and_draft_model(engine, draft_engine):
+def test_greedy_identical_with_ngram_and_draft_model(engine, draft_engine, run_requests):
     prompts = _prompts(0)
-    reference = run(plain(engine), contexts(prompts), 4)
+    reference = run_requests(plain(engine), contexts(prompts), 4)
     ngram = TextGenerationPipeline(engine)
-    assert run(ngram, contexts(prompts), 4) == reference
+    assert run_requests(ngram, contexts(prompts), 4) == reference
     assert 0 < ngram.speculative.stats["accepted"] < ngram.speculative.stats["drafted"]  # accepts and rejections
     drafted = TextGenerationPipeline(engine)
     drafted.speculative.drafter = DraftModelDrafter(draft_engine)  # what speculative="draft" builds
-    assert run(drafted, contexts(prompts), 3) == reference
+    assert run_requests(drafted, contexts(prompts), 3) == reference
     # one at a time, and with penalties (their counts include the drafts before each position)
     for i, prompt in enumerate(prompts[:2]):
-        assert run(ngram, contexts([prompt]), 2)["r0"] == reference[f"r{i}"]
+        assert run_requests(ngram, contexts([prompt]), 2)["r0"] == reference[f"r{i}"]
     penalised = dict(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2, min_new_tokens=5)
-    assert run(ngram, contexts(prompts, **penalised), 4) == run(plain(engine), contexts(prompts, **penalised), 4)
+    expected = run_requests(plain(engine), contexts(prompts, **penalised), 4)
+    assert run_requests(ngram, contexts(prompts, **penalised), 4) == expected
 
 
 @pytest.fixture(scope="module")
-def sample_prompt(engine):
+def sample_prompt(engine, run_requests):
     """PROMPT and its greedy continuation (a loop): n-gram drafts from it are often right."""
-    greedy = run(plain(engine), contexts([PROMPT], max_new=8), 4)["r0"]
+    greedy = run_requests(plain(engine), contexts([PROMPT], max_new=8), 4)["r0"]
     return np.concatenate([PROMPT, greedy]).astype(np.int32)
 
 
@@ -177,8 +167,8 @@ def test_sampled_tokens_follow_the_target_distribution(engine, params, sample_pr
     """The first two sampled tokens (t1 from prefill, t2 from the first verify round: an accepted draft or a
     resampled token) over 2400 seeds against the exact joint p(t1) p(t2 | t1)."""
     pipeline = TextGenerationPipeline(engine)
-    if drafter == "bad":
-        pipeline.speculative.drafter = BadDrafter(seed=0)
+    # every row drafts: n-grams from one token on, or random tokens
+    pipeline.speculative.drafter = BadDrafter(seed=0) if drafter == "bad" else NgramDrafter(min_ngram=1)
     pairs = _sampled_pairs(pipeline, sample_prompt, 2400, temperature=0.8, top_k=6, presence_penalty=0.7)
     assert all(len(p) == 2 for p in pairs)
     spec = pipeline.speculative.stats
@@ -189,10 +179,10 @@ def test_sampled_tokens_follow_the_target_distribution(engine, params, sample_pr
     assert _chi_square_p(pairs, _exact_first_two(params, sample_prompt, 0.8, 6, 0.0)) < 1e-4
 
 
-def test_stops_lengths_logprobs_exact_and_no_compiles_after_warmup(engine, sample_prompt):
+def test_stops_lengths_logprobs_exact_and_no_compiles_after_warmup(engine, sample_prompt, run_requests):
     before = compile_count()
     prompts = _prompts(3)
-    eos = int(run(plain(engine), contexts(prompts[:1], max_new=8), 4)["r0"][3])  # a token it will generate
+    eos = int(run_requests(plain(engine), contexts(prompts[:1], max_new=8), 4)["r0"][3])  # a token it generates
     mixes = [
         (dict(max_new=7), 4),
         (dict(max_new=11, top_k=4, temperature=0.7, seed=3), 3),
@@ -200,8 +190,8 @@ def test_stops_lengths_logprobs_exact_and_no_compiles_after_warmup(engine, sampl
         (dict(max_new=12, min_new_tokens=6, stop_token_ids=[eos], top_k=0, seed=1), 2),
     ]
     for params, steps in mixes:
-        expected = run(plain(engine), contexts(prompts, **params), steps)
-        got = run(TextGenerationPipeline(engine), contexts(prompts, **params), steps)
+        expected = run_requests(plain(engine), contexts(prompts, **params), steps)
+        got = run_requests(TextGenerationPipeline(engine), contexts(prompts, **params), steps)
         if "seed" not in params:  # sampled rows draw differently with speculation: lengths and stops still hold
             assert got == expected
         for tokens in got.values():
@@ -245,3 +235,32 @@ def test_bad_configurations_name_the_field(engine):
         TextGenerationPipeline(draft)
     with pytest.raises(ValueError, match="draft_model"):
         TextGenerationPipeline(engine, draft_engine=draft)  # ngram does not take a draft model
+
+
+def test_load_and_cli_options_check_the_draft_model_first():
+    from maxjax.cli import build_parser
+    from maxjax.pipelines.registry import load_text_pipeline
+
+    for fields in (dict(speculative="ngram", draft_model="small.gguf"), dict(speculative="draft"),
+                   dict(draft_model="small.gguf")):
+        with pytest.raises(ValueError, match="draft_model"):
+            load_text_pipeline("no/such/model.gguf", **fields)  # refused before any weights are read
+    args = build_parser().parse_args(["generate", "hi", "--speculative", "draft", "--num-speculative-tokens", "3",
+                                      "--draft-model", "small.gguf"])
+    assert (args.speculative, args.num_speculative_tokens, args.draft_model) == ("draft", 3, "small.gguf")
+
+
+def test_draft_model_from_a_folder_must_share_the_vocabulary(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from maxjax.pipelines.registry import load_draft_engine
+
+    def save(name, vocab):
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    draft = load_draft_engine(save("same", CFG.vocab_size), CFG, dataclasses.replace(RUNTIME, speculative="draft"))
+    assert draft.vocab_size == CFG.vocab_size and draft.config.speculative is None
+    with pytest.raises(ValueError, match="draft_model: its vocabulary size 48"):
+        load_draft_engine(save("other", 48), CFG, dataclasses.replace(RUNTIME, speculative="draft"))

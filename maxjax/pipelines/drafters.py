@@ -16,7 +16,7 @@ from maxjax.runtime.engine import Engine, empty_decode_rows, empty_prefill_rows,
 from maxjax.runtime.slots import SlotAllocator
 
 
-def ngram_draft(tokens: np.ndarray, k: int, max_ngram: int = 3, min_ngram: int = 1) -> np.ndarray:
+def ngram_draft(tokens: np.ndarray, k: int, max_ngram: int = 3, min_ngram: int = 2) -> np.ndarray:
     """Prompt lookup: the k tokens that followed the most recent earlier occurrence of the sequence's last n
     tokens, trying the longest n first (empty when nothing matches)."""
     for n in range(max_ngram, min_ngram - 1, -1):
@@ -32,9 +32,10 @@ def ngram_draft(tokens: np.ndarray, k: int, max_ngram: int = 3, min_ngram: int =
 
 class NgramDrafter:
     """Proposes continuations of repeated n-grams from the request's own tokens (prompt and output): free to
-    run, and right often where the output copies its input (editing, summarising, code, RAG)."""
+    run, and right often where the output copies its input (editing, summarising, code, RAG). A single
+    repeated token is no evidence (in free text it is mostly a common word): matches start at two tokens."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def propose(self, work: list[tuple[TextContext, int]]) -> list[np.ndarray]:

@@ -70,6 +70,9 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     if unknown:
         raise ValueError(f"unknown runtime config field(s) {unknown}; see maxjax.runtime.config.RuntimeConfig")
     config = RuntimeConfig(**runtime)
+    if (draft_model is None) != (config.speculative != "draft"):  # checked before any weights are read
+        raise ValueError(f"draft_model is needed with speculative='draft' and only then (speculative="
+                         f"{config.speculative!r}, draft_model={draft_model!r})")
     enable_compile_cache(config.compile_cache_dir)
     mesh = make_mesh(config)
     if mesh is None:
@@ -98,8 +101,6 @@ def load_draft_engine(draft_model: str | Path | None, target_config: Any, config
     """The speculative draft model's own Engine (params, KV cache slots, programs), or None without one."""
     if draft_model is None:
         return None
-    if config.speculative != "draft":
-        raise ValueError(f"draft_model is only used with speculative='draft', got speculative={config.speculative!r}")
     import dataclasses
 
     from maxjax.architectures import llama

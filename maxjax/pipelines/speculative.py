@@ -22,8 +22,7 @@ import numpy as np
 
 from maxjax.context import TextContext
 from maxjax.pipelines.drafters import DraftModelDrafter, NgramDrafter
-from maxjax.pipelines.rows import decode_budget, fill_sampling_row
-from maxjax.pipelines.structured import fill_bitmask
+from maxjax.pipelines.rows import decode_budget
 from maxjax.pipelines.text import host_logprobs
 from maxjax.runtime.config import bucket_for
 from maxjax.runtime.engine import Engine, empty_sampling, empty_verify_rows
@@ -32,8 +31,8 @@ from maxjax.runtime.engine import Engine, empty_sampling, empty_verify_rows
 # bench_speculative.py reports the break-even): drafting pays above ~0.65 accepted drafts per verify round.
 MIN_ACCEPTED = 0.7  # accepted drafts per verify round below which a row stops drafting
 PAUSE_TOKENS = 64  # how long a row that stopped paying decodes plainly before it drafts again
-EMA_WEIGHT = 0.5  # weight of the latest round in the acceptance average
-START_ACCEPTED = 1.5  # the average a row starts (and resumes) with: two fruitless rounds pause it
+EMA_WEIGHT = 0.3  # weight of the latest round in the acceptance average
+START_ACCEPTED = 2.0  # the average a row starts (and resumes) with: three fruitless rounds pause it
 
 
 def make_drafter(config: Any, draft_engine: Engine | None) -> Any:
@@ -103,13 +102,7 @@ class SpeculativeDecoding:
             rows["start"][r] = ctx.end_idx - 1
             rows["num_drafts"][r] = n
             rows["active"][r] = True
-            rows["slots"][r] = ctx.cache_seq_id
-            rows["num_generated"][r] = ctx.num_generated
-            rows["logprobs"][r] = ctx.log_probabilities > 0
-            rows["lora_index"][r] = self.engine.lora_slot(ctx.lora_name)
-            fill_sampling_row(sampling, r, ctx)
-            if ctx.matcher is not None:
-                fill_bitmask(ctx.matcher, sampling["bitmask"], r)
+            self.pipeline.pack_generating_row(rows, sampling, r, ctx)
         tokens, lp = self.engine.verify(rows, sampling, kv_len)
         tokens = np.asarray(tokens)  # [B, K + 1]
         if rows["logprobs"].any():  # host arrays laid out [K + 1, B, ...] as decode's

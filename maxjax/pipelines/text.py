@@ -315,17 +315,21 @@ class TextGenerationPipeline:
         for r, (ctx, budget) in enumerate(work):
             rows["tokens"][r] = ctx.all_tokens[-1]
             rows["positions"][r] = ctx.end_idx - 1
-            rows["slots"][r] = ctx.cache_seq_id
             rows["steps"][r] = budget
-            rows["num_generated"][r] = ctx.num_generated
-            rows["logprobs"][r] = ctx.log_probabilities > 0
-            rows["lora_index"][r] = self.engine.lora_slot(ctx.lora_name)
-            fill_sampling_row(sampling, r, ctx)
-            if ctx.matcher is not None:
-                fill_bitmask(ctx.matcher, sampling["bitmask"], r)
+            self.pack_generating_row(rows, sampling, r, ctx)
         tokens, lp = self.engine.decode(rows, sampling, kv_len)
         self._apply_tokens([ctx for ctx, _ in work], np.asarray(tokens),  # the one device -> host copy
                            host_logprobs(lp) if rows["logprobs"].any() else None)
+
+    def pack_generating_row(self, rows: dict, sampling: dict, r: int, ctx: TextContext) -> None:
+        """The fields a decode and a verify row share: slot, counts, logprobs, adapter, sampling, grammar mask."""
+        rows["slots"][r] = ctx.cache_seq_id
+        rows["num_generated"][r] = ctx.num_generated
+        rows["logprobs"][r] = ctx.log_probabilities > 0
+        rows["lora_index"][r] = self.engine.lora_slot(ctx.lora_name)
+        fill_sampling_row(sampling, r, ctx)
+        if ctx.matcher is not None:
+            fill_bitmask(ctx.matcher, sampling["bitmask"], r)
 
     def _apply_tokens(self, contexts: list[TextContext], tokens: np.ndarray, lp: tuple | None) -> None:
         """Host tokens [N, B] (-1: none) and log-probabilities of a decode or verify call, row r for contexts[r]."""

@@ -25,7 +25,12 @@ from maxjax.interfaces import SamplingParams, TextGenerationInputs, TextGenerati
 PARAGRAPH = ("The old lighthouse stood at the edge of the cliff, its white paint peeling after years of storms. "
              "Every evening the keeper climbed the spiral stairs, lit the great lamp, and watched the ships pass "
              "safely through the narrow channel. The villagers said that the light had never failed, not even "
-             "during the great winter storm, when the waves rose higher than the church tower.")
+             "during the great winter storm, when the waves rose higher than the church tower. In spring the keeper "
+             "painted the railings, oiled the clockwork that turned the lens, and wrote the weather in a thick "
+             "leather book. Children from the village came on Sundays to count the steps, and each of them "
+             "swore there were more on the way down than on the way up. When the keeper grew old, his daughter "
+             "learned to trim the wick and wind the clock, and the light went on turning, night after night, "
+             "long after the ships had radios and no longer needed it.")
 TASKS = {
     "rewrite": dict(chat=True, prompt="Rewrite this paragraph exactly, but replace 'lighthouse' with 'tower' "
                                       "and 'keeper' with 'guard':\n\n" + PARAGRAPH),

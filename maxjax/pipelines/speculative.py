@@ -10,8 +10,9 @@ overwritten by later passes.
 Drafting is per row and adaptive: a row drafts at most as many tokens as it may still generate minus one;
 rows with a grammar (``json_schema``) never draft (their bitmask is exact only for the first position); and a
 row whose accepted drafts per round (an exponential moving average) fall below ``MIN_ACCEPTED`` stops
-drafting for ``PAUSE_TOKENS`` tokens. A round in which no row drafts hands the remaining rounds to the plain
-multi-step decode program, which is far cheaper per token than one verify call per token.
+drafting for ``PAUSE_TOKENS`` tokens. A round in which no row drafts runs the plain multi-step decode program
+instead (far cheaper per token than one verify call per token): for the rest of the call when every row
+stopped drafting, for ``NO_DRAFT_STEPS`` steps when a drafter merely found nothing this time.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from maxjax.runtime.engine import Engine, empty_sampling, empty_verify_rows
 MIN_ACCEPTED = 0.7  # accepted drafts per verify round below which a row stops drafting
 PAUSE_TOKENS = 64  # how long a row that stopped paying decodes plainly before it drafts again
 EMA_WEIGHT = 0.3  # weight of the latest round in the acceptance average
+NO_DRAFT_STEPS = 4  # plain decode steps before a row whose drafter found nothing asks again
 START_ACCEPTED = 2.0  # the average a row starts (and resumes) with: three fruitless rounds pause it
 
 
@@ -75,12 +77,17 @@ class SpeculativeDecoding:
             wanted = [(ctx, self._num_drafts(ctx)) for ctx in live]
             asked = [(ctx, k) for ctx, k in wanted if k > 0]
             drafts = dict(zip([ctx.request_id for ctx, _ in asked], self.drafter.propose(asked)))
-            if not any(d.size for d in drafts.values()):
-                self.pipeline._decode_work([(ctx, decode_budget(ctx, rounds[ctx.request_id])) for ctx in live])
-                return
-            self._verify(live, drafts)
+            steps = 1
+            if any(d.size for d in drafts.values()):
+                self._verify(live, drafts)
+            else:  # nothing to verify: plain multi-step decode, briefly if some row may find a draft soon
+                steps = max(rounds[ctx.request_id] for ctx in live)
+                if asked:
+                    steps = min(steps, NO_DRAFT_STEPS)
+                self.pipeline._decode_work([(ctx, decode_budget(ctx, min(steps, rounds[ctx.request_id])))
+                                            for ctx in live])
             for ctx in live:
-                rounds[ctx.request_id] -= 1
+                rounds[ctx.request_id] -= steps
 
     def _num_drafts(self, ctx: TextContext) -> int:
         if ctx.matcher is not None or ctx.num_generated < self._resume_at.get(ctx.request_id, 0):

@@ -84,7 +84,7 @@ class SpeculativeDecoding:
                 steps = max(rounds[ctx.request_id] for ctx in live)
                 if asked:
                     steps = min(steps, NO_DRAFT_STEPS)
-                self.pipeline._decode_work([(ctx, decode_budget(ctx, min(steps, rounds[ctx.request_id])))
+                self.pipeline.decode_work([(ctx, decode_budget(ctx, min(steps, rounds[ctx.request_id])))
                                             for ctx in live])
             for ctx in live:
                 rounds[ctx.request_id] -= steps
@@ -114,7 +114,7 @@ class SpeculativeDecoding:
         tokens = np.asarray(tokens)  # [B, K + 1]
         if rows["logprobs"].any():  # host arrays laid out [K + 1, B, ...] as decode's
             lp = tuple(np.swapaxes(a, 0, 1) for a in host_logprobs(lp))
-        self.pipeline._apply_tokens(live, tokens.T, lp if rows["logprobs"].any() else None)
+        self.pipeline.apply_tokens(live, tokens.T, lp if rows["logprobs"].any() else None)
         for r, (ctx, n) in enumerate(zip(live, counts)):
             if n:
                 self._record(ctx, n, int((tokens[r] >= 0).sum()) - 1)

@@ -23,6 +23,9 @@ Generation features (all are data to the compiled programs: none compiles anythi
   constrained row runs one step per device call (``num_steps`` calls, masks filled in between); batches
   without one keep multi-step decode. Constrained and free rows share the same programs.
 * **Tools**: ``tool_parser`` parses a finished text into tool calls (``maxjax.pipelines.tools``).
+* **Speculative decoding** (runtime ``speculative="ngram"|"draft"``): drafted tokens are verified in one device
+  call per round, so a call may return up to ``num_steps x (K + 1)`` tokens per row; the host loop lives in
+  ``maxjax.pipelines.speculative`` (``self.speculative``; None: off).
 * **LoRA adapters** (``ctx.lora_name``, runtime ``max_loras > 0``): each row carries its adapter's slot into
   the programs, so rows with different adapters and base rows share one batch. ``add_lora`` / ``remove_lora``
   change the resident adapters between calls without compiling anything.
@@ -286,9 +289,9 @@ class TextGenerationPipeline:
         if self.speculative is not None:
             self.speculative.decode([(ctx, num_steps - (ctx.request_id in prefilled)) for ctx in live])
             return
-        self._decode_work([(ctx, decode_budget(ctx, num_steps - (ctx.request_id in prefilled))) for ctx in live])
+        self.decode_work([(ctx, decode_budget(ctx, num_steps - (ctx.request_id in prefilled))) for ctx in live])
 
-    def _decode_work(self, work: list[tuple[TextContext, int]]) -> None:
+    def decode_work(self, work: list[tuple[TextContext, int]]) -> None:
         """Plain decode of (context, tokens it may generate) pairs."""
         work = [(ctx, b) for ctx, b in work if b > 0]
         if not any(ctx.matcher is not None for ctx, _ in work):
@@ -318,7 +321,7 @@ class TextGenerationPipeline:
             rows["steps"][r] = budget
             self.pack_generating_row(rows, sampling, r, ctx)
         tokens, lp = self.engine.decode(rows, sampling, kv_len)
-        self._apply_tokens([ctx for ctx, _ in work], np.asarray(tokens),  # the one device -> host copy
+        self.apply_tokens([ctx for ctx, _ in work], np.asarray(tokens),  # the one device -> host copy
                            host_logprobs(lp) if rows["logprobs"].any() else None)
 
     def pack_generating_row(self, rows: dict, sampling: dict, r: int, ctx: TextContext) -> None:
@@ -331,7 +334,7 @@ class TextGenerationPipeline:
         if ctx.matcher is not None:
             fill_bitmask(ctx.matcher, sampling["bitmask"], r)
 
-    def _apply_tokens(self, contexts: list[TextContext], tokens: np.ndarray, lp: tuple | None) -> None:
+    def apply_tokens(self, contexts: list[TextContext], tokens: np.ndarray, lp: tuple | None) -> None:
         """Host tokens [N, B] (-1: none) and log-probabilities of a decode or verify call, row r for contexts[r]."""
         for r, ctx in enumerate(contexts):
             for s in range(tokens.shape[0]):

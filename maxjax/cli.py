@@ -47,6 +47,10 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                         help="load the PEFT LoRA adapter folder PATH as NAME (repeatable)")
     parser.add_argument("--lora-name", default=None, help="generate with this adapter (default: the first --lora)")
+    parser.add_argument("--speculative", default=None, choices=["ngram", "draft"],
+                        help="speculative decoding: n-gram prompt lookup, or a --draft-model")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts verified per step (K)")
+    parser.add_argument("--draft-model", default=None, help="draft model for --speculative draft (same vocabulary)")
 
 
 def _lora_adapters(args) -> dict[str, str]:
@@ -79,7 +83,9 @@ def _load_llm(args, max_batch_size: int = 1):
                max_batch_size=max(max_batch_size, args.data_parallel),  # every "data" shard holds a slot
                max_seq_len=args.max_seq_len, dtype=args.dtype, matmul_precision=args.matmul_precision,
                quantize=args.quantize, lora_adapters=_lora_adapters(args), tensor_parallel=args.tensor_parallel,
-               data_parallel=args.data_parallel)  # LLM reports loading on stderr
+               data_parallel=args.data_parallel, speculative=args.speculative,
+               num_speculative_tokens=args.num_speculative_tokens,
+               draft_model=args.draft_model)  # LLM reports loading on stderr
 
 
 def _read_json_schema(path: str) -> dict:

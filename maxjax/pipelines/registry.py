@@ -45,14 +45,15 @@ def serve_lora_adapters(pipeline: Any, tokenizer: Any, adapters: list[Any]) -> N
 
 def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False, progress: bool = False,
                        lora_adapters: Mapping[str, str | Path] | None = None,
-                       **runtime: Any) -> tuple[Any, "TextGenerationPipeline"]:
+                       draft_model: str | Path | None = None, **runtime: Any) -> tuple[Any, "TextGenerationPipeline"]:
     """Tokenizer and TokenGenerator for a Llama-family model (see ``maxjax.load_model`` for ``model``).
 
     ``runtime`` holds ``RuntimeConfig`` fields (``max_batch_size``, ``max_seq_len``, ``dtype``, ...).
     Programs compile on first use (and land in the persistent compile cache); ``warmup=True`` compiles all
     of them now, after which no request mix compiles anything. ``progress=True`` shows a bar while the
     weights are read. ``lora_adapters`` ({name: PEFT folder}) are loaded and servable by
-    ``lora_name``; ``max_loras`` / ``max_lora_rank`` default to fit them.
+    ``lora_name``; ``max_loras`` / ``max_lora_rank`` default to fit them. ``draft_model`` (with
+    ``speculative="draft"``) is the speculative draft model, anything ``load_model`` takes, same vocabulary.
     """
     import dataclasses
 
@@ -70,6 +71,9 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     if unknown:
         raise ValueError(f"unknown runtime config field(s) {unknown}; see maxjax.runtime.config.RuntimeConfig")
     config = RuntimeConfig(**runtime)
+    if (draft_model is None) != (config.speculative != "draft"):  # checked before any weights are read
+        raise ValueError(f"draft_model is needed with speculative='draft' and only then (speculative="
+                         f"{config.speculative!r}, draft_model={draft_model!r})")
     enable_compile_cache(config.compile_cache_dir)
     mesh = make_mesh(config)
     if mesh is None:
@@ -86,11 +90,32 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     tokenizer = loaded.tokenizer
     tokenizer.max_length = min(tokenizer.max_length, config.max_seq_len)
     pipeline = TextGenerationPipeline(Engine(llama, loaded.config, loaded.params, config,
-                                               layout=llama_sharding), tokenizer, loaded.name)
+                                               layout=llama_sharding), tokenizer, loaded.name,
+                                      draft_engine=load_draft_engine(draft_model, loaded.config, config))
     serve_lora_adapters(pipeline, tokenizer, adapters)
     if warmup:
         pipeline.warmup()
     return tokenizer, pipeline
+
+
+def load_draft_engine(draft_model: str | Path | None, target_config: Any, config: Any) -> Any:
+    """The speculative draft model's own Engine (params, KV cache slots, programs), or None without one."""
+    if draft_model is None:
+        return None
+    import dataclasses
+
+    from maxjax.architectures import llama
+    from maxjax.models import load_model
+    from maxjax.runtime.engine import Engine
+
+    draft = load_model(draft_model, dtype=config.dtype, tokenizer=False, matmul_precision=config.matmul_precision)
+    if draft.config.vocab_size != target_config.vocab_size:
+        raise ValueError(f"draft_model: its vocabulary size {draft.config.vocab_size} differs from the target's "
+                         f"{target_config.vocab_size}")
+    # Greedy drafting of up to num_speculative_tokens tokens per call; no LoRA, no speculation of its own.
+    draft_runtime = dataclasses.replace(config, speculative=None, max_loras=0, quantize=None,
+                                        max_num_steps=max(config.max_num_steps, config.num_speculative_tokens))
+    return Engine(llama, draft.config, draft.params, draft_runtime)
 
 
 def load_pipeline(model: str | Path | None = None, task: PipelineTask | str = PipelineTask.TEXT_GENERATION,

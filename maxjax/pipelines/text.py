@@ -23,6 +23,9 @@ Generation features (all are data to the compiled programs: none compiles anythi
   constrained row runs one step per device call (``num_steps`` calls, masks filled in between); batches
   without one keep multi-step decode. Constrained and free rows share the same programs.
 * **Tools**: ``tool_parser`` parses a finished text into tool calls (``maxjax.pipelines.tools``).
+* **Speculative decoding** (runtime ``speculative="ngram"|"draft"``): drafted tokens are verified in one device
+  call per round, so a call may return up to ``num_steps x (K + 1)`` tokens per row; the host loop lives in
+  ``maxjax.pipelines.speculative`` (``self.speculative``; None: off).
 * **LoRA adapters** (``ctx.lora_name``, runtime ``max_loras > 0``): each row carries its adapter's slot into
   the programs, so rows with different adapters and base rows share one batch. ``add_lora`` / ``remove_lora``
   change the resident adapters between calls without compiling anything.
@@ -49,7 +52,7 @@ def _log_probabilities(token_lp: float, top_ids: np.ndarray, top_values: np.ndar
                             top_log_probabilities=[{int(i): float(v) for i, v in zip(top_ids[:n], top_values[:n])}])
 
 
-def _host_logprobs(lp: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def host_logprobs(lp: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A device ``LogProbs`` as host arrays (one copy each; never index device arrays: that compiles)."""
     return np.asarray(lp.token), np.asarray(lp.top_ids), np.asarray(lp.top_values)
 
@@ -61,7 +64,8 @@ class TextGenerationPipeline:
     tool-call parsing; plain token generation never detokenizes.
     """
 
-    def __init__(self, engine: Engine, tokenizer: Any = None, model_name: str = ""):
+    def __init__(self, engine: Engine, tokenizer: Any = None, model_name: str = "",
+                 draft_engine: Engine | None = None):
         self.engine = engine
         self.config = engine.config
         self.tokenizer = tokenizer
@@ -71,10 +75,16 @@ class TextGenerationPipeline:
         self._stops: dict[str, tuple[TextContext, StopChecker]] = {}
         self._echo: dict[str, list[LogProbabilities]] = {}
         self._grammar: GrammarCompiler | None = None
+        self.speculative = None  # SpeculativeDecoding when config.speculative is set (draft_engine: "draft")
+        if self.config.speculative is not None or draft_engine is not None:
+            from maxjax.pipelines.speculative import SpeculativeDecoding, make_drafter
+
+            self.speculative = SpeculativeDecoding(self, make_drafter(self.config, draft_engine))
 
     def warmup(self) -> int:
-        """Compiles every program the bucket policy can ask for; returns the number of programs."""
-        return self.engine.warmup()
+        """Compiles every program the bucket policy can ask for (the draft model's too); returns how many."""
+        drafter = 0 if self.speculative is None else self.speculative.drafter.warmup()
+        return self.engine.warmup() + drafter
 
     # -- TokenGenerator ------------------------------------------------------------------------------
     def next_token(self, inputs: TextGenerationInputs) -> dict[str, TextGenerationOutput]:
@@ -105,12 +115,16 @@ class TextGenerationPipeline:
         for rid in request_ids:
             if self.slots.slot_of(rid) is not None:
                 self.release(rid)
+            if self.speculative is not None:
+                self.speculative.release(rid)
             self._stops.pop(rid, None)
             self._echo.pop(rid, None)
 
     def release(self, request_id: str) -> None:
         """Frees the request's KV cache slot and its stop checker. Unknown ids raise ValueError."""
         self.slots.release(request_id)
+        if self.speculative is not None:
+            self.speculative.release(request_id)
         ctx = self._contexts.pop(request_id, None)
         self._stops.pop(request_id, None)
         self._echo.pop(request_id, None)
@@ -230,8 +244,8 @@ class TextGenerationPipeline:
                 self._pack_prefill_row(rows, sampling, r, ctx, n)
             first, first_lp, echo_lp = self.engine.prefill(rows, sampling, kv_len)
             first = np.asarray(first)
-            first_lp = _host_logprobs(first_lp) if (rows["logprobs"] & rows["samples"]).any() else None
-            echo_lp = _host_logprobs(echo_lp) if (rows["echo_targets"] >= 0).any() else None
+            first_lp = host_logprobs(first_lp) if (rows["logprobs"] & rows["samples"]).any() else None
+            echo_lp = host_logprobs(echo_lp) if (rows["echo_targets"] >= 0).any() else None
             for r, (ctx, n) in enumerate(zip(group, chunks)):
                 if echo_lp is not None and wants_echo(ctx):
                     self._echo.setdefault(ctx.request_id, []).extend(
@@ -283,7 +297,13 @@ class TextGenerationPipeline:
 
     # -- decode ----------------------------------------------------------------------------------------
     def _decode(self, live: list[TextContext], num_steps: int, prefilled: set[str]) -> None:
-        work = [(ctx, decode_budget(ctx, num_steps - (ctx.request_id in prefilled))) for ctx in live]
+        if self.speculative is not None:
+            self.speculative.decode([(ctx, num_steps - (ctx.request_id in prefilled)) for ctx in live])
+            return
+        self.decode_work([(ctx, decode_budget(ctx, num_steps - (ctx.request_id in prefilled))) for ctx in live])
+
+    def decode_work(self, work: list[tuple[TextContext, int]]) -> None:
+        """Plain decode of (context, tokens it may generate) pairs."""
         work = [(ctx, b) for ctx, b in work if b > 0]
         if not any(ctx.matcher is not None for ctx, _ in work):
             if work:
@@ -309,19 +329,26 @@ class TextGenerationPipeline:
         for r, (ctx, budget) in enumerate(work):
             rows["tokens"][r] = ctx.all_tokens[-1]
             rows["positions"][r] = ctx.end_idx - 1
-            rows["slots"][r] = ctx.cache_seq_id
             rows["steps"][r] = budget
-            rows["num_generated"][r] = ctx.num_generated
-            rows["logprobs"][r] = ctx.log_probabilities > 0
-            rows["lora_index"][r] = self.engine.lora_slot(ctx.lora_name)
-            fill_sampling_row(sampling, r, ctx)
-            if ctx.matcher is not None:
-                fill_bitmask(ctx.matcher, sampling["bitmask"], r)
+            self.pack_generating_row(rows, sampling, r, ctx)
         tokens, lp = self.engine.decode(rows, sampling, kv_len)
-        tokens = np.asarray(tokens)  # [N, B]: the one device -> host copy on the plain path
-        lp = _host_logprobs(lp) if rows["logprobs"].any() else None
-        for r, (ctx, budget) in enumerate(work):
-            for s in range(budget):
+        self.apply_tokens([ctx for ctx, _ in work], np.asarray(tokens),  # the one device -> host copy
+                           host_logprobs(lp) if rows["logprobs"].any() else None)
+
+    def pack_generating_row(self, rows: dict, sampling: dict, r: int, ctx: TextContext) -> None:
+        """The fields a decode and a verify row share: slot, counts, logprobs, adapter, sampling, grammar mask."""
+        rows["slots"][r] = ctx.cache_seq_id
+        rows["num_generated"][r] = ctx.num_generated
+        rows["logprobs"][r] = ctx.log_probabilities > 0
+        rows["lora_index"][r] = self.engine.lora_slot(ctx.lora_name)
+        fill_sampling_row(sampling, r, ctx)
+        if ctx.matcher is not None:
+            fill_bitmask(ctx.matcher, sampling["bitmask"], r)
+
+    def apply_tokens(self, contexts: list[TextContext], tokens: np.ndarray, lp: tuple | None) -> None:
+        """Host tokens [N, B] (-1: none) and log-probabilities of a decode or verify call, row r for contexts[r]."""
+        for r, ctx in enumerate(contexts):
+            for s in range(tokens.shape[0]):
                 token = int(tokens[s, r])
                 if token < 0:
                     break

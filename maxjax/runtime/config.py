@@ -67,12 +67,22 @@ class RuntimeConfig:
     max_lora_rank: int = 16  # adapters of higher rank are refused; lower ranks are zero-padded to this
     tensor_parallel: int = 1  # devices on the mesh's "model" axis (heads, MLP width, vocabulary)
     data_parallel: int = 1  # devices on the mesh's "data" axis (KV cache slots, batch rows)
+    speculative: str | None = None  # "ngram" (prompt lookup) or "draft" (a draft model): see pipelines/speculative
+    num_speculative_tokens: int = 4  # K: drafts verified per row in one verify program
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "max_num_steps", "max_stop_ids", "max_lora_rank",
                      "tensor_parallel", "data_parallel"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.speculative not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative must be None, 'ngram' or 'draft', got {self.speculative!r}")
+        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be an integer in [1, 16], got "
+                             f"{self.num_speculative_tokens!r}")
+        if self.speculative is not None and self.tensor_parallel * self.data_parallel > 1:
+            raise ValueError("speculative: speculative decoding is not served on a mesh yet (tensor_parallel x "
+                             "data_parallel must be 1)")
         if not isinstance(self.max_loras, int) or self.max_loras < 0:
             raise ValueError(f"max_loras must be a non-negative integer, got {self.max_loras!r}")
         if not 0 <= self.max_logprobs <= 100:
@@ -127,6 +137,12 @@ class RuntimeConfig:
     def decode_shapes(self) -> list[tuple[int, int]]:
         """Every (batch, attention span) a decode program is compiled for."""
         return [(b, s) for b in self.batch_buckets for s in self.length_buckets]
+
+    def verify_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (batch, 1 + num_speculative_tokens, attention span) a verify program is compiled for."""
+        if self.speculative is None:
+            return []
+        return [(b, 1 + self.num_speculative_tokens, s) for b in self.batch_buckets for s in self.length_buckets]
 
     def prefill_shapes(self) -> list[tuple[int, int, int]]:
         """Every (batch, chunk length, attention span) a prefill program is compiled for: short chunks at their

@@ -29,6 +29,7 @@ from maxjax.runtime.program_store import abstract_signature, default_store, prog
 from maxjax.runtime.sharded import place_state, program_shardings, put_rows
 from maxjax.runtime.sampler import SamplingBatch
 from maxjax.runtime.steps import DecodeRows, PrefillRows, decode_step, prefill_step
+from maxjax.runtime.verify import VerifyRows, verify_step
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,19 @@ def empty_decode_rows(num_rows: int) -> dict[str, np.ndarray]:
     )
 
 
+def empty_verify_rows(num_rows: int, positions: int) -> dict[str, np.ndarray]:
+    return dict(
+        tokens=np.zeros((num_rows, positions), np.int32),
+        start=np.zeros(num_rows, np.int32),
+        num_drafts=np.zeros(num_rows, np.int32),
+        active=np.zeros(num_rows, bool),
+        slots=np.zeros(num_rows, np.int32),
+        num_generated=np.zeros(num_rows, np.int32),
+        logprobs=np.zeros(num_rows, bool),
+        lora_index=np.zeros(num_rows, np.int32),
+    )
+
+
 class Engine:
     """Owns the device state of one model and runs its prefill/decode programs.
 
@@ -118,6 +132,9 @@ class Engine:
                                                  scan_layers=config.scan_prefill_layers)),
             "decode": precise(functools.partial(decode_step, arch, self.model_config, k, config.max_num_steps,
                                                 scan_layers=config.scan_decode_layers)),
+            # Verify is bound by reading the weights like decode: it follows decode's layer layout.
+            "verify": precise(functools.partial(verify_step, arch, self.model_config, k,
+                                                scan_layers=config.scan_decode_layers)),
         }
         self._programs: dict[tuple, Any] = {}
         # Serialized programs: single-device only (sharded executables are not serialized, see program_store).
@@ -129,12 +146,14 @@ class Engine:
         sampling = SamplingBatch(**empty_sampling(shape[0], self.vocab_size, self.config.max_stop_ids))
         if kind == "prefill":
             rows = PrefillRows(**empty_prefill_rows(shape[0], shape[1]))
+        elif kind == "verify":
+            rows = VerifyRows(**empty_verify_rows(shape[0], shape[1]))
         else:
             rows = DecodeRows(**empty_decode_rows(shape[0]))
         return rows, sampling
 
     def lower(self, kind: str, shape: tuple[int, ...]) -> jax.stages.Lowered:
-        """The ``kind`` ("prefill"/"decode") program of ``shape`` before compilation, for inspecting its text."""
+        """The ``kind`` (prefill/decode/verify) program of ``shape`` before compilation, to inspect its text."""
         return self._lower(kind, shape)
 
     def _lower(self, kind: str, shape: tuple[int, ...]):
@@ -182,7 +201,8 @@ class Engine:
         key = (kind, shape)
         program = self._programs.get(key)
         if program is None:
-            allowed = self.config.prefill_shapes() if kind == "prefill" else self.config.decode_shapes()
+            allowed = {"prefill": self.config.prefill_shapes, "decode": self.config.decode_shapes,
+                       "verify": self.config.verify_shapes}[kind]()
             if shape not in allowed:
                 raise ValueError(f"no {kind} program for shape {shape}: the bucket policy allows {allowed}")
             start, hits = time.perf_counter(), cache_hit_count()
@@ -201,7 +221,8 @@ class Engine:
 
     def all_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return ([("prefill", s) for s in self.config.prefill_shapes()]
-                + [("decode", s) for s in self.config.decode_shapes()])
+                + [("decode", s) for s in self.config.decode_shapes()]
+                + [("verify", s) for s in self.config.verify_shapes()])
 
     def warmup(self, workers: int | None = None) -> int:
         """Compiles every program the bucket policy can ask for, in parallel. Returns how many."""
@@ -258,4 +279,11 @@ class Engine:
         program = self._program("decode", (rows["tokens"].shape[0], kv_len))
         self.cache, self.counts, tokens, lp = program(
             self.params, self.cache, self.counts, *self._rows(DecodeRows(**rows), SamplingBatch(**sampling)))
+        return tokens, lp
+
+    def verify(self, rows: dict[str, np.ndarray], sampling: dict[str, np.ndarray], kv_len: int):
+        """Runs one speculative verify program; returns device arrays (tokens [B, K + 1], LogProbs [B, K + 1])."""
+        program = self._program("verify", rows["tokens"].shape + (kv_len,))
+        self.cache, self.counts, tokens, lp = program(
+            self.params, self.cache, self.counts, *self._rows(VerifyRows(**rows), SamplingBatch(**sampling)))
         return tokens, lp

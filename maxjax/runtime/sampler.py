@@ -163,6 +163,29 @@ def argmax(x: jax.Array) -> jax.Array:
     return jnp.minimum(first, size - 1).astype(jnp.int32)
 
 
+def processed_logits(logits: jax.Array, counts: jax.Array, num_generated: jax.Array,
+                     s: SamplingBatch) -> jax.Array:
+    """Steps 1-4 of the order above: penalties, the min-tokens stop mask and the grammar bitmask.
+
+    Greedy rows take the argmax of these; sampled rows draw from ``filter_logits`` of them. ``sample`` and
+    the speculative verify step (``maxjax.runtime.verify``) share this, so both see the same distribution.
+    """
+    vocab = logits.shape[-1]
+    logits = apply_penalties(logits, counts, s)
+    logits = mask_stop_ids(logits, s.stop_ids, num_generated < s.min_tokens)
+    return jnp.where(unpack_bitmask(s.bitmask, vocab), logits, NEG_INF)
+
+
+def greedy_rows(s: SamplingBatch) -> jax.Array:
+    """bool [B]: rows that take the argmax (top_k == 1 or temperature == 0)."""
+    return (s.top_k == 1) | (s.temperature == 0)
+
+
+def row_keys(seed: jax.Array, num_generated: jax.Array) -> jax.Array:
+    """Per-row random keys ``fold_in(key(seed), num_generated)``: a row's draw depends on its own state only."""
+    return jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(seed, num_generated)
+
+
 def sample(logits: jax.Array, counts: jax.Array, num_generated: jax.Array,
            s: SamplingBatch) -> jax.Array:
     """Next token ids ``[B]`` from float32 ``logits [B, V]``.
@@ -171,17 +194,15 @@ def sample(logits: jax.Array, counts: jax.Array, num_generated: jax.Array,
     were generated (it selects the random stream and the min-tokens mask).
     """
     vocab = logits.shape[-1]
-    logits = apply_penalties(logits, counts, s)
-    logits = mask_stop_ids(logits, s.stop_ids, num_generated < s.min_tokens)
-    logits = jnp.where(unpack_bitmask(s.bitmask, vocab), logits, NEG_INF)
-    greedy_rows = (s.top_k == 1) | (s.temperature == 0)
+    logits = processed_logits(logits, counts, num_generated, s)
+    greedy_row = greedy_rows(s)
     greedy = argmax(logits)  # [B]
 
     def draw(logits):
         filtered = filter_logits(logits, s)
-        keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(s.seed, num_generated)
+        keys = row_keys(s.seed, num_generated)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
         return argmax(filtered + gumbel)
 
-    drawn = jax.lax.cond(jnp.all(greedy_rows), lambda _: greedy, draw, logits)
-    return jnp.where(greedy_rows, greedy, drawn)
+    drawn = jax.lax.cond(jnp.all(greedy_row), lambda _: greedy, draw, logits)
+    return jnp.where(greedy_row, greedy, drawn)

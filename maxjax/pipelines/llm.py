@@ -83,6 +83,7 @@ class LLM:
     under the rule of ``resolve_sampling``. ``progress=True`` (default) reports loading and each program's
     compilation (or load from the compile cache) on stderr.
     ``lora_adapters={name: PEFT folder}`` loads LoRA adapters; ``generate(..., lora_name=name)`` uses one.
+    ``speculative="ngram"`` (or ``"draft"`` with ``draft_model=``) turns on speculative decoding.
     """
 
     def __init__(self, model: str | Path | None = None, *, chat: bool = True, progress: bool = True,

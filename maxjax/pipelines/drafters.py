@@ -100,15 +100,14 @@ class DraftModelDrafter:
             slot = self.slots.slot_of(ctx.request_id)
             while cached < tokens.size:
                 n = min(tokens.size - cached, cfg.max_prefill_len)
-                prefill = empty_prefill_rows(cfg.prefill_batch_buckets[0],
-                                             bucket_for(n, cfg.prefill_lengths, "prefill chunk length"))
+                length, kv_len = cfg.prefill_shape(n, cached + n)
+                prefill = empty_prefill_rows(cfg.prefill_batch_buckets[0], length)
                 prefill["tokens"][0, :n] = tokens[cached:cached + n]
                 prefill["positions"][0, :n] = np.arange(cached, cached + n)
                 prefill["slots"][0] = slot
                 prefill["last_index"][0] = n - 1
                 prefill["samples"][0] = cached + n == tokens.size
                 sampling = empty_sampling(prefill["tokens"].shape[0], self.engine.vocab_size, cfg.max_stop_ids)
-                kv_len = bucket_for(cached + n, cfg.length_buckets, "sequence length")
                 token, _, _ = self.engine.prefill(prefill, sampling, kv_len)
                 cached += n
             first[ctx.request_id] = int(np.asarray(token)[0])

@@ -236,10 +236,10 @@ class TextGenerationPipeline:
         """Encodes the prompts of ``pending`` chunk by chunk; returns the ids that sampled their first token."""
         sampled: set[str] = set()
         while pending:
-            group, length, kv_len, pending = self._next_prefill_group(pending)
+            group, num_rows, length, kv_len, pending = self._next_prefill_group(pending)
             chunks = [min(ctx.active_length, self.config.max_prefill_len) for ctx in group]
-            rows = empty_prefill_rows(len(group), length)
-            sampling = empty_sampling(len(group), self.engine.vocab_size, self.config.max_stop_ids)
+            rows = empty_prefill_rows(num_rows, length)
+            sampling = empty_sampling(num_rows, self.engine.vocab_size, self.config.max_stop_ids)
             for r, (ctx, n) in enumerate(zip(group, chunks)):
                 self._pack_prefill_row(rows, sampling, r, ctx, n)
             first, first_lp, echo_lp = self.engine.prefill(rows, sampling, kv_len)
@@ -262,21 +262,23 @@ class TextGenerationPipeline:
                 sampled.add(ctx.request_id)
         return sampled
 
-    def _next_prefill_group(self, pending: list[TextContext]) -> tuple[list[TextContext], int, int, list]:
-        """The rows of the next prefill call, its (chunk length, span), and the rows left for later calls.
+    def _next_prefill_group(self, pending: list[TextContext]) -> tuple[list[TextContext], int, int, int, list]:
+        """The rows of the next prefill call, its (batch bucket, chunk length, span), and the rows left for later
+        calls.
 
         Rows share a call only when their chunks need the same program shape, so a short prompt never pays for
-        a long one's chunk or span; a call takes the largest batch bucket its rows fill (no padding rows:
-        prefill computes every row, so padding costs as much as a prompt).
+        a long one's chunk or span; a call takes the largest batch bucket its rows fill (padding rows only when
+        they fill none: prefill computes every row, so padding costs as much as a prompt).
         """
         cfg = self.config
         shapes = [cfg.prefill_shape(n, ctx.start_idx + n)
                   for ctx, n in ((c, min(c.active_length, cfg.max_prefill_len)) for c in pending)]
         length, kv_len = shapes[0]
         same = [i for i, shape in enumerate(shapes) if shape == (length, kv_len)]
-        num_rows = max(b for b in cfg.prefill_rows_per_call(length, kv_len) if b <= len(same))
+        buckets = cfg.prefill_rows_per_call(length, kv_len)
+        num_rows = max((b for b in buckets if b <= len(same)), default=buckets[0])  # else padded up to buckets[0]
         taken = set(same[:num_rows])
-        return ([pending[i] for i in sorted(taken)], length, kv_len,
+        return ([pending[i] for i in sorted(taken)], num_rows, length, kv_len,
                 [ctx for i, ctx in enumerate(pending) if i not in taken])
 
     def _pack_prefill_row(self, rows, sampling, r: int, ctx: TextContext, n: int) -> None:

@@ -146,11 +146,12 @@ class RuntimeConfig:
 
     def prefill_shapes(self) -> list[tuple[int, int, int]]:
         """Every (batch, chunk length, attention span) a prefill program is compiled for: short chunks at their
-        own span, ``max_prefill_len`` chunks at every span; several rows only up to ``max_prefill_len`` tokens."""
+        own span, ``max_prefill_len`` chunks at every span; more rows than the smallest batch bucket only up to
+        ``max_prefill_len`` tokens."""
         return [(b, t, s) for b in self.prefill_batch_buckets for t in self.prefill_lengths
                 for s in self.length_buckets
                 if (s == self.span_of(t) or (t == self.max_prefill_len and s >= t))
-                and (b == 1 or (b * t <= self.max_prefill_len and s == self.span_of(t)))]
+                and (b == self.prefill_batch_buckets[0] or (b * t <= self.max_prefill_len and s == self.span_of(t)))]
 
     def prefill_shape(self, num_tokens: int, end: int) -> tuple[int, int]:
         """(chunk length, span) of the program that prefills ``num_tokens`` tokens ending at position ``end - 1``."""

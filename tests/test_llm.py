@@ -43,6 +43,20 @@ def test_more_prompts_than_slots_queue_and_keep_order(llm):
     assert llm.pipeline.slots.num_free == 2
 
 
+def test_a_failed_call_reports_its_own_error_and_frees_every_slot(llm, monkeypatch):
+    def broken_decode(*args, **kwargs):
+        raise RuntimeError("device fault")
+
+    monkeypatch.setattr(llm.pipeline, "_decode", broken_decode)
+    with pytest.raises(RuntimeError, match="device fault"):  # not a second error from releasing twice
+        llm.generate(["Name a fruit.", "What is 2 + 2?", "Hi"], max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="device fault"):
+        list(llm.stream("Name a fruit.", max_new_tokens=4))
+    monkeypatch.undo()
+    assert llm.pipeline.slots.num_free == 2
+    assert llm.generate("What is 2 + 2?", max_new_tokens=4)
+
+
 def test_stream_equals_generate_and_stop_strings_are_cut(llm):
     params = SamplingParams(max_new_tokens=20)
     full = llm.generate("Tell me about the ocean.", params)

@@ -160,8 +160,7 @@ class LLM:
                         self.pipeline.release(rid)
                         del active[rid]
         finally:
-            for rid in active:
-                self.pipeline.release(rid)
+            self._release_held(active)
         results = []
         for r in requests:
             rid, ctx = r.request_id, contexts[r.request_id]
@@ -195,7 +194,14 @@ class LLM:
                     self.last_status = out.final_status
                     return
         finally:
-            self.pipeline.release(rid)
+            self._release_held([rid])
+
+    def _release_held(self, request_ids: Any) -> None:
+        """Frees the slots these requests still hold: a failed ``next_token`` already gave back the slots of the
+        requests that joined in it, and releasing them again would replace the original error."""
+        for rid in request_ids:
+            if self.pipeline.slots.slot_of(rid) is not None:
+                self.pipeline.release(rid)
 
     def _text(self, request_id: str, tokens: list[int]) -> str:
         """The finished text: without its stop string when one ended it. Read before ``release``."""

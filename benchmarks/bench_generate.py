@@ -575,14 +575,14 @@ def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int, split: bool = True)
            "weight_copy_MB": greedy["weight_copy_bytes"] / 1e6, "state_copy_MB": greedy["state_copy_bytes"] / 1e6}
     split = layer_split(engine, batch, span) if split else None
     if split:
-        out.update(per_layer=split[0], outside_layers=split[1])
+        out.update(per_layer=split["per_layer"], outside_layers=split["outside_layers"])
     return out
 
 
-def layer_split(engine, batch: int, span: int) -> tuple[int, int] | None:
-    """(kernels per layer, kernels outside the layers) of a greedy decode step, from the same program built for
-    2 and 3 layers of the model's config (random float weights, one device; with 1 layer XLA shares more); None
-    where that cannot be built. The full program can launch a few more per layer than this."""
+def layer_split(engine, batch: int, span: int) -> dict | None:
+    """Kernels per layer and outside the layers of a greedy decode step, from the same program built for 2 and 3
+    layers of the model's config (random float weights, one device; with 1 layer XLA shares more), with those
+    two programs' profiles; None where that cannot be built. The full program can launch a few more per layer."""
     import dataclasses
 
     import jax
@@ -593,16 +593,17 @@ def layer_split(engine, batch: int, span: int) -> tuple[int, int] | None:
     arch, cfg = engine.arch, engine.model_config
     if engine.mesh is not None or not hasattr(arch, "init_params") or not dataclasses.is_dataclass(cfg):
         return None
-    counts = []
+    profiles = []
     for layers in (2, 3):
         types = getattr(cfg, "layer_types", None)
         small = dataclasses.replace(cfg, num_layers=layers, **({"layer_types": types[:layers]} if types else {}))
         config = dataclasses.replace(engine.config, quantize=None, max_loras=0, length_buckets=(span,),
-                                     batch_buckets=(batch,), max_seq_len=span, max_batch_size=batch)
+                                     max_prefill_len=span, prefill_batch_buckets=(1,), batch_buckets=(batch,),
+                                     max_seq_len=span, max_batch_size=batch)
         probe = Engine(arch, small, arch.init_params(small, jax.random.key(0)), config)
-        counts.append(decode_step_profile(probe.compiled_text("decode", (batch, span)))["kernels"])
-    per_layer = counts[1] - counts[0]
-    return per_layer, counts[0] - 2 * per_layer
+        profiles.append(decode_step_profile(probe.compiled_text("decode", (batch, span))))
+    per_layer = profiles[1]["kernels"] - profiles[0]["kernels"]
+    return {"per_layer": per_layer, "outside_layers": profiles[0]["kernels"] - 2 * per_layer, "profiles": profiles}
 
 
 def format_table(r: dict) -> str:

@@ -4,6 +4,8 @@ kernels fails here; and the deferred cache write (one scatter per step for all l
 the same cache as writing each layer's K/V before its attention (the scanned decode path)."""
 
 import dataclasses
+import runpy
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -21,6 +23,7 @@ CFG = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, n
 RUNTIME = RuntimeConfig(max_batch_size=4, max_seq_len=32, max_num_steps=4, length_buckets=(32,),
                         max_prefill_len=32, batch_buckets=(4,))
 SHAPE = (4, 32)
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
 
 # Measured with jax 0.10.2 on XLA CPU (greedy branch of the tiny model above, batch 4, span 32, the same program
 # built for 2 and 3 layers): 28 kernels per layer (30 when each layer scattered its K/V into the cache; 29 vs 36
@@ -30,31 +33,30 @@ MAX_KERNELS_PER_LAYER = 28
 MAX_KERNELS_OUTSIDE_LAYERS = 57
 
 
-def _profile(num_layers: int, **runtime) -> dict:
+def _engine(num_layers: int, **runtime) -> Engine:
     cfg = dataclasses.replace(CFG, num_layers=num_layers)
-    engine = Engine(llama, cfg, llama.init_params(cfg, jax.random.key(0)), dataclasses.replace(RUNTIME, **runtime))
-    return hlo_stats.decode_step_profile(engine.compiled_text("decode", SHAPE))
+    return Engine(llama, cfg, llama.init_params(cfg, jax.random.key(0)), dataclasses.replace(RUNTIME, **runtime))
 
 
 def test_decode_kernels_per_step_stay_under_their_bounds():
-    one, two = _profile(2), _profile(3)  # (with 1 layer XLA shares more between the layer and the rest)
-    per_layer = two["kernels"] - one["kernels"]
-    outside = one["kernels"] - 2 * per_layer
-    assert per_layer <= MAX_KERNELS_PER_LAYER, (per_layer, two["by_opcode"])
-    assert outside <= MAX_KERNELS_OUTSIDE_LAYERS, (outside, one["by_opcode"])
-    # No weight is copied per step, no loop runs inside a greedy step, and the only data-moving kernels are
-    # the per-layer K/V reads (a gather of [B, KVH, span, Dh] with the new key appended, twice per layer).
-    assert one["weight_copy_bytes"] == two["weight_copy_bytes"] == 0
-    assert one["state_copy_bytes"] == two["state_copy_bytes"] == 0  # the cache is updated in place
-    assert one["inner_loop_iterations"] == 0
+    """Counted as bench_generate.py counts them: the program built for 2 and 3 layers."""
+    split = runpy.run_path(str(BENCH))["layer_split"](_engine(3), *SHAPE)
+    two, three = split["profiles"]
+    assert split["per_layer"] <= MAX_KERNELS_PER_LAYER, (split["per_layer"], three["by_opcode"])
+    assert split["outside_layers"] <= MAX_KERNELS_OUTSIDE_LAYERS, (split["outside_layers"], two["by_opcode"])
+    # No weight or cache is copied per step, no loop runs inside a greedy step, and the only data-moving
+    # kernels are the per-layer K/V reads (a gather of [B, KVH, span, Dh] with the new key appended, twice).
+    for profile in split["profiles"]:
+        assert profile["weight_copy_bytes"] == profile["state_copy_bytes"] == 0
+        assert profile["inner_loop_iterations"] == 0
     kv_read = 2 * 4 * CFG.num_kv_heads * (SHAPE[1] + 1) * CFG.head_dim * 4  # bytes, per layer
-    assert kv_read <= two["moved_bytes"] - one["moved_bytes"] <= 1.25 * kv_read
+    assert kv_read <= three["moved_bytes"] - two["moved_bytes"] <= 1.25 * kv_read
 
 
 def test_scanned_decode_shows_its_weight_copies():
     """The proxy sees what it is meant to see: a scanned layer body reads each layer's weights out of the
     stacked arrays every step (at least every matrix of every layer)."""
-    scanned = _profile(2, scan_decode_layers=True)
+    scanned = hlo_stats.decode_step_profile(_engine(2, scan_decode_layers=True).compiled_text("decode", SHAPE))
     matrices = sum(a.nbytes for a in jax.tree.leaves(llama.fuse_projections(
         llama.init_params(CFG, jax.random.key(0)))["layers"]) if a.ndim == 3)
     assert scanned["weight_copy_bytes"] >= matrices

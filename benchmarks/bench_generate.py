@@ -32,9 +32,9 @@ Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a `
   to its first token, with an empty vs a filled compile cache;
 * load time against reading the raw file once (page cache warm after the first read).
 
-``--end-to-end`` (bench_end_to_end.py) runs the default ``load_pipeline()`` (no runtime fields) as ``LLM`` and the server drive it
-(requests beyond its KV slots queue): end-to-end and decode tokens/s for ``--prompt-len`` 64 + ``--new-tokens``
-64 per batch size against HF ``generate`` on the whole batch, time to first token of a ``--ttft-len`` prompt,
+``--end-to-end`` (bench_end_to_end.py) runs the default ``load_pipeline()`` (no runtime fields) as ``LLM`` and
+the server drive it (requests beyond its KV slots queue): end-to-end and decode tokens/s for ``--prompt-len`` 64
++ ``--new-tokens`` 64 per batch size against HF ``generate`` on the whole batch, time to first token of a ``--ttft-len`` prompt,
 and the cold warm-up of every default program in a fresh process (``--no-start`` skips it).
 
 ``--tensor-parallel N --data-parallel M`` runs maxjax on an (M, N) device mesh (batch sizes must be multiples

@@ -37,9 +37,9 @@ Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a `
   with the file's blocks kept (``quantize="gguf"``): decode tokens/s at batch 1 and for 8 sequences, time
   to first token of the ``--ttft-len`` prompt.
 
-``--end-to-end`` runs the default ``load_pipeline()`` (no runtime fields) as ``LLM`` and the server drive it
-(requests beyond its KV slots queue): end-to-end and decode tokens/s for ``--prompt-len`` 64 + ``--new-tokens``
-64 per batch size against HF ``generate`` on the whole batch, time to first token of a ``--ttft-len`` prompt,
+``--end-to-end`` (bench_end_to_end.py) runs the default ``load_pipeline()`` (no runtime fields) as ``LLM`` and
+the server drive it (requests beyond its KV slots queue): end-to-end and decode tokens/s for ``--prompt-len`` 64
++ ``--new-tokens`` 64 per batch size against HF ``generate`` on the whole batch, time to first token of a ``--ttft-len`` prompt,
 and the cold warm-up of every default program in a fresh process (``--no-start`` skips it).
 
 ``--tensor-parallel N --data-parallel M`` runs maxjax on an (M, N) device mesh (batch sizes must be multiples
@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
         _child_main(args._start_child)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.end_to_end:
+        from bench_end_to_end import run_end_to_end
+
         return run_end_to_end(args, argv)
     if args.quick:
         args.batch_sizes, args.prompt_len, args.new_tokens, args.ttft_len = str(args.data_parallel), 8, 6, 24
@@ -436,126 +438,6 @@ def llamacpp_comparison(args, gguf: Path, mx: MaxjaxRunner, fields: dict, prompt
             "ratios_of": {"maxjax float32 / llama.cpp F32": ("maxjax float32", "llama.cpp F32 copy"),
                           "maxjax gguf blocks / llama.cpp file": ("maxjax quantize=gguf (blocks kept)",
                                                                   f"llama.cpp {Path(gguf).name}")}}
-
-
-# ------------------------------------------------------------------------------------------------ end to end
-def queued_generate(mx: MaxjaxRunner, prompts: np.ndarray, new_tokens: int) -> dict[str, list[int]]:
-    """Every prompt to ``new_tokens`` through ``next_token`` as ``LLM`` and the server drive it: requests beyond
-    the runtime's KV slots wait and join as others finish (continuous batching)."""
-    from maxjax.interfaces import TextGenerationInputs
-
-    waiting = mx.contexts(prompts, new_tokens)
-    order, live = list(waiting), {}
-    tokens = {rid: [] for rid in order}
-    while waiting or live:
-        while waiting and len(live) < mx.pipe.config.max_batch_size:
-            rid = next(iter(waiting))
-            live[rid] = waiting.pop(rid)
-        for rid, out in mx.pipe.next_token(TextGenerationInputs(dict(live), mx.num_steps)).items():
-            tokens[rid] += out.tokens
-            if out.is_done:
-                mx.pipe.release(rid)
-                del live[rid]
-    return {rid: tokens[rid] for rid in order}
-
-
-def end_to_end(args, gguf, runtime: dict) -> dict:
-    """Prompt in, tokens out, with ``runtime`` (empty: the default ``load_pipeline()``) against HF ``generate``
-    on the whole batch, in one run: end-to-end and decode tokens/s per batch size, time to first token, and
-    (unless --no-start) a fresh process's cold warm-up of every default program."""
-    from maxjax.runtime.compile_cache import compile_count
-
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    P, N = args.prompt_len, args.new_tokens
-    results: dict = {"command": " ".join([Path(sys.argv[0]).name] + args.argv), "model": str(gguf),
-                     "machine": {"load_average_start": load_average()}, "runtime": runtime}
-    mx = MaxjaxRunner(gguf, runtime)
-    hf = None if args.no_hf else HFRunner(gguf, args.torch_threads, "float32")
-    results["config"] = {k: str(v) for k, v in vars(mx.pipe.config).items()}
-    prompts = {b: make_prompts(b, P, mx.vocab, seed=b) for b in batches}
-    ttft_prompt = make_prompts(1, args.ttft_len, mx.vocab, seed=7)
-    t0 = time.perf_counter()  # first use compiles the programs these requests need (as LLM does, lazily)
-    for b in batches:
-        queued_generate(mx, prompts[b], min(N, mx.num_steps + 2))
-    queued_generate(mx, ttft_prompt, 1)
-    results["maxjax_first_use_compile_s"] = time.perf_counter() - t0
-    results["programs_used"] = mx.pipe.engine.num_programs
-    if hf is not None:
-        hf.generate(prompts[batches[0]], 2)
-    compiles_before = compile_count()
-    rows = []
-    for b in batches:
-        t_full = timed(lambda: queued_generate(mx, prompts[b], N), args.repeats)
-        t_first = timed(lambda: queued_generate(mx, prompts[b], 1), args.repeats)
-        row = {"batch": b, "maxjax_e2e_tok_s": b * N / t_full, "maxjax_decode_tok_s": decode_rate(b, N, t_full, t_first),
-               "maxjax_first_token_s": t_first}
-        if hf is not None:
-            h_full = timed(lambda: hf.generate(prompts[b], N), args.repeats)
-            h_first = timed(lambda: hf.generate(prompts[b], 1), args.repeats)
-            row.update(hf_e2e_tok_s=b * N / h_full, hf_decode_tok_s=decode_rate(b, N, h_full, h_first),
-                       hf_first_token_s=h_first)
-            row["e2e_ratio"] = row["maxjax_e2e_tok_s"] / row["hf_e2e_tok_s"]
-            row["decode_ratio"] = row["maxjax_decode_tok_s"] / row["hf_decode_tok_s"]
-            if b == batches[0]:
-                ours = np.array(list(queued_generate(mx, prompts[b], N).values()))
-                row["greedy_same_tokens"] = float(np.mean(ours == hf.generate(prompts[b], N)))
-        rows.append(row)
-        print(f"  batch {b}: {row}", file=sys.stderr, flush=True)
-    results["end_to_end"] = rows
-    ttft_repeats = 1 if args.quick else 3
-    ttft = {"prompt_len": args.ttft_len, "maxjax_s": timed(lambda: queued_generate(mx, ttft_prompt, 1), ttft_repeats)}
-    if hf is not None:
-        ttft["hf_s"] = timed(lambda: hf.generate(ttft_prompt, 1), ttft_repeats)
-        ttft["maxjax_over_hf"] = ttft["maxjax_s"] / ttft["hf_s"]
-    results["ttft"] = ttft
-    results["compiles_during_timed_part"] = compile_count() - compiles_before
-    if not args.no_start:
-        with tempfile.TemporaryDirectory() as cache_dir:
-            results["cold_start"] = start_child(gguf, runtime, cache_dir, P)
-    results["machine"]["load_average_end"] = load_average()
-    print(format_end_to_end(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return results
-
-
-def format_end_to_end(r: dict) -> str:
-    nan = float("nan")
-    lines = [f"end to end, {'default load_pipeline()' if not r['runtime'] else r['runtime']} - "
-             f"{Path(r['model']).name} ({r['command']})",
-             f"{'batch':>5} | {'maxjax e2e':>10} | {'HF e2e':>7} | {'ratio':>6} | {'maxjax decode':>13} | "
-             f"{'HF decode':>9} | {'ratio':>6}"]
-    for row in r["end_to_end"]:
-        lines.append(f"{row['batch']:>5} | {row['maxjax_e2e_tok_s']:>10.1f} | {row.get('hf_e2e_tok_s', nan):>7.1f} | "
-                     f"{row.get('e2e_ratio', nan):>5.2f}x | {row['maxjax_decode_tok_s']:>13.1f} | "
-                     f"{row.get('hf_decode_tok_s', nan):>9.1f} | {row.get('decode_ratio', nan):>5.2f}x")
-    t = r["ttft"]
-    lines.append(f"time to first token, {t['prompt_len']}-token prompt: maxjax {t['maxjax_s'] * 1e3:.0f} ms"
-                 + (f", HF {t['hf_s'] * 1e3:.0f} ms (maxjax/HF {t['maxjax_over_hf']:.2f})" if "hf_s" in t else ""))
-    lines.append(f"programs used {r['programs_used']}, compiled on first use in {r['maxjax_first_use_compile_s']:.1f} s; "
-                 f"compiles during the timed part: {r['compiles_during_timed_part']}")
-    if "cold_start" in r:
-        c = r["cold_start"]
-        lines.append(f"cold warm-up of every program ({c['programs']}) in a fresh process, empty compile cache: "
-                     f"{c['warmup_s']:.1f} s (start to first output {c['start_to_first_output_s']:.1f} s)")
-    lines.append(f"load average at start {r['machine']['load_average_start']}, at end {r['machine']['load_average_end']}")
-    return "\n".join(lines)
-
-
-def run_end_to_end(args, argv: list[str] | None) -> dict:
-    """--end-to-end: its own defaults (prompt 64 + 64 new tokens; quick: a tiny runtime that queues)."""
-    from maxjax.weights.sources import default_gguf
-
-    args.argv = argv if argv is not None else sys.argv[1:]
-    gguf = Path(args.model) if args.model else default_gguf()
-    runtime = {}
-    if args.quick:  # batch 2 through one KV slot: the queue works; scanned layers compile in seconds
-        args.batch_sizes, args.prompt_len, args.new_tokens, args.ttft_len = "1,2", 8, 6, 24
-        runtime = dict(max_batch_size=1, max_seq_len=32, length_buckets=(32,), max_num_steps=4,
-                       scan_decode_layers=True, scan_prefill_layers=True)
-    elif "--new-tokens" not in args.argv:
-        args.new_tokens = 64
-    return end_to_end(args, gguf, runtime)
 
 
 def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int, split: bool = True) -> dict:

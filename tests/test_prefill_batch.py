@@ -111,3 +111,18 @@ def test_default_policy_fits_short_prompts():
     assert config.prefill_shape(512, 512) == (512, 512) and config.prefill_rows_per_call(512, 512) == (1,)
     assert len(config.prefill_shapes()) == 8 and len(config.decode_shapes()) == 12
     assert RuntimeConfig(max_batch_size=1).prefill_batch_buckets == (1,)
+
+
+def test_long_chunks_attend_in_query_blocks_with_the_same_result():
+    """A 256-token chunk over a 2048 span attends in blocks of 128 queries: equal to all queries at once."""
+    from maxjax.architectures import attention as attn
+
+    keys = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(keys[0], (1, 256, 4, 8))
+    k, v = (jax.random.normal(key, (1, 2, 2048, 8)) for key in keys[1:])
+    positions = 1000 + jax.numpy.arange(256)[None]  # a tail deep in the cache
+    mask = attn.attention_mask(positions, 2048, None)
+    blocked = jax.jit(attn.attention)(q, k, v, mask)
+    whole = jax.jit(attn._attention, static_argnums=(4, 5))(q, k, v, mask, None, None)
+    assert 256 * 2048 > attn._BLOCKED_SCORES and 256 > attn.QUERY_BLOCK
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=1e-6, rtol=1e-6)

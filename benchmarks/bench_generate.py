@@ -480,8 +480,8 @@ def layer_split(engine, batch: int, span: int) -> dict | None:
         types = getattr(cfg, "layer_types", None)
         small = dataclasses.replace(cfg, num_layers=layers, **({"layer_types": types[:layers]} if types else {}))
         config = dataclasses.replace(engine.config, quantize=None, max_loras=0, length_buckets=(span,),
-                                     max_prefill_len=span, prefill_batch_buckets=(1,), batch_buckets=(batch,),
-                                     max_seq_len=span, max_batch_size=batch)
+                                     max_prefill_len=span, prefill_length_buckets=(span,), prefill_batch_buckets=(1,),
+                                     batch_buckets=(batch,), max_seq_len=span, max_batch_size=batch)
         probe = Engine(arch, small, arch.init_params(small, jax.random.key(0)), config)
         profiles.append(decode_step_profile(probe.compiled_text("decode", (batch, span))))
     per_layer = profiles[1]["kernels"] - profiles[0]["kernels"]

@@ -112,9 +112,9 @@ class SpeculativeDecoding:
             self.pipeline.pack_generating_row(rows, sampling, r, ctx)
         tokens, lp = self.engine.verify(rows, sampling, kv_len)
         tokens = np.asarray(tokens)  # [B, K + 1]
-        if rows["logprobs"].any():  # host arrays laid out [K + 1, B, ...] as decode's
-            lp = tuple(np.swapaxes(a, 0, 1) for a in host_logprobs(lp))
-        self.pipeline.apply_tokens(live, tokens.T, lp if rows["logprobs"].any() else None)
+        # host arrays laid out [K + 1, B, ...] as decode's
+        lp = tuple(np.swapaxes(a, 0, 1) for a in host_logprobs(lp)) if rows["logprobs"].any() else None
+        self.pipeline.apply_tokens(live, tokens.T, lp)
         for r, (ctx, n) in enumerate(zip(live, counts)):
             if n:
                 self._record(ctx, n, int((tokens[r] >= 0).sum()) - 1)

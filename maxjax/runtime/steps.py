@@ -60,7 +60,7 @@ def _logprobs(logits: jax.Array, targets: jax.Array, k: int) -> LogProbs:
     return LogProbs(token, top_ids.astype(jnp.int32), top_values)
 
 
-def _maybe_logprobs(wanted: jax.Array, logits: jax.Array, targets: jax.Array, k: int) -> LogProbs:
+def maybe_logprobs(wanted: jax.Array, logits: jax.Array, targets: jax.Array, k: int) -> LogProbs:
     """Log-probabilities only when some row asked for them; zeros of the same shapes otherwise."""
     shape = targets.shape
     zeros = LogProbs(jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (k,), jnp.int32),
@@ -90,7 +90,7 @@ def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: j
     logits = arch.lm_head(params, cfg, hidden[batch, rows.last_index])  # [B, V]
     row_counts = jnp.zeros((rows.tokens.shape[0], counts.shape[1]), counts.dtype)  # [B, V]
     first = sample(logits, row_counts, rows.num_generated, sampling)  # [B]
-    first_lp = _maybe_logprobs(rows.logprobs & rows.samples, logits, first, k)
+    first_lp = maybe_logprobs(rows.logprobs & rows.samples, logits, first, k)
     echo_wanted = jnp.any(rows.echo_targets >= 0)
     echo_lp = jax.lax.cond(
         echo_wanted,
@@ -148,7 +148,7 @@ def decode_step(arch: Any, cfg: Any, k: int, max_steps: int, params: Any, cache:
                                                 kv_len=kv_len, scan=True, lora_index=rows.lora_index)  # [B, 1, D]
         logits = arch.lm_head(params, cfg, hidden[:, 0])  # [B, V]
         new = sample(logits, row_counts, num_generated, sampling)  # [B]
-        lp = _maybe_logprobs(rows.logprobs & active, logits, new, k)
+        lp = maybe_logprobs(rows.logprobs & active, logits, new, k)
         out_tokens = out_tokens.at[i].set(jnp.where(active, new, -1))
         out_lp = jax.tree.map(lambda o, x: o.at[i].set(x), out_lp, lp)
         row_counts = _add_counts(row_counts, new, active)

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from maxjax.runtime.sampler import (NEG_INF, SamplingBatch, filter_logits, greedy_rows, processed_logits,
+from maxjax.runtime.sampler import (NEG_INF, SamplingBatch, argmax, filter_logits, greedy_rows, processed_logits,
                                     row_keys)
-from maxjax.runtime.steps import _maybe_logprobs
+from maxjax.runtime.steps import maybe_logprobs
 
 
 @struct.dataclass
@@ -67,7 +67,7 @@ def _sampled_acceptance(processed: jax.Array, drafts: jax.Array, is_draft: jax.A
     # Rounding can leave p(x) a hair under 1 for the only allowed token: nothing else to sample, so accept.
     nothing_else = ~jnp.any(jnp.isfinite(residual[:, :-1]), axis=-1)  # [B, K]
     gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys)  # [B * T, V]
-    stop_token = jnp.argmax(residual + gumbel.reshape(processed.shape), axis=-1).astype(jnp.int32)  # [B, T]
+    stop_token = argmax(residual + gumbel.reshape(processed.shape))  # [B, T]
     return (uniform < p_draft) | nothing_else, stop_token
 
 
@@ -95,7 +95,7 @@ def verify_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: ja
     processed = processed_logits(logits.reshape(-1, vocab),
                                  _position_counts(row_counts, drafts, is_draft).reshape(-1, vocab),
                                  flat_generated, flat_s).reshape(logits.shape)  # [B, T, V]
-    greedy_token = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [B, T]
+    greedy_token = argmax(processed)  # [B, T]
     greedy = greedy_rows(sampling)
     accepted, stop_token = jax.lax.cond(
         jnp.all(greedy),
@@ -108,7 +108,7 @@ def verify_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: ja
     out = jnp.where(j < num_accepted[:, None], padded_drafts,
                     jnp.where(j == num_accepted[:, None], stop_token, -1))
     out = jnp.where(rows.active[:, None], out, -1).astype(jnp.int32)
-    lp = _maybe_logprobs(rows.logprobs & rows.active, logits, out, k)
+    lp = maybe_logprobs(rows.logprobs & rows.active, logits, out, k)
     emitted = jax.nn.one_hot(out, vocab, dtype=counts.dtype) * (out >= 0)[..., None]  # [B, T, V]
     counts = counts.at[slot_ids].set(row_counts + jnp.sum(emitted, axis=1), mode="drop")
     return cache, counts, out, lp

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 CHUNK_ELEMENTS = 1 << 17  # int8 weights converted per loop step on CPU (measured best of 16K..4M on SmolLM2)
+FUSED_MAX_ROWS = 4  # GGUF block products of up to this many rows use the fused multiply-reduce on CPU
 
 
 def is_quantized(w: Any) -> bool:
@@ -86,16 +87,16 @@ def is_blocks(w: Any) -> bool:
     return isinstance(w, dict) and "q" in w
 
 
-def dequantize_blocks(w: dict[str, jax.Array], dtype=jnp.float32) -> jax.Array:
-    """The float weight [..., O, D] of a GGUF block weight."""
-    q = w["q"]
-    if q.dtype == jnp.int8:
-        values = q.astype(jnp.float32)  # [..., O, D]
-    else:
-        nibbles = jnp.concatenate([q & 0x0F, q >> 4], axis=-1)  # [..., O, G, 2g]
-        values = nibbles.reshape(*q.shape[:-2], -1).astype(jnp.float32)  # [..., O, D]
-        if "min" not in w:
-            values = values - 8.0  # Q4_0: symmetric around 8
+def _nibbles(q: jax.Array) -> jax.Array:
+    """Packed bytes uint8 [..., G, g] -> their 4-bit values uint8 [..., G, 2, g] (low nibbles, then high).
+    A broadcast shift rather than a concatenation: XLA CPU vectorizes it as one elementwise loop."""
+    shifts = jnp.array([0, 4], jnp.uint8)[:, None]  # [2, 1]
+    return (q[..., None, :] >> shifts) & 0x0F
+
+
+def _scale_and_offset(w: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array | None]:
+    """float32 scale and additive offset per block of values ([..., O, B]; K-quants: per 32-value sub-block),
+    None when the format has no offset (Q8_0; Q4_0's -8 is left to the caller)."""
     scale = w["scale"].astype(jnp.float32)  # [..., O, B]
     offset = w["min"].astype(jnp.float32) if "min" in w else None
     if "sub_scale" in w:  # K-quant: two-level scales over 32-value sub-blocks
@@ -103,22 +104,79 @@ def dequantize_blocks(w: dict[str, jax.Array], dtype=jnp.float32) -> jax.Array:
         sub = lambda top, ints: (top[..., None] * ints.reshape(*top.shape, per_block).astype(jnp.float32)  # noqa: E731
                                  ).reshape(ints.shape)
         scale, offset = sub(scale, w["sub_scale"]), -sub(offset, w["sub_min"])  # [..., O, D / 32]
+    return scale, offset
+
+
+def dequantize_blocks(w: dict[str, jax.Array], dtype=jnp.float32) -> jax.Array:
+    """The float weight [..., O, D] of a GGUF block weight."""
+    q = w["q"]
+    if q.dtype == jnp.int8:
+        values = q.astype(jnp.float32)  # [..., O, D]
+    else:
+        values = _nibbles(q).reshape(*q.shape[:-2], -1).astype(jnp.float32)  # [..., O, D]
+        if "min" not in w:
+            values = values - 8.0  # Q4_0: symmetric around 8
+    scale, offset = _scale_and_offset(w)  # [..., O, D / block]
     blocks = values.reshape(*scale.shape, -1)  # [..., O, B, block]
     blocks = blocks * scale[..., None] + (0.0 if offset is None else offset[..., None])
     return blocks.reshape(values.shape).astype(dtype)
 
 
-def block_matmul(x: jax.Array, w: dict[str, jax.Array], chunk_elements: int = CHUNK_ELEMENTS) -> jax.Array:
+def _pair_sum(a: jax.Array, b: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """(sum of a, sum of b) over ``axis`` in ONE two-operand reduce. XLA CPU emits it as one reduction loop
+    fused with its elementwise producers; a single-operand sum may instead go to a YNNPACK reduce, which
+    cannot fuse the nibble unpacking (no bitwise ops) and runs 2-5x slower here."""
+    zero = jnp.zeros((), a.dtype)
+    return jax.lax.reduce((a, b), (zero, zero), lambda u, v: (u[0] + v[0], u[1] + v[1]), (axis,))
+
+
+def fused_block_matmul(x2: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
+    """x2 [N, D] @ W -> [N, O] as multiply-and-reduce over the packed weight, for few rows (decode).
+
+    No float weight is materialised, not even a chunk: each weight byte is read once, unpacked, multiplied by
+    x and summed in registers, per 32-value block; the block's scale and offset apply to the block sums:
+    out = sum_b scale_b * (q_b . x_b) + offset_b * sum(x_b). The unpacking is repeated per row of x, so this
+    pays for small N only (see ``FUSED_MAX_ROWS``).
+    """
+    q = w["q"]
+    out_features = q.shape[0]
+    if q.dtype == jnp.int8:  # Q8_0 [O, D]: halves of each 32-block, as the nibble formats' [O, G, 2, 16]
+        values = q.reshape(out_features, -1, 2, 16)
+    else:
+        values = _nibbles(q)  # [O, G, 2, g]
+    groups, g = values.shape[1], values.shape[3]
+    values = values.astype(jnp.float32)
+    xg = x2.astype(jnp.float32).reshape(x2.shape[0], 1, groups, 2, g)  # [N, 1, G, 2, g]
+    low, high = _pair_sum(values[:, :, 0] * xg[..., 0, :], values[:, :, 1] * xg[..., 1, :], axis=3)  # [N, O, G]
+    if g == 16:  # one 32-value block per group (Q8_0, Q4_0, Q4_1)
+        sums = low + high  # [N, O, B]
+    else:  # Q4_K: a group's low and high nibbles are two 32-value sub-blocks
+        sums = jnp.stack([low, high], axis=-1).reshape(x2.shape[0], out_features, -1)  # [N, O, D / 32]
+    scale, offset = _scale_and_offset(w)  # [O, B]
+    if offset is None:
+        offset = -8.0 * scale if q.dtype == jnp.uint8 else jnp.zeros_like(scale)  # Q4_0 centres on 8; Q8_0: 0
+    x_sums = x2.astype(jnp.float32).reshape(x2.shape[0], 1, scale.shape[-1], -1).sum(-1)  # [N, 1, B]
+    scaled, offsets = _pair_sum(sums * scale, offset * x_sums, axis=2)  # [N, O] x2
+    return (scaled + offsets).astype(x2.dtype)
+
+
+def block_matmul(x: jax.Array, w: dict[str, jax.Array], chunk_elements: int = CHUNK_ELEMENTS,
+                 fused_max_rows: int | None = None) -> jax.Array:
     """x [..., D] @ W -> [..., O] for a GGUF block weight, dequantized inside the program.
 
-    On the CPU the output channels run in chunks (a loop over [C, O/C, ...] views of every component), for the
-    same reason as ``int8_matmul``: the dequantized chunk stays in cache, main memory is read packed. On GPU/TPU
-    one dequantize + dot, which XLA may fuse.
+    On the CPU: up to ``fused_max_rows`` rows of x (default ``FUSED_MAX_ROWS``), the fused multiply-reduce
+    over the packed bytes (``fused_block_matmul``); more rows, the output channels run in chunks (a loop over
+    [C, O/C, ...] views of every component), for the same reason as ``int8_matmul``: the dequantized chunk
+    stays in cache, main memory is read packed, and the dot amortises it over the rows. On GPU/TPU one
+    dequantize + dot, which XLA may fuse.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [N, D]
     out_features = w["q"].shape[0]
-    chunks = num_chunks(out_features, x.shape[-1], chunk_elements) if jax.default_backend() == "cpu" else 1
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu and x2.shape[0] <= (FUSED_MAX_ROWS if fused_max_rows is None else fused_max_rows):
+        return fused_block_matmul(x2, w).reshape(*lead, -1)
+    chunks = num_chunks(out_features, x.shape[-1], chunk_elements) if on_cpu else 1
     if chunks == 1:
         out = jnp.einsum("nd,od->no", x2, dequantize_blocks(w, x.dtype))  # [N, O]
     else:

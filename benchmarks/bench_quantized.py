@@ -8,9 +8,9 @@ file, measured alternately in one process; and the products alone, one matrix st
 Decode tokens/s as ``bench_generate.py`` counts them (``B * (N - 1) / (T(N tokens) - T(1 token))``, greedy,
 every row generating exactly ``--new-tokens``), each system timed in turn within every repeat so a busy
 machine slows all alike; medians. llama.cpp (``llamacpp_peer.py``) runs only when llama-cpp-python is
-installed. ``--matmul`` times ``block_matmul`` on each path (fused multiply-reduce, chunked dequantize + dot)
-against the float32 dot of the same shape, per call: wall and process CPU time (CPU time is steadier on a
-loaded machine).
+installed. ``--matmul`` times ``block_matmul`` (on the CPU: chunks of output channels, 4-bit ones as two
+half-dots) and the whole matrix dequantized then dotted (the accelerator form) against the float32 dot of the
+same weights, per call: wall and process CPU time (CPU time is steadier on a loaded machine).
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def bench_matmul(batches: list[int], repeats: int, quick: bool) -> None:
         for batch in batches:
             x = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, d)).astype(np.float32))
             forms = {"float32 dot": (over_layers(lambda x, w: jnp.einsum("nd,od->no", x, w)), dense),
-                     "fused": (over_layers(functools.partial(block_matmul, fused_max_rows=1 << 30)), w),
-                     "chunked": (over_layers(functools.partial(block_matmul, fused_max_rows=0)), w)}
+                     "block_matmul": (over_layers(block_matmul), w),  # CPU: chunks, 4-bit as two half-dots
+                     "dequantize + dot": (over_layers(functools.partial(block_matmul, chunk_elements=1 << 40)), w)}
             compiled = {k: (f.lower(x, a).compile(), a) for k, (f, a) in forms.items()}
             expected = np.asarray(compiled["float32 dot"][0](x, dense))
             for name, (c, a) in compiled.items():  # every form computes the same product

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxjax.architectures.quantized import block_matmul, dequantize_blocks, embed_lookup, fused_block_matmul
+from maxjax.architectures.quantized import block_matmul, dequantize_blocks, embed_lookup
 from maxjax.weights.gguf_blocks import block_shape, blocks_from_raw
 
 Q = gguf.GGMLQuantizationType
@@ -48,11 +48,8 @@ def test_blocks_stay_quantized_and_their_matmul_equals_the_dequantized_dot(tenso
     for chunk_elements in (1 << 30, 2048):  # one dot (as on accelerators) and the chunked CPU loop (12 chunks)
         got = np.asarray(jax.jit(block_matmul, static_argnums=2)(jnp.asarray(x), w, chunk_elements))
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())
-    # the fused multiply-reduce over the packed bytes: every format directly (2 rows), and block_matmul's own
-    # choice for one row (fused for 4-bit blocks, the chunked loop for Q8_0)
-    tol = dict(rtol=1e-5, atol=1e-4 * np.abs(expected).max())
-    np.testing.assert_allclose(np.asarray(jax.jit(fused_block_matmul)(jnp.asarray(x[0]), w)), expected[0], **tol)
-    np.testing.assert_allclose(np.asarray(jax.jit(block_matmul)(jnp.asarray(x[:1, :1]), w)), expected[:1, :1], **tol)
+    one_row = np.asarray(jax.jit(block_matmul, static_argnums=2)(jnp.asarray(x[:1, :1]), w, 2048))  # decode at batch 1
+    np.testing.assert_allclose(one_row, expected[:1, :1], rtol=1e-5, atol=1e-4 * np.abs(expected).max())
     tokens = jnp.array([[0, 5, OUT - 1]])
     np.testing.assert_array_equal(np.asarray(embed_lookup(w, tokens, jnp.float32)), expected_w[[[0, 5, OUT - 1]]])
 

@@ -11,6 +11,7 @@ On GPU/TPU XLA fuses the convert into the dot, and the unchunked form is used.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -18,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 CHUNK_ELEMENTS = 1 << 17  # int8 weights converted per loop step on CPU (measured best of 16K..4M on SmolLM2)
-FUSED_MAX_ROWS = 2  # 4-bit GGUF products of up to this many rows: fused multiply-reduce on CPU (measured)
 
 
 def is_quantized(w: Any) -> bool:
@@ -94,15 +94,6 @@ def _nibbles(q: jax.Array) -> jax.Array:
     return (q[..., None, :] >> shifts) & 0x0F
 
 
-def _nibble_floats(q: jax.Array) -> jax.Array:
-    """Packed bytes uint8 [..., G, g] -> their 4-bit values float32 [..., G, 2, g], split in float arithmetic
-    (high = floor(byte / 16), low = byte - 16 high: exact). Inside a reduction XLA CPU vectorizes these float
-    ops fully, where the uint8 shifts of ``_nibbles`` cost ~1.6x the time of the whole fused product."""
-    byte = q.astype(jnp.float32)
-    high = jnp.floor(byte * (1 / 16))
-    return jnp.stack([byte - 16 * high, high], axis=-2)
-
-
 def _scale_and_offset(w: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array | None]:
     """float32 scale and additive offset per block of values ([..., O, B]; K-quants: per 32-value sub-block),
     None when the format has no offset (Q8_0; Q4_0's -8 is left to the caller)."""
@@ -131,70 +122,52 @@ def dequantize_blocks(w: dict[str, jax.Array], dtype=jnp.float32) -> jax.Array:
     return blocks.reshape(values.shape).astype(dtype)
 
 
-def _pair_sum(a: jax.Array, b: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """(sum of a, sum of b) over ``axis`` in ONE two-operand reduce. XLA CPU emits it as one reduction loop
-    fused with its elementwise producers; a single-operand sum may instead go to a YNNPACK reduce, which
-    cannot fuse the nibble unpacking (no bitwise ops) and runs 2-5x slower here."""
-    zero = jnp.zeros((), a.dtype)
-    return jax.lax.reduce((a, b), (zero, zero), lambda u, v: (u[0] + v[0], u[1] + v[1]), (axis,))
+def _nibble_half_products(x_halves: tuple[jax.Array, jax.Array], w: dict[str, jax.Array]) -> jax.Array:
+    """x @ W [N, O] for a 4-bit block weight as two dots: the low nibbles of every byte (the first g values of
+    each group of 2g) against their x values, plus the high nibbles against theirs.
 
-
-def fused_block_matmul(x2: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
-    """x2 [N, D] @ W -> [N, O] as multiply-and-reduce over the packed weight, for few rows (decode).
-
-    No float weight is materialised, not even a chunk: each weight byte is read once, unpacked, multiplied by
-    x and summed in registers, per 32-value block; the block's scale and offset apply to the block sums:
-    out = sum_b scale_b * (q_b . x_b) + offset_b * sum(x_b). The unpacking is repeated per row of x, so this
-    pays for small N only (see ``FUSED_MAX_ROWS``), and for 4-bit formats only: an int8 (Q8_0) chunk converted
-    and handed to the dot runs at float32 speed already, 2x faster than this loop.
+    Each half dequantizes as a plain elementwise loop (mask or shift, convert, scale, offset), like an int8
+    chunk: XLA CPU runs it ~3.5x faster than unpacking into the interleaved [D] order, which needs the
+    nibbles broadcast into one array; the dots then run as fast as float32 ones.
+    ``x_halves``: x's values at the low and the high nibbles' positions, [N, D / 2] each.
     """
-    q = w["q"]
-    out_features = q.shape[0]
-    if q.dtype == jnp.int8:  # Q8_0 [O, D]: halves of each 32-block, as the nibble formats' [O, G, 2, 16]
-        values = q.reshape(out_features, -1, 2, 16)
-    else:
-        values = _nibble_floats(q)  # [O, G, 2, g]
-    groups, g = values.shape[1], values.shape[3]
-    values = values.astype(jnp.float32)
-    xg = x2.astype(jnp.float32).reshape(x2.shape[0], 1, groups, 2, g)  # [N, 1, G, 2, g]
-    low, high = _pair_sum(values[:, :, 0] * xg[..., 0, :], values[:, :, 1] * xg[..., 1, :], axis=3)  # [N, O, G]
-    if g == 16:  # one 32-value block per group (Q8_0, Q4_0, Q4_1)
-        sums = low + high  # [N, O, B]
-    else:  # Q4_K: a group's low and high nibbles are two 32-value sub-blocks
-        sums = jnp.stack([low, high], axis=-1).reshape(x2.shape[0], out_features, -1)  # [N, O, D / 32]
-    scale, offset = _scale_and_offset(w)  # [O, B]
+    q = w["q"]  # [O, G, g]
+    scale, offset = _scale_and_offset(w)  # [O, D / block]
     if offset is None:
-        offset = -8.0 * scale if q.dtype == jnp.uint8 else jnp.zeros_like(scale)  # Q4_0 centres on 8; Q8_0: 0
-    x_sums = x2.astype(jnp.float32).reshape(x2.shape[0], 1, scale.shape[-1], -1).sum(-1)  # [N, 1, B]
-    scaled, offsets = _pair_sum(sums * scale, offset * x_sums, axis=2)  # [N, O] x2
-    return (scaled + offsets).astype(x2.dtype)
+        offset = -8.0 * scale  # Q4_0: values centre on 8
+    scale, offset = (a.reshape(*q.shape[:2], -1) for a in (scale, offset))  # [O, G, blocks per group: 1 or 2]
+    out = 0.0
+    for half, (nibbles, x_half) in enumerate(zip((q & 0x0F, q >> 4), x_halves)):
+        k = min(half, scale.shape[-1] - 1)  # Q4_0/Q4_1: one block per group; Q4_K: a sub-block per half
+        values = nibbles.astype(jnp.float32) * scale[..., k, None] + offset[..., k, None]  # [O, G, g]
+        out = out + jnp.einsum("nd,od->no", x_half, values.reshape(q.shape[0], -1).astype(x_half.dtype))
+    return out
 
 
-def block_matmul(x: jax.Array, w: dict[str, jax.Array], chunk_elements: int = CHUNK_ELEMENTS,
-                 fused_max_rows: int | None = None) -> jax.Array:
+def block_matmul(x: jax.Array, w: dict[str, jax.Array], chunk_elements: int = CHUNK_ELEMENTS) -> jax.Array:
     """x [..., D] @ W -> [..., O] for a GGUF block weight, dequantized inside the program.
 
-    On the CPU: 4-bit weights times up to ``fused_max_rows`` rows of x (default ``FUSED_MAX_ROWS``), the fused
-    multiply-reduce over the packed bytes (``fused_block_matmul``); otherwise the output channels run in chunks (a loop over
-    [C, O/C, ...] views of every component), for the same reason as ``int8_matmul``: the dequantized chunk
-    stays in cache, main memory is read packed, and the dot amortises it over the rows. On GPU/TPU one
-    dequantize + dot, which XLA may fuse.
+    On the CPU the output channels run in chunks (a loop over [C, O/C, ...] views of every component), for the
+    same reason as ``int8_matmul``: the dequantized chunk stays in cache, main memory is read packed; 4-bit
+    chunks as two half-dots (``_nibble_half_products``). On GPU/TPU one dequantize + dot, which XLA may fuse.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [N, D]
     out_features = w["q"].shape[0]
-    on_cpu = jax.default_backend() == "cpu"
-    fused_rows = FUSED_MAX_ROWS if fused_max_rows is None else fused_max_rows
-    if on_cpu and w["q"].dtype == jnp.uint8 and x2.shape[0] <= fused_rows:
-        return fused_block_matmul(x2, w).reshape(*lead, -1)
-    chunks = num_chunks(out_features, x.shape[-1], chunk_elements) if on_cpu else 1
+    chunks = num_chunks(out_features, x.shape[-1], chunk_elements) if jax.default_backend() == "cpu" else 1
     if chunks == 1:
         out = jnp.einsum("nd,od->no", x2, dequantize_blocks(w, x.dtype))  # [N, O]
     else:
         parts_in = {k: v.reshape(chunks, out_features // chunks, *v.shape[1:]) for k, v in w.items()}
+        if w["q"].dtype == jnp.uint8:  # 4-bit: x split as the nibbles are, once for every chunk
+            x_groups = x2.reshape(x2.shape[0], w["q"].shape[1], 2, -1)  # [N, G, 2, g]
+            x_halves = tuple(x_groups[:, :, h].reshape(x2.shape[0], -1) for h in (0, 1))  # [N, D / 2] x2
+            product = functools.partial(_nibble_half_products, x_halves)
+        else:
+            product = lambda wc: jnp.einsum("nd,od->no", x2, dequantize_blocks(wc, x.dtype))  # noqa: E731
 
         def chunk(_, wc):  # every component [O/C, ...]
-            return None, jnp.einsum("nd,od->no", x2, dequantize_blocks(wc, x.dtype))  # [N, O/C]
+            return None, product(wc)  # [N, O/C]
 
         _, parts = jax.lax.scan(chunk, None, parts_in)  # [C, N, O/C]
         out = jnp.moveaxis(parts, 0, 1).reshape(x2.shape[0], -1)  # [N, O]

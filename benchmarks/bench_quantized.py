@@ -58,7 +58,8 @@ def matmul_stacks(quick: bool) -> list[tuple[str, dict, int]]:
     return [(f"{layers} x [{out}, {d}] Q4_1", q41, d), (f"[{vocab}, {d}] Q8_0", q80, d)]
 
 
-def bench_matmul(batches: list[int], repeats: int, quick: bool) -> None:
+def bench_matmul(batches: list[int], repeats: int, quick: bool) -> list[dict]:
+    """Per shape and batch: {form: (wall s, CPU s)} of the same product, after checking the forms agree."""
     import jax
     import jax.numpy as jnp
 
@@ -67,6 +68,7 @@ def bench_matmul(batches: list[int], repeats: int, quick: bool) -> None:
     def over_layers(product):  # one product per layer of the stack, as the decoder's layer loop runs them
         return jax.jit(lambda x, ws: jax.lax.scan(lambda c, w: (c, product(x, w)), 0, ws)[1])
 
+    rows = []
     for label, w, d in matmul_stacks(quick):
         dense = jax.jit(jax.vmap(dequantize_blocks))(w)  # [L, O, D] float32: the same weights, dequantized
         for batch in batches:
@@ -82,6 +84,8 @@ def bench_matmul(batches: list[int], repeats: int, quick: bool) -> None:
                                for k, (c, a) in compiled.items()}, repeats)
             cells = "  ".join(f"{k} {1e3 * wall:.2f} ms (cpu {1e3 * cpu:.2f})" for k, (wall, cpu) in times.items())
             print(f"{label}, batch {batch}: {cells}  | load {load_average()}", flush=True)
+            rows.append({"shape": label, "batch": batch, "times": times})
+    return rows
 
 
 def bench_decode(args) -> None:
@@ -116,7 +120,7 @@ def bench_decode(args) -> None:
         print(f"batch {batch}: decode tok/s  {cells}  | load {load_average()}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict] | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--matmul", action="store_true", help="time the products alone")
@@ -131,9 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.repeats, args.prompt_len, args.new_tokens, args.num_steps = 1, 8, 4, 2
     if args.matmul:
-        bench_matmul([int(b) for b in args.batch_sizes.split(",")], args.repeats, args.quick)
-    else:
-        bench_decode(args)
+        return bench_matmul([int(b) for b in args.batch_sizes.split(",")], args.repeats, args.quick)
+    bench_decode(args)
+    return None
 
 
 if __name__ == "__main__":

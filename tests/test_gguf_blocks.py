@@ -45,7 +45,7 @@ def test_blocks_stay_quantized_and_their_matmul_equals_the_dequantized_dot(tenso
 
     x = rng.normal(size=(3, 2, IN)).astype(np.float32)
     expected = x.astype(np.float64) @ expected_w.astype(np.float64).T
-    for chunk_elements in (1 << 30, 2048):  # the whole matrix at once, and the chunked CPU loop (12 chunks)
+    for chunk_elements in (1 << 30, 2048):  # one dot (as on accelerators) and the chunked CPU loop (12 chunks)
         got = np.asarray(jax.jit(block_matmul, static_argnums=2)(jnp.asarray(x), w, chunk_elements))
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())
     one_row = np.asarray(jax.jit(block_matmul, static_argnums=2)(jnp.asarray(x[:1, :1]), w, 2048))  # decode at batch 1

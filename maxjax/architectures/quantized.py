@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 CHUNK_ELEMENTS = 1 << 17  # int8 weights converted per loop step on CPU (measured best of 16K..4M on SmolLM2)
-WHOLE_4BIT_MAX_ROWS = 1  # 4-bit GGUF weights times at most this many rows: dequantized whole, not in chunks (CPU)
 
 
 def is_quantized(w: Any) -> bool:
@@ -150,27 +149,22 @@ def block_matmul(x: jax.Array, w: dict[str, jax.Array], chunk_elements: int = CH
 
     On the CPU the output channels run in chunks (a loop over [C, O/C, ...] views of every component), for the
     same reason as ``int8_matmul``: the dequantized chunk stays in cache, main memory is read packed; 4-bit
-    weights as two half-dots (``_nibble_half_products``), whole for up to ``WHOLE_4BIT_MAX_ROWS`` rows of x
-    (one loop step less per chunk: a batch-1 decode step runs thousands fewer operations). On GPU/TPU one
-    dequantize + dot, which XLA may fuse.
+    chunks as two half-dots (``_nibble_half_products``). On GPU/TPU one dequantize + dot, which XLA may fuse.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [N, D]
     out_features = w["q"].shape[0]
-    on_cpu, four_bit = jax.default_backend() == "cpu", w["q"].dtype == jnp.uint8
-    chunks = num_chunks(out_features, x.shape[-1], chunk_elements) if on_cpu else 1
-    if four_bit and x2.shape[0] <= WHOLE_4BIT_MAX_ROWS:
-        chunks = 1
-    if four_bit and on_cpu:  # x split as the nibbles are, once for every chunk
-        x_groups = x2.reshape(x2.shape[0], w["q"].shape[1], 2, -1)  # [N, G, 2, g]
-        x_halves = tuple(x_groups[:, :, h].reshape(x2.shape[0], -1) for h in (0, 1))  # [N, D / 2] x2
-        product = functools.partial(_nibble_half_products, x_halves)
-    else:
-        product = lambda wc: jnp.einsum("nd,od->no", x2, dequantize_blocks(wc, x.dtype))  # noqa: E731
+    chunks = num_chunks(out_features, x.shape[-1], chunk_elements) if jax.default_backend() == "cpu" else 1
     if chunks == 1:
-        out = product(w)  # [N, O]
+        out = jnp.einsum("nd,od->no", x2, dequantize_blocks(w, x.dtype))  # [N, O]
     else:
         parts_in = {k: v.reshape(chunks, out_features // chunks, *v.shape[1:]) for k, v in w.items()}
+        if w["q"].dtype == jnp.uint8:  # 4-bit: x split as the nibbles are, once for every chunk
+            x_groups = x2.reshape(x2.shape[0], w["q"].shape[1], 2, -1)  # [N, G, 2, g]
+            x_halves = tuple(x_groups[:, :, h].reshape(x2.shape[0], -1) for h in (0, 1))  # [N, D / 2] x2
+            product = functools.partial(_nibble_half_products, x_halves)
+        else:
+            product = lambda wc: jnp.einsum("nd,od->no", x2, dequantize_blocks(wc, x.dtype))  # noqa: E731
 
         def chunk(_, wc):  # every component [O/C, ...]
             return None, product(wc)  # [N, O/C]

@@ -3,7 +3,7 @@ file, measured alternately in one process; and the products alone, one matrix st
 
     python benchmarks/bench_quantized.py                 # SmolLM2's Q4_1 file: decode tok/s at batch 1 and 8
     python benchmarks/bench_quantized.py --matmul        # the products only: 30 x [3072, 576] Q4_1, [49152, 576] Q8_0
-    python benchmarks/bench_quantized.py --quick         # tiny sizes (used by the test suite)
+    python benchmarks/bench_quantized.py --matmul --quick  # tiny shapes (used by the test suite)
 
 Decode tokens/s as ``bench_generate.py`` counts them (``B * (N - 1) / (T(N tokens) - T(1 token))``, greedy,
 every row generating exactly ``--new-tokens``), each system timed in turn within every repeat so a busy

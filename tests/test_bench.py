@@ -69,3 +69,13 @@ def test_bench_generate_end_to_end_quick(tmp_path, smollm2_gguf):
     assert r["end_to_end"][0]["greedy_same_tokens"] == 1.0
     assert r["ttft"]["maxjax_s"] > 0 and r["ttft"]["hf_s"] > 0
     assert r["programs_used"] == 2  # one prefill and one decode shape in the quick runtime
+
+
+def test_bench_quantized_matmul_quick():
+    """The kept-GGUF product forms of bench_quantized.py agree with the float32 dot (checked inside) and are timed."""
+    main = runpy.run_path(str(SCRIPT.with_name("bench_quantized.py")))["main"]
+    rows = main(["--matmul", "--quick"])
+    assert [(r["shape"].split()[-1], r["batch"]) for r in rows] == [("Q4_1", 1), ("Q4_1", 8), ("Q8_0", 1), ("Q8_0", 8)]
+    for r in rows:
+        assert set(r["times"]) == {"float32 dot", "block_matmul", "dequantize + dot"}
+        assert all(wall > 0 for wall, _ in r["times"].values())

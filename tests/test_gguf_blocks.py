@@ -48,6 +48,8 @@ def test_blocks_stay_quantized_and_their_matmul_equals_the_dequantized_dot(tenso
     for chunk_elements in (1 << 30, 2048):  # one dot (as on accelerators) and the chunked CPU loop (12 chunks)
         got = np.asarray(jax.jit(block_matmul, static_argnums=2)(jnp.asarray(x), w, chunk_elements))
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())
+    one_row = np.asarray(jax.jit(block_matmul, static_argnums=2)(jnp.asarray(x[:1, :1]), w, 2048))  # decode at batch 1
+    np.testing.assert_allclose(one_row, expected[:1, :1], rtol=1e-5, atol=1e-4 * np.abs(expected).max())
     tokens = jnp.array([[0, 5, OUT - 1]])
     np.testing.assert_array_equal(np.asarray(embed_lookup(w, tokens, jnp.float32)), expected_w[[[0, 5, OUT - 1]]])
 

@@ -11,6 +11,7 @@ On GPU/TPU XLA fuses the convert into the dot, and the unchunked form is used.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -86,16 +87,16 @@ def is_blocks(w: Any) -> bool:
     return isinstance(w, dict) and "q" in w
 
 
-def dequantize_blocks(w: dict[str, jax.Array], dtype=jnp.float32) -> jax.Array:
-    """The float weight [..., O, D] of a GGUF block weight."""
-    q = w["q"]
-    if q.dtype == jnp.int8:
-        values = q.astype(jnp.float32)  # [..., O, D]
-    else:
-        nibbles = jnp.concatenate([q & 0x0F, q >> 4], axis=-1)  # [..., O, G, 2g]
-        values = nibbles.reshape(*q.shape[:-2], -1).astype(jnp.float32)  # [..., O, D]
-        if "min" not in w:
-            values = values - 8.0  # Q4_0: symmetric around 8
+def _nibbles(q: jax.Array) -> jax.Array:
+    """Packed bytes uint8 [..., G, g] -> their 4-bit values uint8 [..., G, 2, g] (low nibbles, then high).
+    A broadcast shift rather than a concatenation: XLA CPU vectorizes it as one elementwise loop."""
+    shifts = jnp.array([0, 4], jnp.uint8)[:, None]  # [2, 1]
+    return (q[..., None, :] >> shifts) & 0x0F
+
+
+def _scale_and_offset(w: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array | None]:
+    """float32 scale and additive offset per block of values ([..., O, B]; K-quants: per 32-value sub-block),
+    None when the format has no offset (Q8_0; Q4_0's -8 is left to the caller)."""
     scale = w["scale"].astype(jnp.float32)  # [..., O, B]
     offset = w["min"].astype(jnp.float32) if "min" in w else None
     if "sub_scale" in w:  # K-quant: two-level scales over 32-value sub-blocks
@@ -103,17 +104,52 @@ def dequantize_blocks(w: dict[str, jax.Array], dtype=jnp.float32) -> jax.Array:
         sub = lambda top, ints: (top[..., None] * ints.reshape(*top.shape, per_block).astype(jnp.float32)  # noqa: E731
                                  ).reshape(ints.shape)
         scale, offset = sub(scale, w["sub_scale"]), -sub(offset, w["sub_min"])  # [..., O, D / 32]
+    return scale, offset
+
+
+def dequantize_blocks(w: dict[str, jax.Array], dtype=jnp.float32) -> jax.Array:
+    """The float weight [..., O, D] of a GGUF block weight."""
+    q = w["q"]
+    if q.dtype == jnp.int8:
+        values = q.astype(jnp.float32)  # [..., O, D]
+    else:
+        values = _nibbles(q).reshape(*q.shape[:-2], -1).astype(jnp.float32)  # [..., O, D]
+        if "min" not in w:
+            values = values - 8.0  # Q4_0: symmetric around 8
+    scale, offset = _scale_and_offset(w)  # [..., O, D / block]
     blocks = values.reshape(*scale.shape, -1)  # [..., O, B, block]
     blocks = blocks * scale[..., None] + (0.0 if offset is None else offset[..., None])
     return blocks.reshape(values.shape).astype(dtype)
+
+
+def _nibble_half_products(x_halves: tuple[jax.Array, jax.Array], w: dict[str, jax.Array]) -> jax.Array:
+    """x @ W [N, O] for a 4-bit block weight as two dots: the low nibbles of every byte (the first g values of
+    each group of 2g) against their x values, plus the high nibbles against theirs.
+
+    Each half dequantizes as a plain elementwise loop (mask or shift, convert, scale, offset), like an int8
+    chunk: XLA CPU runs it ~3.5x faster than unpacking into the interleaved [D] order, which needs the
+    nibbles broadcast into one array; the dots then run as fast as float32 ones.
+    ``x_halves``: x's values at the low and the high nibbles' positions, [N, D / 2] each.
+    """
+    q = w["q"]  # [O, G, g]
+    scale, offset = _scale_and_offset(w)  # [O, D / block]
+    if offset is None:
+        offset = -8.0 * scale  # Q4_0: values centre on 8
+    scale, offset = (a.reshape(*q.shape[:2], -1) for a in (scale, offset))  # [O, G, blocks per group: 1 or 2]
+    out = 0.0
+    for half, (nibbles, x_half) in enumerate(zip((q & 0x0F, q >> 4), x_halves)):
+        k = min(half, scale.shape[-1] - 1)  # Q4_0/Q4_1: one block per group; Q4_K: a sub-block per half
+        values = nibbles.astype(jnp.float32) * scale[..., k, None] + offset[..., k, None]  # [O, G, g]
+        out = out + jnp.einsum("nd,od->no", x_half, values.reshape(q.shape[0], -1).astype(x_half.dtype))
+    return out
 
 
 def block_matmul(x: jax.Array, w: dict[str, jax.Array], chunk_elements: int = CHUNK_ELEMENTS) -> jax.Array:
     """x [..., D] @ W -> [..., O] for a GGUF block weight, dequantized inside the program.
 
     On the CPU the output channels run in chunks (a loop over [C, O/C, ...] views of every component), for the
-    same reason as ``int8_matmul``: the dequantized chunk stays in cache, main memory is read packed. On GPU/TPU
-    one dequantize + dot, which XLA may fuse.
+    same reason as ``int8_matmul``: the dequantized chunk stays in cache, main memory is read packed; 4-bit
+    chunks as two half-dots (``_nibble_half_products``). On GPU/TPU one dequantize + dot, which XLA may fuse.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [N, D]
@@ -123,9 +159,15 @@ def block_matmul(x: jax.Array, w: dict[str, jax.Array], chunk_elements: int = CH
         out = jnp.einsum("nd,od->no", x2, dequantize_blocks(w, x.dtype))  # [N, O]
     else:
         parts_in = {k: v.reshape(chunks, out_features // chunks, *v.shape[1:]) for k, v in w.items()}
+        if w["q"].dtype == jnp.uint8:  # 4-bit: x split as the nibbles are, once for every chunk
+            x_groups = x2.reshape(x2.shape[0], w["q"].shape[1], 2, -1)  # [N, G, 2, g]
+            x_halves = tuple(x_groups[:, :, h].reshape(x2.shape[0], -1) for h in (0, 1))  # [N, D / 2] x2
+            product = functools.partial(_nibble_half_products, x_halves)
+        else:
+            product = lambda wc: jnp.einsum("nd,od->no", x2, dequantize_blocks(wc, x.dtype))  # noqa: E731
 
         def chunk(_, wc):  # every component [O/C, ...]
-            return None, jnp.einsum("nd,od->no", x2, dequantize_blocks(wc, x.dtype))  # [N, O/C]
+            return None, product(wc)  # [N, O/C]
 
         _, parts = jax.lax.scan(chunk, None, parts_in)  # [C, N, O/C]
         out = jnp.moveaxis(parts, 0, 1).reshape(x2.shape[0], -1)  # [N, O]

@@ -45,12 +45,10 @@ def hf_peft(hf_smollm2, tmp_path_factory, add_random_lora):
 
 @pytest.fixture(scope="module")
 def served(smollm2_gguf, hf_peft):
-    """(tokenizer, pipeline, LLM) with the three adapters; scanned layers compile in seconds (tests/test_lora.py
-    runs the unrolled ones)."""
+    """(tokenizer, pipeline, LLM) with the three adapters; scanned decode layers compile in seconds."""
     _, folder = hf_peft
     llm = LLM(smollm2_gguf, chat=False, lora_adapters={name: folder / name for name in ADAPTERS}, max_batch_size=4,
-              batch_buckets=(4,), max_seq_len=128, length_buckets=(128,), max_num_steps=8, scan_decode_layers=True,
-              scan_prefill_layers=True)
+              batch_buckets=(4,), max_seq_len=128, length_buckets=(128,), max_num_steps=8, scan_decode_layers=True)
     return llm.tokenizer, llm.pipeline, llm
 
 

@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
                   length_buckets=buckets, max_prefill_len=args.ttft_len, max_num_steps=args.num_steps,
                   dtype=args.dtype, quantize=args.quantize, scan_decode_layers=args.scan_decode, max_logprobs=1,
                   tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel)
+    if args.quick:  # scanned prefill layers compile in seconds too
+        fields["scan_prefill_layers"] = True
     results: dict = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                  "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
@@ -380,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "max_batch_size": args.data_parallel * max(1, 8 // args.data_parallel)}
         if args.quick:
             start_fields.update(max_batch_size=args.data_parallel, max_seq_len=32, length_buckets=(32,),
-                                max_num_steps=4, scan_decode_layers=True)
+                                max_num_steps=4, scan_decode_layers=True, scan_prefill_layers=True)
         with tempfile.TemporaryDirectory() as cache_dir:
             cold = start_child(gguf, start_fields, cache_dir, P if not args.quick else 8)
             warm = start_child(gguf, start_fields, cache_dir, P if not args.quick else 8)

@@ -159,7 +159,8 @@ def check_smollm2(gguf: str) -> dict:
     texts = ["The three primary colors are", "def fibonacci(n):", "Paris is the capital of"]
     prompts = [np.asarray(tokenizer.encode_text(t), np.int32) for t in texts]
     runtime = dict(max_batch_size=4, max_seq_len=64, length_buckets=(64,), batch_buckets=(4,), max_num_steps=8,
-                   scan_decode_layers=True)  # scanned layers compile in seconds: this test is about layouts
+                   scan_decode_layers=True, scan_prefill_layers=True)
+    # Scanned layers compile in seconds: this check is about layouts (check_tiny runs unrolled layers on meshes).
     out = {}
     for tp, dp in ((1, 1), (3, 1), (1, 2), (3, 2), (2, 1)):
         eng = engine(weights.config, weights.params, tp, dp, **runtime)

@@ -10,7 +10,26 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
 
 
+@pytest.fixture
+def hf_peer_is_the_session_reference(monkeypatch, smollm2_gguf, hf_smollm2):
+    """The bench's transformers peer loads exactly what tests/conftest.py's ``hf_smollm2`` loaded (the GGUF in
+    float32, 15-20 s here): that load returns the session's model; any other load runs as usual."""
+    import torch
+    import transformers
+
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    same = (str(smollm2_gguf.parent), smollm2_gguf.name, torch.float32)
+
+    def from_pretrained(folder, *args, **kwargs):
+        if not args and (str(folder), kwargs.get("gguf_file"), kwargs.get("dtype")) == same:
+            return hf_smollm2
+        return load(folder, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("hf_peer_is_the_session_reference")
 def test_bench_generate_quick(tmp_path, smollm2_gguf):
     out = tmp_path / "bench.json"
     main = runpy.run_path(str(SCRIPT))["main"]
@@ -57,6 +76,7 @@ def test_bench_generate_random_shape_quick(tmp_path):
 
 
 @pytest.mark.slow  # HF transformers is the peer
+@pytest.mark.usefixtures("hf_peer_is_the_session_reference")
 def test_bench_generate_end_to_end_quick(tmp_path, smollm2_gguf):
     """--end-to-end: batch 2 through one KV slot (the second request queues), both systems, every figure."""
     out = tmp_path / "e2e.json"

@@ -143,9 +143,10 @@ def test_int8_smollm2_logits_and_greedy_text_match_float32(smollm2_gguf):
     from maxjax.pipelines.registry import load_text_pipeline
 
     texts = {}
-    for quantize in (None, "int8"):
+    for quantize in (None, "int8"):  # scanned layers compile in seconds (unrolled int8: the tiny test above)
         _, pipe = load_text_pipeline(smollm2_gguf, quantize=quantize, max_batch_size=4, max_seq_len=128,
-                                     length_buckets=(32, 128), max_prefill_len=32, max_num_steps=8)
+                                     length_buckets=(32, 128), max_prefill_len=32, max_num_steps=8,
+                                     scan_decode_layers=True, scan_prefill_layers=True)
         texts[quantize] = _generate(pipe, [np.asarray(x, np.int32) for x in ids], 16, 8)
     # Greedy text: measured identical for 16 tokens on two prompts; "def fibonacci(n):" diverges at its 14th
     # token (a near-tie). The first 12 tokens of every prompt must match.

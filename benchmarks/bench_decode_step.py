@@ -50,7 +50,8 @@ def kernel_breakdown(program, run, calls: int = 3, steps: int = 16, top: int = 1
     for plane in data.planes:
         for line in plane.lines:
             for event in line.events if "XLAEigen" in line.name else ():
-                if event.name in shapes:  # kernels only: no executor, pool or end-marker events
+                # kernels only: no executor, pool or end-marker events, nor the loops and branches around kernels
+                if event.name in shapes and not event.name.startswith(("while", "cond")):
                     ns[re.sub(r"\.\d+$", "", event.name) + " " + shapes[event.name]] += event.duration_ns
     rows = sorted(((k, v / 1e6 / (calls * steps)) for k, v in ns.items()), key=lambda kv: -kv[1])
     return rows[:top] + [("all kernels", sum(v for _, v in rows))]

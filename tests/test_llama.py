@@ -192,3 +192,23 @@ def test_unstacked_layers_give_the_same_logits(params):
     unstacked, cache_b = _run(llama.unstack_layers(params), CFG, tokens[None])
     np.testing.assert_allclose(unstacked, stacked, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(cache_b.k), np.asarray(cache_a.k), atol=1e-6, rtol=0)
+
+
+def test_runtime_layout_of_a_tied_model_reads_a_transposed_output_projection():
+    """The serving layout keeps the tied embedding for lookups and adds its [D, V] transpose for the logits (a
+    faster XLA CPU dot); logits stay those of the tied model, and quantized embeddings are left tied."""
+    from maxjax.weights.quantize import quantize_params, weight_bytes
+
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
+    params = llama.init_params(cfg, jax.random.key(3))
+    runtime = llama.runtime_params(params)
+    np.testing.assert_array_equal(np.asarray(runtime["lm_head"]), np.asarray(params["embed"]).T)
+    tokens = _tokens(9, 5)
+    logits, _ = _run(runtime, cfg, tokens[None])
+    np.testing.assert_allclose(logits[0], _reference(params, cfg, tokens), atol=2e-5, rtol=0)
+    hidden = jax.ShapeDtypeStruct((4, cfg.hidden_size), jnp.float32)
+    text = jax.jit(functools.partial(llama.lm_head, cfg=cfg)).lower(runtime, hidden=hidden).compile().as_text()
+    assert "rhs_contracting_dims={0}" in text and "rhs_contracting_dims={1}" not in text
+    # What a decode step reads: the projection, not the embedding beside it.
+    assert weight_bytes(runtime) == weight_bytes(llama.fuse_projections(params))
+    assert "lm_head" not in llama.untie_output(quantize_params(params, "int8"))

@@ -255,10 +255,24 @@ def fuse_projections(params: Params) -> Params:
     return dict(params, layers=layers)
 
 
+def untie_output(params: Params) -> Params:
+    """A tied float embedding [V, D] also stored transposed as "lm_head" [D, V], which `lm_head` then uses.
+
+    Why: XLA CPU's dot over the embedding's own layout (contracting both operands' minor dimension) is the
+    slowest kernel of a decode step; the [D, V] layout runs it 1.5x faster at batch 1 (1.1-1.2x at 8-32), for one
+    more copy of the embedding in memory. Quantized or block embeddings keep their own tied matmul."""
+    embed = params["embed"]
+    if "lm_head" in params or is_quantized(embed) or is_blocks(embed):
+        return params
+    xp = np if isinstance(embed, np.ndarray) else jnp
+    return dict(params, lm_head=xp.asarray(embed.T).copy())  # a contiguous [D, V] copy, not a view
+
+
 def runtime_params(params: Params) -> Params:
     """The layout the serving engine runs: fused projections, unstacked layers (decode and prefill unroll them
-    and read weights in place; a scan stacks them inside its program, a copy of the weights per call)."""
-    params = fuse_projections(params)
+    and read weights in place; a scan stacks them inside its program, a copy of the weights per call), and a
+    tied embedding's output projection transposed (`untie_output`)."""
+    params = untie_output(fuse_projections(params))
     if isinstance(params["layers"], (list, tuple)):
         return params
     return unstack_layers(params)
@@ -471,8 +485,9 @@ def write_new_kv(cache: KVCache, new_kv: tuple[jax.Array, jax.Array], slots: jax
 
 
 def lm_head(params: Params, cfg: LlamaConfig, hidden: jax.Array) -> jax.Array:
-    """Logits [..., V] in float32 from hidden states [..., D] (tied: the embedding matrix transposed)."""
-    if cfg.tie_word_embeddings:
+    """Logits [..., V] in float32 from hidden states [..., D] (tied: the embedding matrix transposed, or its
+    transposed copy "lm_head" when `untie_output` made one)."""
+    if cfg.tie_word_embeddings and "lm_head" not in params:
         logits = embed_matmul(hidden, params["embed"]).astype(jnp.float32)
     else:
         logits = linear(hidden, params["lm_head"]).astype(jnp.float32)

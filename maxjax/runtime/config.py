@@ -45,6 +45,9 @@ class RuntimeConfig:
     span only (the smallest length bucket that holds it); a chunk that must see further into the cache (the
     tail of a long prompt) runs as a ``max_prefill_len`` chunk. New prompts are prefilled several rows per call
     (``prefill_batch_buckets``) when the call holds at most ``max_prefill_len`` tokens.
+    ``max_batch_size`` (KV cache slots) is 8 here; ``load_pipeline`` / ``LLM`` / ``maxjax serve`` without one take
+    as many slots as the device memory holds, up to 32 (``maxjax.runtime.memory``), so a batch of 32 decodes at
+    once instead of queueing; batch buckets are then 1, 2, ..., 32 (18 decode programs over the default spans).
     """
 
     max_batch_size: int = 8

@@ -411,8 +411,8 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
     key, and (hidden, cache, (k, v) [L, B, T, KVH, Dh]) is returned for `write_new_kv` to store later. Why: one
     scatter per step for all layers instead of two per layer (with their index arithmetic), and the write can
     come before the next step's reads, so XLA updates the donated cache in place.
-    `end_aligned` (prefill): each row's positions are consecutive and end at or before the last token index,
-    within kv_len, so token t's position is <= kv_len - T + t: attention skips keys no query of a block sees.
+    `end_aligned` (prefill): each row's real tokens end the row (padding first) at consecutive positions below
+    kv_len, so token t's position is <= kv_len - T + t: attention skips keys no query of a block sees.
     """
     if kv_len > cache.k.shape[3]:
         raise ValueError(f"kv_len ({kv_len}) exceeds the cache's max_seq_len ({cache.k.shape[3]})")

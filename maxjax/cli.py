@@ -208,8 +208,9 @@ def cmd_serve(args) -> int:
         print(f"maxjax serve needs the serve extra (pip install 'maxjax[serve]'): {error}", file=sys.stderr)
         return 2
 
-    runtime = {"max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len,
-               "max_num_steps": args.max_num_steps, "dtype": args.dtype}
+    runtime = {"max_seq_len": args.max_seq_len, "max_num_steps": args.max_num_steps, "dtype": args.dtype}
+    if args.max_batch_size is not None:  # else the pipeline's default: as many slots as the memory holds
+        runtime["max_batch_size"] = args.max_batch_size
     if args.length_buckets:
         runtime["length_buckets"] = tuple(int(b) for b in args.length_buckets.split(","))
     return serve(args.model, host=args.host, port=args.port, runtime=runtime, warmup=not args.no_warmup,
@@ -270,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'random-orpheus' (speech); default SmolLM2-135M-Instruct")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=8, help="KV cache slots: requests decoded together")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="KV cache slots: requests decoded together (default: as many as memory holds, up to 32)")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--max-num-steps", type=int, default=8, help="decode steps per device call")
     p.add_argument("--length-buckets", default=None, help="comma-separated, e.g. 128,512,2048")

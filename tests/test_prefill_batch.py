@@ -126,3 +126,65 @@ def test_long_chunks_attend_in_query_blocks_with_the_same_result():
     whole = jax.jit(attn._attention, static_argnums=(4, 5))(q, k, v, mask, None, None)
     assert 256 * 2048 > attn._BLOCKED_SCORES and 256 > attn.QUERY_BLOCK
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=1e-6, rtol=1e-6)
+
+
+def test_end_aligned_chunks_attend_only_the_keys_they_can_see():
+    """Prefill rows end at the chunk's last index, so a block of queries ending at t sees at most the first
+    S - T + t + 1 keys: attention skips the rest (5/8 of the scores of a 256-chunk over its own span) and equals
+    attention over every key, for a chunk from position 0, a short tail deep in the span and a padding row."""
+    from maxjax.architectures import attention as attn
+
+    T, S = 256, 256
+    keys = jax.random.split(jax.random.key(6), 3)
+    q = jax.random.normal(keys[0], (3, T, 4, 8))
+    k, v = (jax.random.normal(key, (3, 2, S, 8)) for key in keys[1:])
+    positions = np.full((3, T), -1, np.int32)
+    positions[0] = np.arange(T)  # a whole chunk from 0
+    positions[1, T - 10:] = np.arange(S - 10, S)  # 10 tokens ending the span, end-aligned
+    mask = attn.attention_mask(jax.numpy.asarray(positions), S, None)
+    causal = jax.jit(lambda *a: attn.attention(*a, end_aligned=True))(q, k, v, mask)
+    whole = jax.jit(attn._attention, static_argnums=(4, 5))(q, k, v, mask, None, None)
+    real = positions >= 0
+    np.testing.assert_allclose(np.asarray(causal)[real], np.asarray(whole)[real], atol=1e-6, rtol=1e-6)
+
+    def score_elements(end_aligned):
+        jaxpr = jax.make_jaxpr(lambda *a: attn.attention(*a, end_aligned=end_aligned))(q, k, v, mask)
+        return sum(np.prod(e.outvars[0].aval.shape) for e in jaxpr.eqns  # q @ k: [..., T, keys]; p @ v: [..., 8]
+                   if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] != 8)
+
+    assert score_elements(True) == score_elements(False) * 3 // 4  # blocks of 128: (128 + 256) / (2 * 256)
+
+
+def test_prefill_rows_must_be_end_aligned(pipeline):
+    """A chunk whose tokens start the row but sit deep in the span would see too few keys: refused."""
+    from maxjax.runtime.engine import empty_prefill_rows, empty_sampling
+
+    rows = empty_prefill_rows(1, 8)
+    rows["positions"][0, :4] = np.arange(28, 32)  # token 0 at position 28 > 32 - 8 + 0
+    with pytest.raises(ValueError, match="end-aligned"):
+        pipeline.engine.prefill(rows, empty_sampling(1, CFG.vocab_size, RUNTIME.max_stop_ids), 32)
+
+
+def test_long_prompt_prefill_matches_an_uncached_forward():
+    """Chunks longer than the causal block (256 tokens, blocks of 128), the second one a tail deep in the
+    cache: the first generated token's log-probabilities equal a plain forward over the whole prompt."""
+    from maxjax.architectures import attention as attn
+
+    runtime = RuntimeConfig(max_batch_size=1, max_seq_len=512, max_num_steps=1, length_buckets=(256, 512),
+                            max_prefill_len=256, scan_decode_layers=True, scan_prefill_layers=True)
+    params = llama.init_params(CFG, jax.random.key(4))
+    params = dict(params, lm_head=params["lm_head"] * 8)
+    pipe = TextGenerationPipeline(Engine(llama, CFG, params, runtime))
+    assert 256 > attn.CAUSAL_BLOCK
+    for n in (200, 300):  # one chunk at (256, 256); two: 256 at (256, 256), then 44 at (256, 512)
+        prompt = np.random.default_rng(n).integers(4, CFG.vocab_size, size=n).astype(np.int32)
+        ctx = TextContext(f"p{n}", prompt, max_length=n + 1, log_probabilities=1)
+        out = pipe.next_token(TextGenerationInputs({ctx.request_id: ctx}, 1))[ctx.request_id]
+        pipe.release(ctx.request_id)
+        cache = llama.init_kv_cache(CFG, 1, 512)
+        logits, _ = llama.forward(params, CFG, prompt[None], np.arange(n)[None], cache, np.zeros(1, np.int32),
+                                  kv_len=512)
+        reference = jax.nn.log_softmax(logits[0, -1])
+        assert out.tokens == [int(np.argmax(reference))]
+        np.testing.assert_allclose(out.log_probabilities[0].token_log_probabilities[0],
+                                   float(reference[out.tokens[0]]), atol=1e-5)

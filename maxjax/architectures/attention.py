@@ -62,20 +62,29 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
 # 512 span, so shorter spans keep one block).
 QUERY_BLOCK = 128
 _BLOCKED_SCORES = 512 * 512  # blocks only when T * S exceeds this
+CAUSAL_BLOCK = 128  # query block of end-aligned (prefill) chunks: 128 and 64 measured alike at T = S = 512
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
-              logit_cap: float | None = None) -> jax.Array:
+              logit_cap: float | None = None, end_aligned: bool = False) -> jax.Array:
     """Grouped-query attention. q [B, T, H, Dh]; k, v [B, KVH, S, Dh]; mask [B, T, S] -> [B, T, H, Dh].
 
     Query head h uses kv head h // (H // KVH), as HF's repeat_kv does. Scores and softmax in at least float32.
     Scores are scaled by `scale` (default 1/sqrt(Dh)) and soft-capped at `logit_cap` before masking.
     Each query's softmax is its own, so blocks of queries (long chunks over long spans) give the same result.
+    `end_aligned` (prefill chunks, see `steps.prefill_step`): key j is cache position j and query t sits at a
+    position <= S - T + t, so a block of queries ending at t never sees keys past S - T + t: each block
+    attends over that causal prefix only (a 512-token chunk over its 512 span computes 5/8 of the scores).
     """
     T, S = q.shape[1], k.shape[2]
-    if T > QUERY_BLOCK and T % QUERY_BLOCK == 0 and T * S > _BLOCKED_SCORES:
-        return jnp.concatenate([_attention(q[:, i:i + QUERY_BLOCK], k, v, mask[:, i:i + QUERY_BLOCK], scale,
-                                           logit_cap) for i in range(0, T, QUERY_BLOCK)], axis=1)
+    block = CAUSAL_BLOCK if end_aligned else QUERY_BLOCK
+    if T > block and T % block == 0 and (end_aligned or T * S > _BLOCKED_SCORES):
+        outs = []
+        for i in range(0, T, block):
+            seen = S - T + i + block if end_aligned else S  # keys any query of this block may see
+            outs.append(_attention(q[:, i:i + block], k[:, :, :seen], v[:, :, :seen], mask[:, i:i + block, :seen],
+                                   scale, logit_cap))
+        return jnp.concatenate(outs, axis=1)
     return _attention(q, k, v, mask, scale, logit_cap)
 
 

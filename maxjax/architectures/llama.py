@@ -377,7 +377,8 @@ def _ffn(h: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | 
 def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array, cache: KVCache, layer_index: jax.Array, slots: jax.Array,
                   positions: jax.Array, kv_len: int, lora_index: jax.Array | None = None,
-                  defer_write: bool = False) -> tuple[jax.Array, KVCache, tuple[jax.Array, jax.Array] | None]:
+                  defer_write: bool = False,
+                  end_aligned: bool = False) -> tuple[jax.Array, KVCache, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block: x [B, T, D] -> [B, T, D]; writes this layer's K/V into the cache, then attends.
     ``lora_index`` [B]: each row's LoRA adapter slot, when the layer carries adapters (0: the base model).
     ``defer_write`` (decode, T = 1; ``mask`` from `hide_current`): the cache is left as it is, the new key is
@@ -401,7 +402,8 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
         keys, values, mask = with_new_key(keys, values, mask, positions, k, v)  # [B, KVH, S + 1, Dh]
     keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
-    attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap)  # [B, T, H, Dh]
+    causal = end_aligned and not defer_write and keys.shape[2] == kv_len  # not a sliding window's gathered keys
+    attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap, end_aligned=causal)  # [B, T, H, Dh]
     h = _project(attn.reshape(B, T, H * Dh), layer, "wo", lora_index)  # [B, T, D]
     x = x + (rms_norm(h, layer["post_attn_norm"], eps, offset) if cfg.post_norms else h)  # [B, T, D]
     h = _ffn(rms_norm(x, layer["mlp_norm"], eps, offset), layer, cfg, lora_index)  # [B, T, D]
@@ -411,7 +413,7 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
 
 def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                    slots: jax.Array, *, kv_len: int, scan: bool | None = None,
-                   lora_index: jax.Array | None = None, defer_write: bool = False):
+                   lora_index: jax.Array | None = None, defer_write: bool = False, end_aligned: bool = False):
     """Final-normed hidden states [B, T, D] for tokens/positions [B, T] (int32), and the updated cache.
 
     Every real token's K/V is written to `cache[:, slots[b], :, positions[b, t]]` before attention, so a prefill
@@ -424,6 +426,8 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
     key, and (hidden, cache, (k, v) [L, B, T, KVH, Dh]) is returned for `write_new_kv` to store later. Why: one
     scatter per step for all layers instead of two per layer (with their index arithmetic), and the write can
     come before the next step's reads, so XLA updates the donated cache in place.
+    `end_aligned` (prefill): each row's real tokens end the row (padding first) at consecutive positions below
+    kv_len, so token t's position is <= kv_len - T + t: attention skips keys no query of a block sees.
     """
     if kv_len > cache.k.shape[3]:
         raise ValueError(f"kv_len ({kv_len}) exceeds the cache's max_seq_len ({cache.k.shape[3]})")
@@ -453,7 +457,7 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
             local = local_layers[layer_index]
             (cos, sin), mask = (rope_local, mask_local) if local else (rope_global, mask_global)
             x, cache, kv = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions,
-                                         kv_len, lora_index, defer_write=defer_write)
+                                         kv_len, lora_index, defer_write=defer_write, end_aligned=end_aligned)
             new_kv.append(kv)
         hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         if defer_write:  # [L, B, T, KVH, Dh] each
@@ -469,7 +473,7 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
         cos, sin, mask = (jnp.where(local, a, b) for a, b in zip((*rope_local, mask_local),
                                                                  (*rope_global, mask_global)))
         x, cache, _ = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len,
-                                    lora_index)
+                                    lora_index, end_aligned=end_aligned)
         return (x.astype(dtype), cache), None
 
     layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)

@@ -12,7 +12,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from maxjax.context import TextContext
 from maxjax.runtime.config import bucket_for
-from maxjax.runtime.engine import Engine, empty_decode_rows, empty_prefill_rows, empty_sampling
+from maxjax.runtime.engine import Engine, empty_decode_rows, empty_prefill_rows, empty_sampling, place_prefill_row
 from maxjax.runtime.slots import SlotAllocator
 
 
@@ -102,10 +102,8 @@ class DraftModelDrafter:
                 n = min(tokens.size - cached, cfg.max_prefill_len)
                 length, kv_len = cfg.prefill_shape(n, cached + n)
                 prefill = empty_prefill_rows(cfg.prefill_batch_buckets[0], length)
-                prefill["tokens"][0, :n] = tokens[cached:cached + n]
-                prefill["positions"][0, :n] = np.arange(cached, cached + n)
+                place_prefill_row(prefill, 0, tokens[cached:cached + n], cached)
                 prefill["slots"][0] = slot
-                prefill["last_index"][0] = n - 1
                 prefill["samples"][0] = cached + n == tokens.size
                 sampling = empty_sampling(prefill["tokens"].shape[0], self.engine.vocab_size, cfg.max_stop_ids)
                 token, _, _ = self.engine.prefill(prefill, sampling, kv_len)

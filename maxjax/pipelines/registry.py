@@ -57,12 +57,15 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     """
     import dataclasses
 
+    import jax.numpy as jnp
+
     from maxjax.architectures import llama, llama_sharding
     from maxjax.models import load_model
     from maxjax.pipelines.text import TextGenerationPipeline
     from maxjax.runtime.compile_cache import enable_compile_cache
     from maxjax.runtime.config import RuntimeConfig
     from maxjax.runtime.engine import Engine
+    from maxjax.runtime.memory import default_max_batch_size
     from maxjax.runtime.mesh import make_mesh
     from maxjax.runtime.sharded import restore_shardings
     from maxjax.weights import load_weights
@@ -85,6 +88,11 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     if config.max_seq_len > loaded.config.max_position_embeddings:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context length "
                          f"{loaded.config.max_position_embeddings}")
+    if "max_batch_size" not in runtime:  # as many KV cache slots as the memory holds (runtime/memory.py)
+        slots = default_max_batch_size(llama, loaded.config, loaded.params, config.max_seq_len,
+                                       jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32,
+                                       config.num_devices, config.data_parallel)
+        config = RuntimeConfig(**runtime, max_batch_size=slots)
     adapters = read_lora_adapters(lora_adapters, loaded.config)
     config = size_for_lora(config, adapters, runtime)
     tokenizer = loaded.tokenizer

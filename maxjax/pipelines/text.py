@@ -43,7 +43,7 @@ from maxjax.pipelines.rows import check_context, decode_budget, echo_targets, fi
 from maxjax.pipelines.stops import StopChecker
 from maxjax.pipelines.structured import GrammarCompiler, fill_bitmask, matcher_finished
 from maxjax.runtime.config import bucket_for
-from maxjax.runtime.engine import Engine, empty_decode_rows, empty_prefill_rows, empty_sampling
+from maxjax.runtime.engine import Engine, empty_decode_rows, empty_prefill_rows, empty_sampling, place_prefill_row
 from maxjax.runtime.slots import SlotAllocator
 
 
@@ -240,17 +240,17 @@ class TextGenerationPipeline:
             chunks = [min(ctx.active_length, self.config.max_prefill_len) for ctx in group]
             rows = empty_prefill_rows(num_rows, length)
             sampling = empty_sampling(num_rows, self.engine.vocab_size, self.config.max_stop_ids)
-            for r, (ctx, n) in enumerate(zip(group, chunks)):
-                self._pack_prefill_row(rows, sampling, r, ctx, n)
+            offsets = [self._pack_prefill_row(rows, sampling, r, ctx, n)
+                       for r, (ctx, n) in enumerate(zip(group, chunks))]
             first, first_lp, echo_lp = self.engine.prefill(rows, sampling, kv_len)
             first = np.asarray(first)
             first_lp = host_logprobs(first_lp) if (rows["logprobs"] & rows["samples"]).any() else None
             echo_lp = host_logprobs(echo_lp) if (rows["echo_targets"] >= 0).any() else None
-            for r, (ctx, n) in enumerate(zip(group, chunks)):
+            for r, (ctx, n, offset) in enumerate(zip(group, chunks, offsets)):
                 if echo_lp is not None and wants_echo(ctx):
                     self._echo.setdefault(ctx.request_id, []).extend(
                         _log_probabilities(echo_lp[0][r, i], echo_lp[1][r, i], echo_lp[2][r, i], ctx.log_probabilities)
-                        for i in np.flatnonzero(rows["echo_targets"][r, :n] >= 0))
+                        for i in offset + np.flatnonzero(rows["echo_targets"][r, offset:] >= 0))
                 if n < ctx.active_length:  # more prompt to come: move the window, keep the context pending
                     ctx.bump_token_indices(start_idx=n)
                     pending.append(ctx)
@@ -281,21 +281,20 @@ class TextGenerationPipeline:
         return ([pending[i] for i in sorted(taken)], num_rows, length, kv_len,
                 [ctx for i, ctx in enumerate(pending) if i not in taken])
 
-    def _pack_prefill_row(self, rows, sampling, r: int, ctx: TextContext, n: int) -> None:
-        start = ctx.start_idx
-        rows["tokens"][r, :n] = ctx.next_tokens[:n]
-        rows["positions"][r, :n] = np.arange(start, start + n)
+    def _pack_prefill_row(self, rows, sampling, r: int, ctx: TextContext, n: int) -> int:
+        """Fills row ``r`` with the next ``n`` prompt tokens of ``ctx``; returns the index of the first one."""
+        offset = place_prefill_row(rows, r, ctx.next_tokens[:n], ctx.start_idx)
         rows["slots"][r] = ctx.cache_seq_id
-        rows["last_index"][r] = n - 1
         rows["samples"][r] = n == ctx.active_length
         rows["num_generated"][r] = ctx.num_generated
         rows["logprobs"][r] = ctx.log_probabilities > 0
         rows["lora_index"][r] = self.engine.lora_slot(ctx.lora_name)
         if wants_echo(ctx):
-            rows["echo_targets"][r, :n] = echo_targets(ctx, n)
+            rows["echo_targets"][r, offset:] = echo_targets(ctx, n)
         fill_sampling_row(sampling, r, ctx)
         if ctx.matcher is not None and rows["samples"][r]:
             fill_bitmask(ctx.matcher, sampling["bitmask"], r)
+        return offset
 
     # -- decode ----------------------------------------------------------------------------------------
     def _decode(self, live: list[TextContext], num_steps: int, prefilled: set[str]) -> None:

@@ -45,6 +45,9 @@ class RuntimeConfig:
     span only (the smallest length bucket that holds it); a chunk that must see further into the cache (the
     tail of a long prompt) runs as a ``max_prefill_len`` chunk. New prompts are prefilled several rows per call
     (``prefill_batch_buckets``) when the call holds at most ``max_prefill_len`` tokens.
+    ``max_batch_size`` (KV cache slots) is 8 here; ``load_pipeline`` / ``LLM`` / ``maxjax serve`` without one take
+    as many slots as the device memory holds, up to 32 (``maxjax.runtime.memory``), so a batch of 32 decodes at
+    once instead of queueing; batch buckets are then 1, 4, 8, 16, 32 (15 decode programs over the default spans).
     """
 
     max_batch_size: int = 8
@@ -95,9 +98,7 @@ class RuntimeConfig:
         if defaults:
             object.__setattr__(self, "length_buckets", _default_length_buckets(self.max_seq_len))
         if self.batch_buckets is None:
-            # Decode rows are split over "data": every batch bucket is a multiple of data_parallel.
-            object.__setattr__(self, "batch_buckets", powers_of_two(min(self.data_parallel, self.max_batch_size),
-                                                                    self.max_batch_size))
+            object.__setattr__(self, "batch_buckets", _default_batch_buckets(self.max_batch_size, self.data_parallel))
         _check_buckets("length_buckets", self.length_buckets, self.max_seq_len)
         _check_buckets("batch_buckets", self.batch_buckets, self.max_batch_size)
         if self.prefill_batch_buckets is None:
@@ -172,6 +173,16 @@ def _default_length_buckets(max_seq_len: int) -> tuple[int, ...]:
         out.append(n)
         n *= 4
     return tuple(out) + (max_seq_len,)
+
+
+def _default_batch_buckets(max_batch_size: int, data_parallel: int) -> tuple[int, ...]:
+    """Powers of two up to max_batch_size, multiples of data_parallel (decode rows are split over "data").
+    Above 8 slots the 2-row bucket is left out: a CPU decode step of 1-4 rows is bound by reading the weights,
+    so 2 rows lose little in the 4-row program, and each bucket costs a compile per span (cold warm-up)."""
+    buckets = powers_of_two(min(data_parallel, max_batch_size), max_batch_size)
+    if max_batch_size > 8 and data_parallel == 1:
+        buckets = tuple(b for b in buckets if b != 2)
+    return buckets
 
 
 def _default_prefill_lengths(config: RuntimeConfig, default_spans: bool) -> tuple[int, ...]:

@@ -69,6 +69,26 @@ def empty_prefill_rows(num_rows: int, length: int) -> dict[str, np.ndarray]:
     )
 
 
+def place_prefill_row(rows: dict[str, np.ndarray], r: int, tokens: np.ndarray, start: int) -> int:
+    """Puts a chunk's ``tokens`` (positions ``start``...) at the end of row ``r``, padding before them, and
+    returns the index of its first token. Why: end-aligned rows let attention skip the keys past each query
+    block (``attention``'s ``end_aligned``) without knowing where a chunk starts."""
+    n = len(tokens)
+    offset = rows["tokens"].shape[1] - n
+    rows["tokens"][r, offset:] = tokens
+    rows["positions"][r, offset:] = np.arange(start, start + n)
+    rows["last_index"][r] = rows["tokens"].shape[1] - 1
+    return offset
+
+
+def check_end_aligned(positions: np.ndarray, kv_len: int) -> None:
+    """Every real token t of a prefill chunk of T must sit at a position <= kv_len - T + t (end-aligned rows
+    within the span), the promise the prefill program's causal attention relies on."""
+    T = positions.shape[1]
+    if np.any((positions >= 0) & (positions > kv_len - T + np.arange(T))):
+        raise ValueError(f"prefill rows must be end-aligned within the span {kv_len} (place_prefill_row)")
+
+
 def empty_decode_rows(num_rows: int) -> dict[str, np.ndarray]:
     return dict(
         tokens=np.zeros(num_rows, np.int32),
@@ -269,6 +289,7 @@ class Engine:
     def prefill(self, rows: dict[str, np.ndarray], sampling: dict[str, np.ndarray], kv_len: int):
         """Runs one prefill program; returns device arrays (first tokens, first LogProbs, echo LogProbs)."""
         shape = (rows["tokens"].shape[0], rows["tokens"].shape[1], kv_len)
+        check_end_aligned(rows["positions"], kv_len)
         program = self._program("prefill", shape)
         self.cache, self.counts, first, first_lp, echo_lp = program(
             self.params, self.cache, self.counts, *self._rows(PrefillRows(**rows), SamplingBatch(**sampling)))

@@ -21,8 +21,8 @@ from maxjax.runtime.sampler import SamplingBatch, sample
 
 @struct.dataclass
 class PrefillRows:
-    tokens: jax.Array  # i32 [B, T]
-    positions: jax.Array  # i32 [B, T], -1 for padding
+    tokens: jax.Array  # i32 [B, T]: each row's chunk ends at index T - 1 (``engine.place_prefill_row``)
+    positions: jax.Array  # i32 [B, T], -1 for padding (before a row's tokens)
     slots: jax.Array  # i32 [B]
     last_index: jax.Array  # i32 [B]: index in T of the row's last real token
     samples: jax.Array  # bool [B]: the chunk ends the prompt, so the row samples its first token
@@ -83,9 +83,11 @@ def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: j
     (``scan_layers=True`` compiles faster and pays that copy).
     Returns (cache, counts, first_tokens [B], first-token LogProbs [B], echo LogProbs [B, T]).
     The slots' token counts are reset: penalties count the tokens generated since the prompt was encoded.
+    Rows are end-aligned (padding first), so attention skips the keys no query of a block can see.
     """
     hidden, cache = arch.forward_hidden(params, cfg, rows.tokens, rows.positions, cache, rows.slots,
-                                        kv_len=kv_len, scan=scan_layers, lora_index=rows.lora_index)  # [B, T, D]
+                                        kv_len=kv_len, scan=scan_layers, lora_index=rows.lora_index,
+                                        end_aligned=True)  # [B, T, D]
     batch = jnp.arange(rows.tokens.shape[0])
     logits = arch.lm_head(params, cfg, hidden[batch, rows.last_index])  # [B, V]
     row_counts = jnp.zeros((rows.tokens.shape[0], counts.shape[1]), counts.dtype)  # [B, V]
@@ -99,7 +101,7 @@ def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: j
                          jnp.zeros(rows.tokens.shape + (k,), jnp.int32),
                          jnp.zeros(rows.tokens.shape + (k,), jnp.float32)))
     row_counts = _add_counts(row_counts, first, rows.samples)
-    valid = rows.positions[:, 0] >= 0
+    valid = rows.positions[:, -1] >= 0
     counts = counts.at[jnp.where(valid, rows.slots, counts.shape[0])].set(row_counts, mode="drop")
     return cache, counts, first, first_lp, echo_lp
 

@@ -377,9 +377,9 @@ def main(argv: list[str] | None = None) -> dict:
                             "batch1_roofline_tok_s": roofline,
                             "maxjax_fraction": b1["maxjax_decode_tok_s"] / roofline if b1 else None}
     if not args.no_start:
+        # The default load_pipeline(): KV slots as the memory holds (runtime/memory.py), its default programs.
         start_fields = {"dtype": args.dtype, "quantize": args.quantize, "tensor_parallel": args.tensor_parallel,
-                        "data_parallel": args.data_parallel,
-                        "max_batch_size": args.data_parallel * max(1, 8 // args.data_parallel)}
+                        "data_parallel": args.data_parallel}
         if args.quick:
             start_fields.update(max_batch_size=args.data_parallel, max_seq_len=32, length_buckets=(32,),
                                 max_num_steps=4, scan_decode_layers=True, scan_prefill_layers=True)

@@ -57,8 +57,6 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     """
     import dataclasses
 
-    import jax.numpy as jnp
-
     from maxjax.architectures import llama, llama_sharding
     from maxjax.models import load_model
     from maxjax.pipelines.text import TextGenerationPipeline
@@ -67,6 +65,7 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     from maxjax.runtime.engine import Engine
     from maxjax.runtime.memory import default_max_batch_size
     from maxjax.runtime.mesh import make_mesh
+    from maxjax.runtime.precision import jax_dtype
     from maxjax.runtime.sharded import restore_shardings
     from maxjax.weights import load_weights
 
@@ -90,8 +89,7 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
                          f"{loaded.config.max_position_embeddings}")
     if "max_batch_size" not in runtime:  # as many KV cache slots as the memory holds (runtime/memory.py)
         slots = default_max_batch_size(llama, loaded.config, loaded.params, config.max_seq_len,
-                                       jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32,
-                                       config.num_devices, config.data_parallel)
+                                       jax_dtype(config.dtype), config.num_devices, config.data_parallel)
         config = RuntimeConfig(**runtime, max_batch_size=slots)
     adapters = read_lora_adapters(lora_adapters, loaded.config)
     config = size_for_lora(config, adapters, runtime)

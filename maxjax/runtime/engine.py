@@ -24,7 +24,7 @@ from maxjax.runtime.compile_cache import cache_hit_count, compile_noting_cache_h
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.lora import LoraSlots
 from maxjax.runtime.mesh import make_mesh
-from maxjax.runtime.precision import with_matmul_precision
+from maxjax.runtime.precision import jax_dtype, with_matmul_precision
 from maxjax.runtime.program_store import abstract_signature, default_store, program_key
 from maxjax.runtime.sharded import place_state, program_shardings, put_rows
 from maxjax.runtime.sampler import SamplingBatch
@@ -60,7 +60,6 @@ def empty_prefill_rows(num_rows: int, length: int) -> dict[str, np.ndarray]:
         tokens=np.zeros((num_rows, length), np.int32),
         positions=np.full((num_rows, length), -1, np.int32),
         slots=np.zeros(num_rows, np.int32),
-        last_index=np.zeros(num_rows, np.int32),
         samples=np.zeros(num_rows, bool),
         num_generated=np.zeros(num_rows, np.int32),
         echo_targets=np.full((num_rows, length), -1, np.int32),
@@ -77,7 +76,6 @@ def place_prefill_row(rows: dict[str, np.ndarray], r: int, tokens: np.ndarray, s
     offset = rows["tokens"].shape[1] - n
     rows["tokens"][r, offset:] = tokens
     rows["positions"][r, offset:] = np.arange(start, start + n)
-    rows["last_index"][r] = rows["tokens"].shape[1] - 1
     return offset
 
 
@@ -127,7 +125,7 @@ class Engine:
         self.config = config
         self.vocab_size = model_config.vocab_size
         self.mesh = make_mesh(config)
-        dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+        dtype = jax_dtype(config.dtype)
         if self.mesh is None:
             self.model_config = model_config
             # The serving layout (e.g. fused projections, unstacked layers: see llama.runtime_params).

@@ -12,6 +12,8 @@ from typing import Any
 
 import jax
 
+from maxjax.weights.quantize import weight_bytes
+
 MAX_DEFAULT_SLOTS = 32  # beyond this the decode step is compute-bound on a CPU and compiles get long
 CACHE_SHARE = 4  # the cache may use 1/CACHE_SHARE of the memory the weights leave free
 
@@ -40,5 +42,4 @@ def default_max_batch_size(arch: Any, model_config: Any, params: Any, max_seq_le
     """``slots_for_memory`` for ``arch``'s cache of ``model_config`` over ``num_devices`` devices."""
     cache = jax.eval_shape(lambda: arch.init_kv_cache(model_config, 1, max_seq_len, dtype))
     per_slot = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
-    weights = sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(params))
-    return slots_for_memory(per_slot, weights, device_memory_bytes() * num_devices, multiple_of)
+    return slots_for_memory(per_slot, weight_bytes(params), device_memory_bytes() * num_devices, multiple_of)

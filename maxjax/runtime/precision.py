@@ -33,6 +33,13 @@ def resolve_dtype(dtype: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def jax_dtype(dtype: str):
+    """The array dtype of a resolved ``RuntimeConfig.dtype`` (activations and the KV cache)."""
+    import jax.numpy as jnp
+
+    return jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+
+
 def resolve_matmul_precision(precision: str | None, dtype: str, field: str = "matmul_precision") -> str:
     """None -> "default" for bfloat16 (already one pass), else "highest" (float32 means float32)."""
     if precision is None:

@@ -24,7 +24,6 @@ class PrefillRows:
     tokens: jax.Array  # i32 [B, T]: each row's chunk ends at index T - 1 (``engine.place_prefill_row``)
     positions: jax.Array  # i32 [B, T], -1 for padding (before a row's tokens)
     slots: jax.Array  # i32 [B]
-    last_index: jax.Array  # i32 [B]: index in T of the row's last real token
     samples: jax.Array  # bool [B]: the chunk ends the prompt, so the row samples its first token
     num_generated: jax.Array  # i32 [B]: tokens generated before (non-zero only when re-encoding after reset())
     echo_targets: jax.Array  # i32 [B, T]: the prompt token that follows each position, -1 where none/not asked
@@ -88,8 +87,7 @@ def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: j
     hidden, cache = arch.forward_hidden(params, cfg, rows.tokens, rows.positions, cache, rows.slots,
                                         kv_len=kv_len, scan=scan_layers, lora_index=rows.lora_index,
                                         end_aligned=True)  # [B, T, D]
-    batch = jnp.arange(rows.tokens.shape[0])
-    logits = arch.lm_head(params, cfg, hidden[batch, rows.last_index])  # [B, V]
+    logits = arch.lm_head(params, cfg, hidden[:, -1])  # [B, V]: every row's chunk ends the row
     row_counts = jnp.zeros((rows.tokens.shape[0], counts.shape[1]), counts.dtype)  # [B, V]
     first = sample(logits, row_counts, rows.num_generated, sampling)  # [B]
     first_lp = maybe_logprobs(rows.logprobs & rows.samples, logits, first, k)

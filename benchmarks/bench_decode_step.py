@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import re
 import statistics
@@ -20,6 +19,8 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+
+from common import write_json
 
 
 def _step_ms(run, steps: int, calls: int = 2) -> tuple[float, float]:
@@ -132,9 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             for kernel, ms in entry["kernels_ms_per_step"]:
                 print(f"    {ms:8.3f} ms/step  {kernel}", flush=True)
         results["batches"][batch] = entry
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
     return results
 
 

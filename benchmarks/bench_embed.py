@@ -14,7 +14,6 @@ between the two sides' embeddings, so a fast wrong answer cannot pass unnoticed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests)
+from common import write_json  # noqa: E402
 
 WORDS = ("the model maps every sentence to a vector so that texts with similar meaning lie close together in "
          "space while unrelated ones point elsewhere quickly cheaply and reproducibly on any machine").split()
@@ -112,8 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         print(f"{row['sentences']:>9} | {row['maxjax_per_s']:>10.1f} | {row['sentence_transformers_per_s']:>14.1f} "
               f"| {row['ratio']:>5.2f}x | {row['max_abs_diff']:>10.2e}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

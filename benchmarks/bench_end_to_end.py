@@ -4,36 +4,14 @@ start-up and peer measurements; it reuses their runners and timing helpers."""
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from bench_generate import HFRunner, MaxjaxRunner, decode_rate, make_prompts, start_child, timed
+from bench_generate import HFRunner, MaxjaxRunner, format_ttft, rates_against_hf, start_child, time_to_first_token
+from common import make_prompts, write_json
 from machine import load_average
-
-
-def queued_generate(mx: MaxjaxRunner, prompts: np.ndarray, new_tokens: int) -> dict[str, list[int]]:
-    """Every prompt to ``new_tokens`` through ``next_token`` as ``LLM`` and the server drive it: requests beyond
-    the runtime's KV slots wait and join as others finish (continuous batching)."""
-    from maxjax.interfaces import TextGenerationInputs
-
-    waiting = mx.contexts(prompts, new_tokens)
-    order, live = list(waiting), {}
-    tokens = {rid: [] for rid in order}
-    while waiting or live:
-        while waiting and len(live) < mx.pipe.config.max_batch_size:
-            rid = next(iter(waiting))
-            live[rid] = waiting.pop(rid)
-        for rid, out in mx.pipe.next_token(TextGenerationInputs(dict(live), mx.num_steps)).items():
-            tokens[rid] += out.tokens
-            if out.is_done:
-                mx.pipe.release(rid)
-                del live[rid]
-    return {rid: tokens[rid] for rid in order}
 
 
 def end_to_end(args, gguf, runtime: dict) -> dict:
@@ -53,36 +31,26 @@ def end_to_end(args, gguf, runtime: dict) -> dict:
     ttft_prompt = make_prompts(1, args.ttft_len, mx.vocab, seed=7)
     t0 = time.perf_counter()  # first use compiles the programs these requests need (as LLM does, lazily)
     for b in batches:
-        queued_generate(mx, prompts[b], min(N, mx.num_steps + 2))
-    queued_generate(mx, ttft_prompt, 1)
+        mx.generate(prompts[b], min(N, mx.num_steps + 2))
+    mx.generate(ttft_prompt, 1)
     results["maxjax_first_use_compile_s"] = time.perf_counter() - t0
     results["programs_used"] = mx.pipe.engine.num_programs
-    if hf is not None:
-        hf.generate(prompts[batches[0]], 2)
     compiles_before = compile_count()
     rows = []
-    for b in batches:
-        t_full = timed(lambda: queued_generate(mx, prompts[b], N), args.repeats)
-        t_first = timed(lambda: queued_generate(mx, prompts[b], 1), args.repeats)
-        row = {"batch": b, "maxjax_e2e_tok_s": b * N / t_full, "maxjax_decode_tok_s": decode_rate(b, N, t_full, t_first),
-               "maxjax_first_token_s": t_first}
-        if hf is not None:
-            h_full = timed(lambda: hf.generate(prompts[b], N), args.repeats)
-            h_first = timed(lambda: hf.generate(prompts[b], 1), args.repeats)
-            row.update(hf_e2e_tok_s=b * N / h_full, hf_decode_tok_s=decode_rate(b, N, h_full, h_first),
-                       hf_first_token_s=h_first)
-            row["e2e_ratio"] = row["maxjax_e2e_tok_s"] / row["hf_e2e_tok_s"]
-            row["decode_ratio"] = row["maxjax_decode_tok_s"] / row["hf_decode_tok_s"]
-            if b == batches[0]:
-                ours = np.array(list(queued_generate(mx, prompts[b], N).values()))
-                row["greedy_same_tokens"] = float(np.mean(ours == hf.generate(prompts[b], N)))
+    for b, ours, theirs, same in rates_against_hf(mx, hf, prompts, N, args.repeats):
+        row = {"batch": b, "maxjax_e2e_tok_s": ours["e2e_tok_s"], "maxjax_decode_tok_s": ours["decode_tok_s"],
+               "maxjax_first_token_s": ours["first_token_s"]}
+        if theirs is not None:
+            row.update(hf_e2e_tok_s=theirs["e2e_tok_s"], hf_decode_tok_s=theirs["decode_tok_s"],
+                       hf_first_token_s=theirs["first_token_s"], e2e_ratio=ours["e2e_tok_s"] / theirs["e2e_tok_s"],
+                       decode_ratio=ours["decode_tok_s"] / theirs["decode_tok_s"])
+        if same is not None:
+            row["greedy_same_tokens"] = same
         rows.append(row)
         print(f"  batch {b}: {row}", file=sys.stderr, flush=True)
     results["end_to_end"] = rows
-    ttft_repeats = 1 if args.quick else 3
-    ttft = {"prompt_len": args.ttft_len, "maxjax_s": timed(lambda: queued_generate(mx, ttft_prompt, 1), ttft_repeats)}
+    ttft = time_to_first_token(mx, hf, ttft_prompt, 1 if args.quick else 3)
     if hf is not None:
-        ttft["hf_s"] = timed(lambda: hf.generate(ttft_prompt, 1), ttft_repeats)
         ttft["maxjax_over_hf"] = ttft["maxjax_s"] / ttft["hf_s"]
     results["ttft"] = ttft
     results["compiles_during_timed_part"] = compile_count() - compiles_before
@@ -91,8 +59,7 @@ def end_to_end(args, gguf, runtime: dict) -> dict:
             results["cold_start"] = start_child(gguf, runtime, cache_dir, P)
     results["machine"]["load_average_end"] = load_average()
     print(format_end_to_end(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return results
 
 
@@ -106,9 +73,7 @@ def format_end_to_end(r: dict) -> str:
         lines.append(f"{row['batch']:>5} | {row['maxjax_e2e_tok_s']:>10.1f} | {row.get('hf_e2e_tok_s', nan):>7.1f} | "
                      f"{row.get('e2e_ratio', nan):>5.2f}x | {row['maxjax_decode_tok_s']:>13.1f} | "
                      f"{row.get('hf_decode_tok_s', nan):>9.1f} | {row.get('decode_ratio', nan):>5.2f}x")
-    t = r["ttft"]
-    lines.append(f"time to first token, {t['prompt_len']}-token prompt: maxjax {t['maxjax_s'] * 1e3:.0f} ms"
-                 + (f", HF {t['hf_s'] * 1e3:.0f} ms (maxjax/HF {t['maxjax_over_hf']:.2f})" if "hf_s" in t else ""))
+    lines.append(format_ttft(r["ttft"], "maxjax_over_hf", "maxjax/HF {:.2f}"))
     lines.append(f"programs used {r['programs_used']}, compiled on first use in {r['maxjax_first_use_compile_s']:.1f} s; "
                  f"compiles during the timed part: {r['compiles_during_timed_part']}")
     if "cold_start" in r:

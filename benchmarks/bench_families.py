@@ -16,8 +16,6 @@ serving engine does; the figure is the median milliseconds per step and the rati
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import time
@@ -26,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import quick_json_args, write_json
 from maxjax.architectures import llama, moe
 
 
@@ -85,20 +84,6 @@ def bench_moe(batch: int, repeats: int, iters: int) -> dict:
            "every_expert": median_ms(every_expert, h, repeats, iters)}
     out["ratio"] = out["every_expert"] / out["routed_top2_of_32"]
     return out
-
-
-def quick_json_args(doc: str) -> argparse.Namespace:
-    """The micro-benchmarks' command line: ``--quick`` (fewer, smaller runs) and ``--json FILE``."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None, help="write the figures to this file")
-    return parser.parse_args()
-
-
-def write_json(path: str | None, results: dict) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2)
 
 
 def main() -> None:

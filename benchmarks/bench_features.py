@@ -20,10 +20,11 @@ the schema asks for a long array so constrained rows run about as long.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
+
+from common import write_json
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "facts"], "properties": {
     "city": {"type": "string", "maxLength": 20},
@@ -98,9 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'mode':<13}{'tokens/s':>10}{'ms/step':>10}{'relative':>10}")
     for mode, r in results.items():
         print(f"{mode:<13}{r['tokens_per_s']:>10.1f}{r['ms_per_step']:>10.2f}{r['relative']:>10.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(args.json, report)
     return report
 
 

@@ -50,7 +50,6 @@ share its cores and memory: such a run checks that the mesh works, its speed mea
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -66,29 +65,16 @@ import numpy as np
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))  # sibling modules, also when run through runpy (maxjax bench, tests)
 
+from common import generation_rates, make_prompts, raw_read_seconds, same_tokens, timed, write_json  # noqa: E402
+# layer_split too: tests/test_decode_cost.py counts kernels as this bench does, through this module
+from decode_kernels import decode_step_ops, layer_split  # noqa: E402,F401
 from machine import load_average, read_bandwidth  # noqa: E402
 from random_models import SHAPES, ensure_random_model  # noqa: E402
 
 DEFAULT_CACHE = os.environ.get("MAXJAX_BENCH_CACHE", str(Path.home() / ".cache" / "maxjax" / "random-models"))
 
 
-def raw_read_seconds(path: Path) -> float:
-    """Seconds to read the model's bytes once (a file, or every file of a folder; 64 MiB reads): the floor for
-    any load of it."""
-    t0 = time.perf_counter()
-    for file in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
-        if file.is_file():
-            with open(file, "rb") as f:
-                while f.read(64 << 20):
-                    pass
-    return time.perf_counter() - t0
-
-
 # ------------------------------------------------------------------------------------------------ maxjax
-def make_prompts(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(100, vocab, size=(batch, length)).astype(np.int32)
-
-
 class MaxjaxRunner:
     def __init__(self, model, config_fields: dict):
         from maxjax.pipelines.registry import load_text_pipeline
@@ -109,15 +95,19 @@ class MaxjaxRunner:
             out[rid] = TextContext(rid, row, max_length=len(row) + new_tokens, sampling_params=SamplingParams(top_k=1))
         return out
 
-    def generate(self, prompts: np.ndarray, new_tokens: int, num_steps: int | None = None) -> dict[str, list[int]]:
+    def generate(self, prompts: np.ndarray, new_tokens: int) -> dict[str, list[int]]:
+        """Greedy ``new_tokens`` for every prompt row through ``next_token``, as ``LLM`` and the server drive it:
+        rows beyond the runtime's KV slots wait and join as others finish (continuous batching)."""
         from maxjax.interfaces import TextGenerationInputs
 
-        live = self.contexts(prompts, new_tokens)
-        order = list(live)
-        tokens = {rid: [] for rid in live}
-        while live:
-            outputs = self.pipe.next_token(TextGenerationInputs(dict(live), num_steps or self.num_steps))
-            for rid, out in outputs.items():
+        waiting = self.contexts(prompts, new_tokens)
+        order, live = list(waiting), {}
+        tokens = {rid: [] for rid in order}
+        while waiting or live:
+            while waiting and len(live) < self.pipe.config.max_batch_size:
+                rid = next(iter(waiting))
+                live[rid] = waiting.pop(rid)
+            for rid, out in self.pipe.next_token(TextGenerationInputs(dict(live), self.num_steps)).items():
                 tokens[rid] += out.tokens
                 if out.is_done:
                     self.pipe.release(rid)
@@ -185,20 +175,7 @@ class HFRunner:
         return out[:, prompts.shape[1]:].cpu().numpy()
 
 
-# ------------------------------------------------------------------------------------------------ timing
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def decode_rate(batch: int, new_tokens: int, t_full: float, t_first: float) -> float:
-    return batch * (new_tokens - 1) / max(t_full - t_first, 1e-9)
-
-
+# ------------------------------------------------------------------------------------------------ start-up
 def start_child(model, fields: dict, cache_dir: str, prompt_len: int, lazy: bool = False) -> dict:
     """A fresh process: import, load, warm up every program (or, `lazy`, none: compile on first use), first
     output (`lazy`: first token). Returns its timings."""
@@ -331,40 +308,35 @@ def main(argv: list[str] | None = None) -> dict:
     mx.generate(ttft_prompt, 1)
     results["maxjax_compile_s"] = time.perf_counter() - t0
     results["programs"] = mx.pipe.engine.num_programs
-    if hf is not None:
-        hf.generate(prompts[batches[0]], 2)
 
     compiles_before = compile_count()
     rows = []
-    for b in batches:
-        row: dict = {"batch": b}
-        t_full = timed(lambda: mx.generate(prompts[b], N), args.repeats)
-        t_first = timed(lambda: mx.generate(prompts[b], 1), args.repeats)
-        row["maxjax_decode_tok_s"] = decode_rate(b, N, t_full, t_first)
-        row["maxjax_e2e_tok_s"] = b * N / t_full
-        if hf is not None:
-            h_full = timed(lambda: hf.generate(prompts[b], N), args.repeats)
-            h_first = timed(lambda: hf.generate(prompts[b], 1), args.repeats)
-            row["hf_decode_tok_s"] = decode_rate(b, N, h_full, h_first)
-            row["hf_e2e_tok_s"] = b * N / h_full
-            row["ratio"] = row["maxjax_decode_tok_s"] / row["hf_decode_tok_s"]
-            if b == batches[0]:  # the same greedy tokens (fraction), so a fast wrong answer cannot pass
-                ours = np.array(list(mx.generate(prompts[b], N).values()))
-                row["greedy_same_tokens"] = float(np.mean(ours == hf.generate(prompts[b], N)))
+    for b, ours, theirs, same in rates_against_hf(mx, hf, prompts, N, args.repeats):
+        row: dict = {"batch": b, "maxjax_decode_tok_s": ours["decode_tok_s"], "maxjax_e2e_tok_s": ours["e2e_tok_s"]}
+        if theirs is not None:
+            row.update(hf_decode_tok_s=theirs["decode_tok_s"], hf_e2e_tok_s=theirs["e2e_tok_s"],
+                       ratio=ours["decode_tok_s"] / theirs["decode_tok_s"])
+        if same is not None:
+            row["greedy_same_tokens"] = same
         rows.append(row)
         print(f"  batch {b}: {row}", file=sys.stderr, flush=True)
     results["decode"] = rows
-    ttft = {"prompt_len": args.ttft_len, "maxjax_s": timed(lambda: mx.generate(ttft_prompt, 1), max(3, args.repeats))}
+    ttft = time_to_first_token(mx, hf, ttft_prompt, max(3, args.repeats))
     if hf is not None:
-        ttft["hf_s"] = timed(lambda: hf.generate(ttft_prompt, 1), max(3, args.repeats))
         ttft["ratio"] = ttft["hf_s"] / ttft["maxjax_s"]
     results["ttft"] = ttft
     results["host_overhead"] = mx.host_overhead(P, calls=max(1, min(4, (span - P - 1) // args.num_steps)))
     results["compiles_during_timed_part"] = compile_count() - compiles_before
 
     if args.llamacpp:
-        results["llamacpp_comparison"] = llamacpp_comparison(args, gguf, mx, fields, prompts, ttft_prompt)
-    results["decode_step_ops"] = decode_step_ops(mx, batches[0], span, split=not args.quick)
+        from llamacpp_peer import llamacpp_comparison
+
+        float32_single_device = args.dtype == "float32" and not args.quantize and args.data_parallel == 1
+        results["llamacpp_comparison"] = llamacpp_comparison(
+            gguf, mx.generate, lambda: MaxjaxRunner(gguf, dict(fields, quantize="gguf")).generate, prompts, ttft_prompt,
+            new_tokens=N, repeats=args.repeats, threads=args.llamacpp_threads, cache_dir=Path(args.cache_dir),
+            float32_single_device=float32_single_device)
+    results["decode_step_ops"] = decode_step_ops(mx.pipe.engine, batches[0], span, split=not args.quick)
     rates = read_bandwidth(0.25 if args.quick else (1.0 if on_cpu else 4.0))
     if "rows" in results.get("llamacpp_comparison", {}) and not args.quick:  # a real decode's read rate
         from llamacpp_peer import f32_read_rate
@@ -394,100 +366,39 @@ def main(argv: list[str] | None = None) -> dict:
                             "lazy_cold": lazy_cold, "lazy_warm": lazy_warm}
     results["machine"]["load_average_end"] = load_average()
     print(format_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return results
 
 
-def peer_figures(generate, prompts: dict[int, np.ndarray], new_tokens: int, ttft_prompt: np.ndarray,
-                 repeats: int) -> dict:
-    """Decode tokens/s per batch size and the time to first token of ``ttft_prompt`` for any system whose
-    ``generate(prompts, n)`` runs greedy to n new tokens (the first call of each shape is not timed)."""
-    out: dict = {"decode_tok_s": {}}
-    for batch, rows in prompts.items():
-        generate(rows, 2)
-        full, first = timed(lambda: generate(rows, new_tokens), repeats), timed(lambda: generate(rows, 1), repeats)
-        out["decode_tok_s"][batch] = decode_rate(batch, new_tokens, full, first)
-    generate(ttft_prompt, 1)
-    out["ttft_s"] = timed(lambda: generate(ttft_prompt, 1), max(3, repeats))
+def rates_against_hf(mx: MaxjaxRunner, hf: HFRunner | None, prompts: dict[int, np.ndarray], new_tokens: int,
+                     repeats: int):
+    """Per batch size (yielded as measured, so a long run reports as it goes): ``(batch, maxjax's
+    generation_rates, HF's or None, the fraction of equal greedy tokens or None)``, both systems on the same
+    prompts in turn; the tokens are compared at the first batch size (a fast wrong answer cannot pass).
+    torch's first calls are not timed."""
+    if hf is not None:
+        hf.generate(next(iter(prompts.values())), 2)
+    for i, (batch, rows) in enumerate(prompts.items()):
+        ours = generation_rates(mx.generate, rows, new_tokens, repeats)
+        theirs = None if hf is None else generation_rates(hf.generate, rows, new_tokens, repeats)
+        same = None
+        if hf is not None and i == 0:
+            same = same_tokens(mx.generate(rows, new_tokens), hf.generate(rows, new_tokens))
+        yield batch, ours, theirs, same
+
+
+def time_to_first_token(mx: MaxjaxRunner, hf: HFRunner | None, prompt: np.ndarray, repeats: int) -> dict:
+    """Seconds to the first token of one long ``prompt`` [1, L] for maxjax and (given) HF: medians."""
+    out = {"prompt_len": int(prompt.shape[1]), "maxjax_s": timed(lambda: mx.generate(prompt, 1), repeats)}
+    if hf is not None:
+        out["hf_s"] = timed(lambda: hf.generate(prompt, 1), repeats)
     return out
 
 
-def llamacpp_comparison(args, gguf: Path, mx: MaxjaxRunner, fields: dict, prompts: dict, ttft_prompt) -> dict:
-    """llama.cpp on the file and on its F32 copy, maxjax float32 and maxjax on the file's blocks, measured
-    alike in this run (batch 1 and 8 of the bench's batch sizes)."""
-    from llamacpp_peer import INSTALL_HINT, f32_copy, llamacpp_available, llamacpp_figures
-
-    if not llamacpp_available():
-        print(INSTALL_HINT, file=sys.stderr, flush=True)
-        return {"missing": INSTALL_HINT}
-    if Path(gguf).suffix != ".gguf" or args.dtype != "float32" or args.quantize or args.data_parallel > 1:
-        return {"skipped": "llama.cpp runs a float32 single-device comparison on a GGUF --model"}
-    peer = {b: p for b, p in prompts.items() if b in (1, 8)} or {min(prompts): prompts[min(prompts)]}
-    N = args.new_tokens
-    measure = functools.partial(peer_figures, prompts=peer, new_tokens=N, ttft_prompt=ttft_prompt,
-                                repeats=args.repeats)
-    reference = np.array(list(mx.generate(peer[min(peer)], N).values()))
-    rows = {"maxjax float32": measure(mx.generate)}
-    quantized = MaxjaxRunner(gguf, dict(fields, quantize="gguf"))
-    rows["maxjax quantize=gguf (blocks kept)"] = measure(quantized.generate)
-    del quantized
-    files = {"f32": f32_copy(Path(gguf), Path(args.cache_dir) / "f32"), "q4": Path(gguf)}
-    cpp = llamacpp_figures(files, peer, N, ttft_prompt, args.llamacpp_threads, measure, reference)
-    rows["llama.cpp F32 copy"] = cpp["f32"]
-    rows[f"llama.cpp {Path(gguf).name}"] = cpp["q4"]
-    return {"llamacpp": cpp, "rows": rows, "ttft_len": int(ttft_prompt.shape[1]),
-            "ratios_of": {"maxjax float32 / llama.cpp F32": ("maxjax float32", "llama.cpp F32 copy"),
-                          "maxjax gguf blocks / llama.cpp file": ("maxjax quantize=gguf (blocks kept)",
-                                                                  f"llama.cpp {Path(gguf).name}")}}
-
-
-def decode_step_ops(mx: MaxjaxRunner, batch: int, span: int, split: bool = True) -> dict:
-    """The per-step fixed cost of the (batch, span) decode program, from its optimized HLO
-    (``hlo_stats.decode_step_profile``): kernels per decode-loop iteration (greedy, and with sampling and
-    log-probabilities), bytes moved by copy-like kernels, and (``split``: two more compiles) the split per
-    layer / outside the layers."""
-    from maxjax.runtime.hlo_stats import decode_step_profile
-
-    engine = mx.pipe.engine
-    text = engine.compiled_text("decode", (batch, span))
-    greedy, sampled = decode_step_profile(text, "smallest"), decode_step_profile(text, "largest")
-    out = {"batch": batch, "greedy": greedy["kernels"], "by_opcode": greedy["by_opcode"],
-           "per_layer": greedy["kernels"] / engine.model_config.num_layers,
-           "sampling_and_logprobs": sampled["kernels"], "sampling_inner_loop_iterations":
-           sampled["inner_loop_iterations"], "moved_MB": greedy["moved_bytes"] / 1e6,
-           "weight_copy_MB": greedy["weight_copy_bytes"] / 1e6, "state_copy_MB": greedy["state_copy_bytes"] / 1e6}
-    split = layer_split(engine, batch, span) if split else None
-    if split:
-        out.update(per_layer=split["per_layer"], outside_layers=split["outside_layers"])
-    return out
-
-
-def layer_split(engine, batch: int, span: int) -> dict | None:
-    """Kernels per layer and outside the layers of a greedy decode step, from the same program built for 2 and 3
-    layers of the model's config (random float weights, one device; with 1 layer XLA shares more), with those
-    two programs' profiles; None where that cannot be built. The full program can launch a few more per layer."""
-    import dataclasses
-
-    import jax
-
-    from maxjax.runtime.engine import Engine
-    from maxjax.runtime.hlo_stats import decode_step_profile
-
-    arch, cfg = engine.arch, engine.model_config
-    if engine.mesh is not None or not hasattr(arch, "init_params") or not dataclasses.is_dataclass(cfg):
-        return None
-    profiles = []
-    for layers in (2, 3):
-        types = getattr(cfg, "layer_types", None)
-        small = dataclasses.replace(cfg, num_layers=layers, **({"layer_types": types[:layers]} if types else {}))
-        config = dataclasses.replace(engine.config, quantize=None, max_loras=0, length_buckets=(span,),
-                                     max_prefill_len=span, prefill_length_buckets=(span,), prefill_batch_buckets=(1,),
-                                     batch_buckets=(batch,), max_seq_len=span, max_batch_size=batch)
-        probe = Engine(arch, small, arch.init_params(small, jax.random.key(0)), config)
-        profiles.append(decode_step_profile(probe.compiled_text("decode", (batch, span))))
-    per_layer = profiles[1]["kernels"] - profiles[0]["kernels"]
-    return {"per_layer": per_layer, "outside_layers": profiles[0]["kernels"] - 2 * per_layer, "profiles": profiles}
+def format_ttft(t: dict, ratio_key: str, ratio_format: str) -> str:
+    """The tables' time-to-first-token line; beside HF's figure, ``t[ratio_key]`` as ``ratio_format`` writes it."""
+    hf = f", HF {t['hf_s'] * 1e3:.0f} ms ({ratio_format.format(t[ratio_key])})" if "hf_s" in t else ""
+    return f"time to first token, {t['prompt_len']}-token prompt: maxjax {t['maxjax_s'] * 1e3:.0f} ms{hf}"
 
 
 def format_table(r: dict) -> str:
@@ -499,9 +410,7 @@ def format_table(r: dict) -> str:
         lines.append(f"{row['batch']:>5} | {row['maxjax_decode_tok_s']:>12.1f} | {row.get('hf_decode_tok_s', float('nan')):>9.1f}"
                      f" | {row.get('ratio', float('nan')):>5.2f}x | {row['maxjax_e2e_tok_s']:>10.1f}"
                      f" | {row.get('hf_e2e_tok_s', float('nan')):>7.1f}")
-    t = r["ttft"]
-    lines.append(f"time to first token, {t['prompt_len']}-token prompt: maxjax {t['maxjax_s'] * 1e3:.0f} ms"
-                 + (f", HF {t['hf_s'] * 1e3:.0f} ms ({t['ratio']:.2f}x)" if "hf_s" in t else ""))
+    lines.append(format_ttft(r["ttft"], "ratio", "{:.2f}x"))
     bw = r["bandwidth"]
     frac = f"{bw['maxjax_fraction'] * 100:.0f}%" if bw["maxjax_fraction"] is not None else "n/a"
     kernels = ", ".join(f"{k} {v:.1f}" for k, v in bw["kernels_GB_s"].items() if k != "best")
@@ -535,7 +444,7 @@ def format_table(r: dict) -> str:
     if peer:
         from llamacpp_peer import format_peer_table
 
-        lines += format_peer_table(peer) if "rows" in peer else [f"llama.cpp: {peer.get('missing') or peer['skipped']}"]
+        lines += format_peer_table(peer)
     la = r["machine"]
     lines.append(f"load average at start {la['load_average_start']}, at end {la['load_average_end']}")
     return "\n".join(lines)

@@ -22,20 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import raw_read_seconds, write_json
+
 HERE = Path(__file__).resolve()
-
-
-def raw_read_seconds(paths: list[Path]) -> float:
-    t0 = time.perf_counter()
-    for path in paths:
-        with open(path, "rb") as f:
-            while f.read(64 << 20):
-                pass
-    return time.perf_counter() - t0
-
-
-def source_files(path: Path) -> list[Path]:
-    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
 
 
 def write_copies(source: Path, folder: Path) -> dict[str, Path]:
@@ -65,7 +54,7 @@ def child(spec: dict) -> dict:
     tp, dp = spec["mesh"]
     config = RuntimeConfig(tensor_parallel=tp, data_parallel=dp, max_batch_size=dp, max_seq_len=128,
                            length_buckets=(128,))
-    raw = raw_read_seconds(source_files(Path(spec["path"])))
+    raw = raw_read_seconds(Path(spec["path"]))
     tracemalloc.start()
     t0 = time.perf_counter()
     mesh = make_mesh(config)
@@ -113,8 +102,7 @@ def main() -> None:
                 print(f"{kind:>5} {row['mesh']:>4}: raw read {row['raw_read_s']:6.2f} s, load {row['load_s']:6.2f} s "
                       f"({row['load_s'] / row['raw_read_s']:.1f}x), host peak {row['host_peak_MB']:7.1f} MB, "
                       f"RSS peak {row['rss_peak_MB']:7.1f} MB", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import load_average, make_prompts  # noqa: E402
+from common import make_prompts, write_json  # noqa: E402
+from machine import load_average  # noqa: E402
 
 
 def write_random_adapter(folder: Path, cfg, rank: int, seed: int) -> Path:
@@ -128,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  4 adapters / 1 adapter: {result['mixed_vs_one_adapter']:.3f}; 1 adapter / LoRA off: "
           f"{result['one_adapter_vs_lora_off']:.3f}; compiles during the timed part: "
           f"{result['compiles_during_timed_part']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

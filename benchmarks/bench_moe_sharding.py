@@ -28,7 +28,8 @@ from maxjax.architectures import llama, llama_sharding, moe  # noqa: E402
 from maxjax.runtime.mesh import mesh_of  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_families import median_ms, quick_json_args, write_json  # noqa: E402
+from bench_families import median_ms  # noqa: E402
+from common import quick_json_args, write_json  # noqa: E402
 
 D, F, E, K, TP = 512, 256, 32, 2, 4
 KEYS = ("e_gate", "e_up", "e_down")

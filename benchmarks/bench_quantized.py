@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import resource
 import statistics
 import sys
@@ -28,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_generate import MaxjaxRunner, decode_rate, make_prompts  # noqa: E402
+from bench_generate import MaxjaxRunner  # noqa: E402
+from common import decode_rate, make_prompts  # noqa: E402
 from machine import load_average  # noqa: E402
 
 

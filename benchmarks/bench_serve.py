@@ -31,6 +31,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from common import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["Tell me a story about a dragon.", "Explain how a bicycle works.", "Describe the ocean.",
              "Write a poem about autumn.", "What makes a good friend?", "Explain photosynthesis."]
@@ -205,8 +207,7 @@ def main() -> None:
                 a, b = report["maxjax"][n], report["transformers"][n]
                 print(f"  N={n:<3} out tok/s {a['out_tok_per_s'] / b['out_tok_per_s']:5.2f}x   TTFT p50 "
                       f"{a['ttft_p50_ms'] / b['ttft_p50_ms']:5.2f}x   ITL p50 {a['itl_p50_ms'] / b['itl_p50_ms']:5.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_families import quick_json_args, write_json
+from common import quick_json_args, write_json
 
 from maxjax.interfaces import SamplingParams, TextGenerationInputs, TextGenerationRequest
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from common import generation_rates, same_tokens, timed
 
 INSTALL_HINT = ("llama.cpp is not installed: pip install llama-cpp-python (builds llama.cpp from source, several "
                 "minutes), or pip install -e \".[bench-llamacpp]\"; then rerun with --llamacpp")
@@ -113,23 +116,64 @@ class LlamaCppRunner:
         return np.stack(tokens, axis=1)
 
 
+def peer_figures(generate: Callable, prompts: dict[int, np.ndarray], new_tokens: int, ttft_prompt: np.ndarray,
+                 repeats: int) -> dict:
+    """Decode tokens/s per batch size and the time to first token of ``ttft_prompt`` for any system whose
+    ``generate(prompts, n)`` runs greedy to n new tokens (the first call of each shape is not timed)."""
+    out: dict = {"decode_tok_s": {}}
+    for batch, rows in prompts.items():
+        generate(rows, 2)
+        out["decode_tok_s"][batch] = generation_rates(generate, rows, new_tokens, repeats)["decode_tok_s"]
+    generate(ttft_prompt, 1)
+    out["ttft_s"] = timed(lambda: generate(ttft_prompt, 1), max(3, repeats))
+    return out
+
+
 def llamacpp_figures(files: dict[str, Path], prompts: dict[int, np.ndarray], new_tokens: int,
-                     ttft_prompt: np.ndarray, threads: int, measure: Callable, reference: np.ndarray) -> dict:
-    """llama.cpp on each of ``files`` ({label: GGUF}), its figures from ``measure(generate)`` (the bench's own
-    timing); ``reference`` is maxjax's float32 greedy tokens of the smallest batch, compared with each file's
-    (the F32 copy must agree; 4-bit blocks may drift)."""
+                     ttft_prompt: np.ndarray, threads: int, repeats: int, reference: np.ndarray) -> dict:
+    """llama.cpp on each of ``files`` ({label: GGUF}), measured as ``peer_figures`` measures maxjax;
+    ``reference`` is maxjax's float32 greedy tokens of the smallest batch, compared with each file's (the F32
+    copy must agree; 4-bit blocks may drift)."""
     seq_len = max(prompts[max(prompts)].shape[1] + new_tokens, ttft_prompt.shape[1] + 1)
     result = {"threads": threads}
     for label, path in files.items():
         runner = LlamaCppRunner(path, threads, max(prompts), 1 << (seq_len - 1).bit_length())
         try:
-            figures = measure(runner.generate)
+            figures = peer_figures(runner.generate, prompts, new_tokens, ttft_prompt, repeats)
             ours = runner.generate(prompts[min(prompts)], reference.shape[1])
-            figures["greedy_same_tokens_as_maxjax"] = float(np.mean(ours == reference))
+            figures["greedy_same_tokens_as_maxjax"] = same_tokens(ours, reference)
         finally:
             runner.close()
         result[label] = dict(figures, file=str(path), file_bytes=path.stat().st_size)
     return result
+
+
+def llamacpp_comparison(gguf: Path, maxjax: Callable, maxjax_blocks: Callable[[], Callable],
+                        prompts: dict[int, np.ndarray], ttft_prompt: np.ndarray, *, new_tokens: int, repeats: int,
+                        threads: int, cache_dir: Path, float32_single_device: bool) -> dict:
+    """bench_generate's ``--llamacpp``: llama.cpp on the file and on its F32 copy (written once under
+    ``cache_dir``), maxjax float32 (``maxjax``: its greedy ``generate``) and maxjax on the file's blocks
+    (``maxjax_blocks()`` loads it), measured alike in this run at batch 1 and 8 of ``prompts``. Without
+    llama.cpp, or where maxjax does not run float32 on one device from a GGUF file, says why instead."""
+    if not llamacpp_available():
+        print(INSTALL_HINT, file=sys.stderr, flush=True)
+        return {"missing": INSTALL_HINT}
+    if Path(gguf).suffix != ".gguf" or not float32_single_device:
+        return {"skipped": "llama.cpp runs a float32 single-device comparison on a GGUF --model"}
+    peer = {b: p for b, p in prompts.items() if b in (1, 8)} or {min(prompts): prompts[min(prompts)]}
+    reference = np.array(list(maxjax(peer[min(peer)], new_tokens).values()))
+    rows = {"maxjax float32": peer_figures(maxjax, peer, new_tokens, ttft_prompt, repeats)}
+    blocks = maxjax_blocks()
+    rows["maxjax quantize=gguf (blocks kept)"] = peer_figures(blocks, peer, new_tokens, ttft_prompt, repeats)
+    del blocks
+    files = {"f32": f32_copy(Path(gguf), Path(cache_dir) / "f32"), "q4": Path(gguf)}
+    cpp = llamacpp_figures(files, peer, new_tokens, ttft_prompt, threads, repeats, reference)
+    rows["llama.cpp F32 copy"] = cpp["f32"]
+    rows[f"llama.cpp {Path(gguf).name}"] = cpp["q4"]
+    return {"llamacpp": cpp, "rows": rows, "ttft_len": int(ttft_prompt.shape[1]),
+            "ratios_of": {"maxjax float32 / llama.cpp F32": ("maxjax float32", "llama.cpp F32 copy"),
+                          "maxjax gguf blocks / llama.cpp file": ("maxjax quantize=gguf (blocks kept)",
+                                                                  f"llama.cpp {Path(gguf).name}")}}
 
 
 def f32_read_rate(comparison: dict) -> float | None:
@@ -140,7 +184,9 @@ def f32_read_rate(comparison: dict) -> float | None:
 
 
 def format_peer_table(r: dict) -> list[str]:
-    """The llama.cpp comparison as lines of bench_generate's table."""
+    """The llama.cpp comparison as lines of bench_generate's table (or why there is none)."""
+    if "rows" not in r:
+        return [f"llama.cpp: {r.get('missing') or r['skipped']}"]
     cols = sorted({int(b) for fig in r["rows"].values() for b in fig["decode_tok_s"]})
     lines = [f"llama.cpp peer ({r['llamacpp']['threads']} threads) on the same weights: decode tok/s and time to first"
              f" token ({r['ttft_len']}-token prompt)",

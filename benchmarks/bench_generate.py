@@ -21,8 +21,8 @@ Measured (greedy, no eos, every row generates exactly ``--new-tokens`` after a `
 * device read bandwidth (the best of a jitted reduction, a jitted matrix-vector product and, on the CPU,
   numpy on every core: machine.py; with ``--llamacpp`` also the rate llama.cpp's F32 decode reads) and the
   batch-1 roofline: weight bytes read per token / bandwidth;
-* device operations per decode step, counted in the compiled decode program (fusions, dots, copies, custom
-  calls per loop iteration: a CPU-visible proxy for kernel launches and the per-step fixed cost);
+* device operations per decode step, counted in the compiled decode program (decode_kernels.py: fusions, dots,
+  copies, custom calls per loop iteration: a CPU-visible proxy for kernel launches and the per-step fixed cost);
 * load time of both systems and maxjax's compile time;
 * host overhead per decode step: wall time of ``next_token`` minus the time of the engine's decode program
   called directly on the same shapes;

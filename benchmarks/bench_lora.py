@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_prompts, write_json  # noqa: E402
+from common import decode_rate, make_prompts, write_json  # noqa: E402
 from machine import load_average  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def generate(pipe, prompts: np.ndarray, lora_names: list, new_tokens: int, num_s
 def decode_tokens_per_s(pipe, prompts, lora_names, new_tokens, num_steps) -> float:
     t1 = generate(pipe, prompts, lora_names, 1, num_steps)
     tn = generate(pipe, prompts, lora_names, new_tokens, num_steps)
-    return len(prompts) * (new_tokens - 1) / (tn - t1)
+    return decode_rate(len(prompts), new_tokens, tn, t1)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -5,6 +5,10 @@ llama.cpp comes from ``llama-cpp-python``, which pip builds from source (minutes
 optional extra (``pip install -e ".[bench-llamacpp]"``) and the benchmark says how to get it when missing.
 Measured like maxjax's rows: greedy (argmax of the logits), decode tokens/s ``B (N - 1) / (T(N) - T(1))``, 8
 sequences decoded together in one ``llama_batch`` per step, time to first token of one long prompt.
+
+bench_generate.py needs three calls: ``llamacpp_comparison`` (every figure, the JSON's
+``llamacpp_comparison``), ``format_peer_table`` (its lines of the printed table) and ``f32_read_rate`` (the
+memory bandwidth llama.cpp's F32 decode reaches, for the roofline).
 """
 
 from __future__ import annotations

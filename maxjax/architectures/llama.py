@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.architectures import moe
+from maxjax.architectures import moe, panels
 from maxjax.architectures.attention import (attention, attention_mask, hide_current, softcap, visible_keys,
                                             with_new_key, write_cache, write_cache_layers)
 from maxjax.architectures.lora import lora_delta
@@ -53,6 +53,10 @@ class KVCache(NamedTuple):
 
     k: jax.Array
     v: jax.Array
+
+
+# The per-layer weights every token multiplies by (quantized by `weights.quantize`, packed by `runtime_params`).
+LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
 
 
 def _freeze(value: Any) -> Any:
@@ -271,12 +275,13 @@ def untie_output(params: Params) -> Params:
 
 def runtime_params(params: Params) -> Params:
     """The layout the serving engine runs: fused projections, unstacked layers (decode and prefill unroll them
-    and read weights in place; a scan stacks them inside its program, a copy of the weights per call), and a
-    tied embedding's output projection transposed (`untie_output`)."""
+    and read weights in place; a scan stacks them inside its program, a copy of the weights per call), a
+    tied embedding's output projection transposed (`untie_output`), and on the CPU float32 weights packed
+    for the native matmul (`panels.pack_linear_weights`)."""
     params = untie_output(fuse_projections(params))
-    if isinstance(params["layers"], (list, tuple)):
-        return params
-    return unstack_layers(params)
+    if not isinstance(params["layers"], (list, tuple)):
+        params = unstack_layers(params)
+    return panels.pack_linear_weights(params, LINEAR_WEIGHTS)
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:

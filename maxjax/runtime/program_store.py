@@ -42,7 +42,7 @@ def source_digest() -> str:
     steps changes every key."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cc")):
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cc", ".h")):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 

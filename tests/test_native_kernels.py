@@ -1,15 +1,17 @@
-"""The native panel matmul (``maxjax/runtime/native/panel_matmul.cc``) against float64 numpy, and how maxjax
-falls back to XLA's dots without it. The serving layout that uses it: tests/test_llama.py."""
+"""The native CPU kernels (``maxjax/runtime/native``): the panel matmul against float64 numpy, the in-place
+decode attention against the XLA form, and how maxjax falls back to XLA's ops without them. The serving layout
+that packs weights for the matmul: tests/test_llama.py."""
 
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxjax.architectures import panels
+from maxjax.architectures import attention, llama, panels
 from maxjax.runtime import native
 
 
@@ -60,3 +62,25 @@ def test_without_the_kernel_weights_stay_for_xla_dots(tmp_path, env):
     out = subprocess.run([sys.executable, "-c", _PROBE], env=environ, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "0"
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, scale, cap", [(9, 3, 64, None, None), (4, 4, 20, 0.3, 5.0)])
+def test_decode_attention_in_place_matches_the_xla_form(kernel, heads, kv_heads, head_dim, scale, cap):
+    """Rows on scattered slots at different lengths, one a padding row (position -1, sees nothing), grouped
+    heads, an odd head size, a scale and a soft cap: the same output as `with_new_key` + `attention`."""
+    layers, num_slots, max_len, span, B = 2, 5, 40, 32, 4
+    rng = np.random.default_rng(heads)
+    cache = llama.KVCache(*(jnp.asarray(rng.standard_normal((layers, num_slots, kv_heads, max_len, head_dim)),
+                                        jnp.float32) for _ in range(2)))
+    q = jnp.asarray(rng.standard_normal((B, 1, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, 1, kv_heads, head_dim)), jnp.float32) for _ in range(2))
+    slots = jnp.array([3, 0, 4, 1], jnp.int32)
+    positions = jnp.array([[5], [31], [0], [-1]], jnp.int32)
+    mask = attention.hide_current(attention.attention_mask(positions, span, None), positions)  # [B, 1, S]
+    keys, values = cache.k[1, slots, :, :span], cache.v[1, slots, :, :span]
+    keys, values, full_mask = attention.with_new_key(keys, values, mask, positions, k, v)
+    expected = attention.attention(q, keys, values, full_mask, scale, cap)
+    got = jax.jit(attention.decode_attention_in_place, static_argnums=(2, 8, 9))(
+        q, cache, 1, slots, positions, mask, k, v, scale, cap)
+    np.testing.assert_allclose(np.asarray(got)[:3], np.asarray(expected)[:3], atol=2e-6, rtol=0)
+    assert np.isfinite(np.asarray(got)).all()  # the padding row too

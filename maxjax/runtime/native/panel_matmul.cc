@@ -25,7 +25,9 @@ typedef float Vec16 __attribute__((vector_size(64)));
 // read in order, which the hardware prefetcher follows; prefetching 2-32 KiB ahead measured 10-35% slower.)
 template <int MB>
 void PanelBlock(const float* x, int64_t K, const float* panel, float* y, int64_t N) {
-  constexpr int kSplit = MB == 1 ? 2 : 1;  // one row: even and odd k in separate sums (twice the FMA chains)
+  // Few rows: consecutive k in kSplit separate sums, so that at least 8 independent FMA chains hide the FMA
+  // latency (one row with one sum per vector ran at 2/3 of the memory's speed).
+  constexpr int kSplit = 2 * MB >= 8 ? 1 : (8 + 2 * MB - 1) / (2 * MB);
   Vec16 acc[kSplit][MB][2];
   for (int s = 0; s < kSplit; ++s)
     for (int m = 0; m < MB; ++m) acc[s][m][0] = acc[s][m][1] = Vec16{};

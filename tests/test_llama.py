@@ -194,11 +194,14 @@ def test_unstacked_layers_give_the_same_logits(params):
     np.testing.assert_allclose(np.asarray(cache_b.k), np.asarray(cache_a.k), atol=1e-6, rtol=0)
 
 
-def test_runtime_layout_of_a_tied_model_reads_a_transposed_output_projection():
+def test_runtime_layout_of_a_tied_model_reads_a_transposed_output_projection(monkeypatch):
     """The serving layout keeps the tied embedding for lookups and adds its [D, V] transpose for the logits (a
-    faster XLA CPU dot); logits stay those of the tied model, and quantized embeddings are left tied."""
+    faster XLA CPU dot); logits stay those of the tied model, and quantized embeddings are left tied. (Without
+    the native kernels, whose panel packing of the same copy `tests/test_panels.py` covers.)"""
+    from maxjax.runtime import native
     from maxjax.weights.quantize import quantize_params, weight_bytes
 
+    monkeypatch.setenv(native.ENABLE_ENV, "0")
     cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
     params = llama.init_params(cfg, jax.random.key(3))
     runtime = llama.runtime_params(params)
@@ -212,3 +215,24 @@ def test_runtime_layout_of_a_tied_model_reads_a_transposed_output_projection():
     # What a decode step reads: the projection, not the embedding beside it.
     assert weight_bytes(runtime) == weight_bytes(llama.fuse_projections(params))
     assert "lm_head" not in llama.untie_output(quantize_params(params, "int8"))
+
+
+def test_runtime_layout_packs_float32_weights_for_the_native_matmul():
+    """On the CPU every float32 linear weight and the output projection are packed into column panels, each
+    layer's four products run as the native kernel, and the logits are the float64 reference's."""
+    from maxjax.architectures import panels
+
+    if panels.native.ffi_target(*panels.TARGET) is None:
+        pytest.skip("no C++ compiler: the native matmul is unavailable (tests/test_panels.py says why)")
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
+    params = llama.init_params(cfg, jax.random.key(4))
+    runtime = llama.runtime_params(params)
+    packed = [k for layer in runtime["layers"] for k, w in layer.items() if panels.is_panels(w)]
+    assert sorted(packed) == sorted(["wqkv", "wo", "w_gate_up", "w_down"] * cfg.num_layers)
+    np.testing.assert_array_equal(np.asarray(panels.unpack(runtime["lm_head"])), np.asarray(params["embed"]).T)
+    tokens = _tokens(9, 6)
+    logits, _ = _run(runtime, cfg, tokens[None])
+    np.testing.assert_allclose(logits[0], _reference(params, cfg, tokens), atol=2e-5, rtol=0)
+    hidden = jax.ShapeDtypeStruct((4, cfg.hidden_size), jnp.float32)
+    text = jax.jit(functools.partial(llama.lm_head, cfg=cfg)).lower(runtime, hidden=hidden).compile().as_text()
+    assert panels.TARGET[1] in text and " dot(" not in text

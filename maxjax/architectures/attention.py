@@ -14,6 +14,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from maxjax.runtime import native
 
 # A large finite negative instead of -inf: a fully masked (padding) query row then gets a uniform softmax
 # rather than NaN, so garbage in padding rows stays finite.
@@ -136,6 +139,33 @@ def with_new_key(keys: jax.Array, values: jax.Array, mask: jax.Array, positions:
     keys = jnp.concatenate([keys, k.transpose(0, 2, 1, 3).astype(keys.dtype)], axis=2)  # [B, KVH, S + 1, Dh]
     values = jnp.concatenate([values, v.transpose(0, 2, 1, 3).astype(values.dtype)], axis=2)
     return keys, values, jnp.concatenate([mask, (positions >= 0)[:, :, None]], axis=-1)  # [B, 1, S + 1]
+
+
+DECODE_ATTENTION_TARGET = ("MaxjaxDecodeAttention", "maxjax_decode_attention")  # (library symbol, FFI name)
+
+
+def reads_cache_in_place(cache: Any, dtype: Any) -> bool:
+    """Whether `decode_attention_in_place` can serve a decode step: float32 on the CPU with the native kernels."""
+    return (cache.k.dtype == jnp.float32 and dtype == jnp.float32
+            and native.ffi_target(*DECODE_ATTENTION_TARGET) is not None)
+
+
+def decode_attention_in_place(q: jax.Array, cache: Any, layer: int, slots: jax.Array, positions: jax.Array,
+                              mask: jax.Array, k: jax.Array, v: jax.Array, scale: float | None,
+                              logit_cap: float | None) -> jax.Array:
+    """`attention` of one decode step (q [B, 1, H, Dh]) over the cache entries `mask` [B, 1, S] shows (from
+    `hide_current`) and each row's new k, v [B, 1, KVH, Dh], as `with_new_key` + `attention` compute it, by the
+    native kernel (``runtime/native/decode_attention.cc``) that reads the cache where it is: the XLA form first
+    copies every row's keys and values out of it. -> [B, 1, H, Dh]."""
+    native.ffi_target(*DECODE_ATTENTION_TARGET)  # registered by `reads_cache_in_place`; a no-op then
+    B, _, H, Dh = q.shape
+    KVH = k.shape[2]
+    visible = jnp.concatenate([mask[:, 0], positions >= 0], axis=-1)  # [B, S + 1]: the new key last
+    out = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET[1], jax.ShapeDtypeStruct((B, H, Dh), jnp.float32))(
+        q.reshape(B, H, Dh), cache.k, cache.v, slots.astype(jnp.int32), visible, k.reshape(B, KVH, Dh),
+        v.reshape(B, KVH, Dh), layer=np.int64(layer), scale=np.float32(Dh ** -0.5 if scale is None else scale),
+        softcap=np.float32(logit_cap or 0.0))
+    return out.reshape(B, 1, H, Dh)
 
 
 def write_cache_layers(cache_kv: jax.Array, new: jax.Array, slots: jax.Array, positions: jax.Array) -> jax.Array:

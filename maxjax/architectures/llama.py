@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.architectures import moe
-from maxjax.architectures.attention import (attention, attention_mask, hide_current, softcap, visible_keys,
+from maxjax.architectures import moe, panels
+from maxjax.architectures.attention import (attention, attention_mask, decode_attention_in_place, hide_current,
+                                            reads_cache_in_place, softcap, visible_keys,
                                             with_new_key, write_cache, write_cache_layers)
 from maxjax.architectures.lora import lora_delta
 from maxjax.architectures.quantized import (concat_outputs, embed_lookup, embed_matmul, is_blocks, is_quantized,
@@ -53,6 +54,10 @@ class KVCache(NamedTuple):
 
     k: jax.Array
     v: jax.Array
+
+
+# The per-layer weights every token multiplies by (quantized by `weights.quantize`, packed by `runtime_params`).
+LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
 
 
 def _freeze(value: Any) -> Any:
@@ -271,12 +276,13 @@ def untie_output(params: Params) -> Params:
 
 def runtime_params(params: Params) -> Params:
     """The layout the serving engine runs: fused projections, unstacked layers (decode and prefill unroll them
-    and read weights in place; a scan stacks them inside its program, a copy of the weights per call), and a
-    tied embedding's output projection transposed (`untie_output`)."""
+    and read weights in place; a scan stacks them inside its program, a copy of the weights per call), a
+    tied embedding's output projection transposed (`untie_output`), and on the CPU float32 weights packed
+    for the native matmul (`panels.pack_linear_weights`)."""
     params = untie_output(fuse_projections(params))
-    if isinstance(params["layers"], (list, tuple)):
-        return params
-    return unstack_layers(params)
+    if not isinstance(params["layers"], (list, tuple)):
+        params = unstack_layers(params)
+    return panels.pack_linear_weights(params, LINEAR_WEIGHTS)
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:
@@ -397,13 +403,17 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     if not defer_write:
         cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
                         v=write_cache(cache.v, layer_index, v, slots, positions))
-    keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
-    if defer_write:
-        keys, values, mask = with_new_key(keys, values, mask, positions, k, v)  # [B, KVH, S + 1, Dh]
-    keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
-    causal = end_aligned and not defer_write and keys.shape[2] == kv_len  # not a sliding window's gathered keys
-    attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap, end_aligned=causal)  # [B, T, H, Dh]
+    if defer_write and isinstance(layer_index, int) and reads_cache_in_place(cache, x.dtype):
+        attn = decode_attention_in_place(q, cache, layer_index, slots, positions, mask, k, v, scale,
+                                         cfg.attn_logit_softcap)  # [B, 1, H, Dh]
+    else:
+        keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
+        if defer_write:
+            keys, values, mask = with_new_key(keys, values, mask, positions, k, v)  # [B, KVH, S + 1, Dh]
+        keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
+        causal = end_aligned and not defer_write and keys.shape[2] == kv_len  # not a window's gathered keys
+        attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap, end_aligned=causal)  # [B, T, H, Dh]
     h = _project(attn.reshape(B, T, H * Dh), layer, "wo", lora_index)  # [B, T, D]
     x = x + (rms_norm(h, layer["post_attn_norm"], eps, offset) if cfg.post_norms else h)  # [B, T, D]
     h = _ffn(rms_norm(x, layer["mlp_norm"], eps, offset), layer, cfg, lora_index)  # [B, T, D]

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxjax.architectures.panels import is_panels, panel_matmul
+
 CHUNK_ELEMENTS = 1 << 17  # int8 weights converted per loop step on CPU (measured best of 16K..4M on SmolLM2)
 
 
@@ -190,7 +192,9 @@ def concat_outputs(weights: list[Any], cat) -> Any:
 
 
 def linear(x: jax.Array, w: Any) -> jax.Array:
-    """x @ w for a float [D, O] weight, an int8 one or a GGUF block one."""
+    """x @ w for a float [D, O] weight, an int8 one, a GGUF block one or a panel-packed one (``panels``)."""
+    if is_panels(w):
+        return panel_matmul(x, w)
     if is_blocks(w):
         return block_matmul(x, w)
     return int8_matmul(x, w) if is_quantized(w) else x @ w

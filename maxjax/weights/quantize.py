@@ -17,7 +17,6 @@ from maxjax.architectures import llama
 from maxjax.architectures.quantized import is_quantized, quantize_int8
 
 QUANTIZE_METHODS = (None, "int8", "gguf")  # "gguf": kept by the GGUF loader, nothing to do here
-_LINEAR = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
 
 
 def check_quantize(quantize: Any) -> None:
@@ -33,7 +32,7 @@ def quantize_params(params: dict, quantize: str | None = "int8") -> dict:
     params = llama.fuse_projections(params)
 
     def layer_q(layer: dict) -> dict:
-        return {k: quantize_int8(np.asarray(v)) if k in _LINEAR and not is_quantized(v) else v
+        return {k: quantize_int8(np.asarray(v)) if k in llama.LINEAR_WEIGHTS and not is_quantized(v) else v
                 for k, v in layer.items()}
 
     layers = params["layers"]

@@ -1,0 +1,86 @@
+"""The native CPU kernels (``maxjax/runtime/native``): the panel matmul against float64 numpy, the in-place
+decode attention against the XLA form, and how maxjax falls back to XLA's ops without them. The serving layout
+that packs weights for the matmul: tests/test_llama.py."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxjax.architectures import attention, llama, panels
+from maxjax.runtime import native
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if panels.native.ffi_target(*panels.TARGET) is None:
+        if os.environ.get("CI"):
+            pytest.fail("the native matmul could not be built (is there a C++ compiler?)")
+        pytest.skip("no C++ compiler: the native matmul is unavailable")
+    return jax.jit(panels.panel_matmul)
+
+
+@pytest.mark.parametrize("k, n", [(576, 960), (37, 64), (1536, 32)])
+def test_panel_matmul_matches_float64(kernel, k, n):
+    rng = np.random.default_rng(k + n)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    packed = panels.pack(w)
+    assert packed["panels"].shape == (n // 32, k, 32)
+    np.testing.assert_array_equal(panels.unpack(packed), w)
+    for lead in [(1,), (2,), (7,), (8,), (9,), (33,), (2, 5)]:  # register blocks of 8 rows, their remainders
+        x = rng.standard_normal((*lead, k)).astype(np.float32)
+        out = np.asarray(kernel(x, packed))
+        assert out.shape == (*lead, n)
+        np.testing.assert_allclose(out, x.astype(np.float64) @ w.astype(np.float64), atol=1e-5, rtol=0)
+
+
+def test_only_float32_weights_with_whole_panels_are_packed():
+    assert panels.packable(np.zeros((8, 64), np.float32))
+    assert not panels.packable(np.zeros((8, 48), np.float32))  # 48 columns: not whole panels
+    assert not panels.packable(np.zeros((8, 64), np.float16))
+    assert not panels.packable({"int8": np.zeros((1, 64, 8), np.int8)})
+
+
+_PROBE = """
+import jax
+from maxjax.architectures import llama, panels
+cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=8)
+runtime = llama.runtime_params(llama.init_params(cfg, jax.random.key(0)))
+print(sum(panels.is_panels(w) for w in runtime["layers"][0].values()))
+"""
+
+
+@pytest.mark.parametrize("env", [{"CXX": "/nonexistent/c++", "PATH": "/nonexistent"}, {native.ENABLE_ENV: "0"}])
+def test_without_the_kernel_weights_stay_for_xla_dots(tmp_path, env):
+    """No compiler (nothing to build with, an empty cache) or MAXJAX_NATIVE_KERNELS=0: no weight is packed."""
+    environ = dict(os.environ, MAXJAX_COMPILE_CACHE=str(tmp_path), JAX_PLATFORMS="cpu", **env)
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=environ, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "0"
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, scale, cap", [(9, 3, 64, None, None), (4, 4, 20, 0.3, 5.0)])
+def test_decode_attention_in_place_matches_the_xla_form(kernel, heads, kv_heads, head_dim, scale, cap):
+    """Rows on scattered slots at different lengths, one a padding row (position -1, sees nothing), grouped
+    heads, an odd head size, a scale and a soft cap: the same output as `with_new_key` + `attention`."""
+    layers, num_slots, max_len, span, B = 2, 5, 40, 32, 4
+    rng = np.random.default_rng(heads)
+    cache = llama.KVCache(*(jnp.asarray(rng.standard_normal((layers, num_slots, kv_heads, max_len, head_dim)),
+                                        jnp.float32) for _ in range(2)))
+    q = jnp.asarray(rng.standard_normal((B, 1, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, 1, kv_heads, head_dim)), jnp.float32) for _ in range(2))
+    slots = jnp.array([3, 0, 4, 1], jnp.int32)
+    positions = jnp.array([[5], [31], [0], [-1]], jnp.int32)
+    mask = attention.hide_current(attention.attention_mask(positions, span, None), positions)  # [B, 1, S]
+    keys, values = cache.k[1, slots, :, :span], cache.v[1, slots, :, :span]
+    keys, values, full_mask = attention.with_new_key(keys, values, mask, positions, k, v)
+    expected = attention.attention(q, keys, values, full_mask, scale, cap)
+    got = jax.jit(attention.decode_attention_in_place, static_argnums=(2, 8, 9))(
+        q, cache, 1, slots, positions, mask, k, v, scale, cap)
+    np.testing.assert_allclose(np.asarray(got)[:3], np.asarray(expected)[:3], atol=2e-6, rtol=0)
+    assert np.isfinite(np.asarray(got)).all()  # the padding row too

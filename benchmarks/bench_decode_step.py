@@ -1,8 +1,8 @@
 """The decode program alone: milliseconds per step at several batch sizes, A against B in one process.
 
-A runs every weight product as an XLA dot (the layout without native kernels: ``MAXJAX_NATIVE_KERNELS=0``), B
-the serving layout, whose float32 weights are packed for the native matmul (``maxjax.architectures.panels``);
-both programs run on the same engine, cache and rows, alternating, and must give the same tokens. ``--kernels``
+A runs XLA ops only, as with ``MAXJAX_NATIVE_KERNELS=0`` (weights unpacked, XLA's attention); B the serving
+layout with the native CPU kernels (float32 weights packed for the native matmul, ``maxjax.architectures.panels``,
+and the in-place decode attention, ``attention.decode_attention_in_place``); both programs run on the same engine, cache and rows, alternating, and must give the same tokens. ``--kernels``
 adds where a step's time goes: XLA CPU's per-kernel trace of B, summed by kernel kind and output shape (thread
 time, so with 2 threads it adds up to ~2x the wall time).
 
@@ -59,7 +59,7 @@ def kernel_breakdown(program, run, calls: int = 3, steps: int = 16, top: int = 1
     return rows[:top] + [("all kernels", sum(v for _, v in rows))]
 
 
-A, B = "A XLA dots", "B native panels"
+A, B = "A XLA ops", "B native kernels"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  max_num_steps=args.steps, max_logprobs=1)
     engine = pipe.engine
     from maxjax.architectures import panels
+    from maxjax.runtime import native
 
     xla_dots = jax.tree.map(lambda w: panels.unpack(w) if panels.is_panels(w) else w, engine.params,
                             is_leaf=panels.is_panels)
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name, params in variants.items():
             engine.params = params
             jax.clear_caches()  # the engine's jit would reuse the other variant's trace
+            os.environ[native.ENABLE_ENV] = "0" if name == A else "1"  # read while tracing (decode attention)
             programs[name] = engine.lower("decode", (batch, args.span)).compile()
+        os.environ.pop(native.ENABLE_ENV)
         engine.params = variants[B]
 
         def runner(name):

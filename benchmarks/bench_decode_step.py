@@ -2,9 +2,10 @@
 
 A runs XLA ops only, as with ``MAXJAX_NATIVE_KERNELS=0`` (weights unpacked, XLA's attention); B the serving
 layout with the native CPU kernels (float32 weights packed for the native matmul, ``maxjax.architectures.panels``,
-and the in-place decode attention, ``attention.decode_attention_in_place``); both programs run on the same engine, cache and rows, alternating, and must give the same tokens. ``--kernels``
-adds where a step's time goes: XLA CPU's per-kernel trace of B, summed by kernel kind and output shape (thread
-time, so with 2 threads it adds up to ~2x the wall time).
+and the in-place decode attention, ``attention.decode_attention_in_place``). Both programs run on the same
+engine, cache and rows, alternating, and must give the same tokens. ``--kernels`` adds where a step's time
+goes: XLA CPU's per-kernel trace of B, summed by kernel kind and output shape (thread time, so with 2 threads
+it adds up to ~2x the wall time; a native kernel's time is its caller's wall time).
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_decode_step.py --batch-sizes 1,8,32 [--kernels] [--json F]
 """

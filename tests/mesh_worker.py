@@ -102,6 +102,12 @@ def shard_bytes(eng: Engine) -> dict:
             "params_total_bytes": sum(d["total_bytes"] for d in leaves)}
 
 
+def native_kernels_in_decode(eng: Engine) -> bool:
+    """Whether the engine's first decode program calls a native kernel (custom call target "maxjax_...")."""
+    shape = next(shape for kind, shape in eng.all_shapes() if kind == "decode")
+    return "maxjax_" in eng.lower("decode", shape).as_text()
+
+
 def check_tiny() -> dict:
     """8 heads / 4 kv heads at tp 2, 4, 8 (kv heads replicated at 8) and on a (2, 2) mesh vs one device; the
     (2, 2) engine has two length buckets, is warmed up first and counts compiles after."""
@@ -133,7 +139,9 @@ def check_tiny() -> dict:
             "seeded_equal": sampled["tokens"] == reference["seeded"]["tokens"],
             "bytes": shard_bytes(eng),
             "programs": programs, "expected_programs": len(eng.all_shapes()), "compiles_after_warmup": compiles,
+            "native_kernels": native_kernels_in_decode(eng),
         }
+    result["native_kernels_on_one_device"] = native_kernels_in_decode(single)
     result["greedy_tokens"] = reference["greedy"]["tokens"]
     result["seeded_tokens"] = reference["seeded"]["tokens"]
     return result

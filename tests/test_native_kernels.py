@@ -84,3 +84,4 @@ def test_decode_attention_in_place_matches_the_xla_form(kernel, heads, kv_heads,
         q, cache, 1, slots, positions, mask, k, v, scale, cap)
     np.testing.assert_allclose(np.asarray(got)[:3], np.asarray(expected)[:3], atol=2e-6, rtol=0)
     assert np.isfinite(np.asarray(got)).all()  # the padding row too
+

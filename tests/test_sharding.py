@@ -7,6 +7,7 @@ compile cache of this test run's own.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,6 +60,13 @@ def test_tiny_llama_on_a_mesh_matches_one_device(tiny, mesh):
     assert run["greedy_equal"] and run["seeded_equal"]
     # tp 8 > 4 kv heads: each kv head is stored twice, one per shard; 8 query heads need no padding
     assert run["heads"] == ([8, 8] if mesh == "8x1" else [8, 4])
+
+
+def test_mesh_programs_call_no_native_kernel(tiny):
+    """XLA's partitioner cannot split a custom call (it would gather the KV cache onto every device), so mesh
+    programs keep XLA's attention; the single-device reference uses the native kernels (CPU, a compiler)."""
+    assert not any(tiny[mesh]["native_kernels"] for mesh in ("2x1", "4x1", "8x1", "2x2"))
+    assert tiny["native_kernels_on_one_device"] or not shutil.which("c++")
 
 
 def test_reference_tokens_are_not_degenerate(tiny):

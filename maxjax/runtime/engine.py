@@ -8,6 +8,7 @@ beside the compile cache (``program_store``), so the next process loads them wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxjax.runtime import native
 from maxjax.runtime.compile_cache import cache_hit_count, compile_noting_cache_hit
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.lora import LoraSlots
@@ -183,7 +185,8 @@ class Engine:
             # abstract rows: a multi-process program may not be lowered with host (numpy) arguments
             rows, sampling = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (rows, sampling))
         fn = jax.jit(functools.partial(self._step_fns[kind], kv_len=shape[-1]), donate_argnums=(1, 2), **placement)
-        return fn.lower(self.params, self.cache, self.counts, rows, sampling)
+        with native.disabled() if self.mesh is not None else contextlib.nullcontext():
+            return fn.lower(self.params, self.cache, self.counts, rows, sampling)
 
     def _rows(self, rows: Any, sampling: Any):
         """Host row arrays as the program's inputs: as they are on one device, split over "data" on a mesh."""

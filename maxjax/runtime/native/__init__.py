@@ -10,6 +10,7 @@ source, the compiler, jax and the CPU, so a later process only loads it. Without
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -18,6 +19,7 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import jax
@@ -30,10 +32,27 @@ ENABLE_ENV = "MAXJAX_NATIVE_KERNELS"
 _SOURCES = Path(__file__).resolve().parent
 
 
+_this_thread = threading.local()
+
+
 def enabled() -> bool:
     """Native kernels are used unless ``MAXJAX_NATIVE_KERNELS=0`` (read on every call, so a benchmark can
-    load one model with them and one without in the same process)."""
+    load one model with them and one without in the same process) or inside `disabled`."""
+    if getattr(_this_thread, "disabled", False):
+        return False
     return os.environ.get(ENABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def disabled():
+    """No native kernel in what is traced inside (this thread): for programs partitioned over several devices,
+    whose partitioner cannot split a custom call (it would gather the operands onto every device)."""
+    before = getattr(_this_thread, "disabled", False)
+    _this_thread.disabled = True
+    try:
+        yield
+    finally:
+        _this_thread.disabled = before
 
 
 def _compiler() -> str | None:

@@ -86,18 +86,28 @@ def rope_cos_sin(theta: float, head_dim: int, rope_scaling: tuple | None,
                  positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos and sin [B, T, Dh] in float32 for integer positions [B, T] (rotate-half layout)."""
     def angles_for(inv_freq: np.ndarray) -> jax.Array:
-        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
-        return jnp.concatenate([angles, angles], axis=-1)  # [B, T, Dh]
+        return positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
 
     angles = angles_for(rope_inv_freq(theta, head_dim, rope_scaling))
-    if rope_type(rope_scaling) != "longrope":
-        return jnp.cos(angles), jnp.sin(angles)
-    scaling = dict(rope_scaling)
-    long_angles = angles_for(rope_inv_freq(theta, head_dim, rope_scaling, long=True))
-    is_long = (positions >= scaling["original_max_position_embeddings"])[..., None]  # [B, T, 1]
-    angles = jnp.where(is_long, long_angles, angles)
-    factor = longrope_attention_factor(scaling)
-    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
+    factor = 1.0
+    if rope_type(rope_scaling) == "longrope":
+        scaling = dict(rope_scaling)
+        long_angles = angles_for(rope_inv_freq(theta, head_dim, rope_scaling, long=True))
+        is_long = (positions >= scaling["original_max_position_embeddings"])[..., None]  # [B, T, 1]
+        angles = jnp.where(is_long, long_angles, angles)
+        factor = longrope_attention_factor(scaling)
+    cos_sin = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)  # [B, T, Dh]: cos | sin halves
+    # Each half repeated twice, as a product with a 0/1 matrix (exact at HIGHEST precision) rather than a
+    # concatenate. Why: a dot's result is computed once and kept, while XLA CPU fuses elementwise cos/sin into
+    # every consumer and recomputes them for each layer, head and attention block of a prefill.
+    half = head_dim // 2
+    repeat = np.zeros((head_dim, 2 * head_dim), np.float32)  # [cos | sin] -> [cos, cos | sin, sin]
+    for j in range(head_dim):
+        repeat[j, (j // half) * head_dim + j % half + np.array([0, half])] = 1.0
+    both = jnp.matmul(cos_sin, jnp.asarray(repeat), precision=jax.lax.Precision.HIGHEST)  # [B, T, 2 Dh]
+    if factor != 1.0:
+        both = both * factor
+    return both[..., :head_dim], both[..., head_dim:]
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

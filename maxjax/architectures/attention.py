@@ -93,10 +93,11 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale:
     """`attention` over all of q's queries at once."""
     B, T, H, Dh = q.shape
     KVH = k.shape[1]
-    # The scale on q (a pass over [T, H, Dh], folded into q's rope) rather than on the [T, S] scores.
-    q = q * jnp.asarray(1 / math.sqrt(Dh) if scale is None else scale, q.dtype)
-    q = q.reshape(B, T, KVH, H // KVH, Dh)  # [B, T, KVH, G, Dh]
+    # The scale on q (a pass over [T, H, Dh], folded into q's rope) rather than on the [T, S] scores; multiplied
+    # in at least float32, so a bfloat16 q is rounded once, not scaled by a rounded scale.
     score_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    q = (q * jnp.asarray(1 / math.sqrt(Dh) if scale is None else scale, score_dtype)).astype(q.dtype)
+    q = q.reshape(B, T, KVH, H // KVH, Dh)  # [B, T, KVH, G, Dh]
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(score_dtype)  # [B, KVH, G, T, S]
     scores = softcap(scores, logit_cap)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)

@@ -96,18 +96,24 @@ def rope_cos_sin(theta: float, head_dim: int, rope_scaling: tuple | None,
         is_long = (positions >= scaling["original_max_position_embeddings"])[..., None]  # [B, T, 1]
         angles = jnp.where(is_long, long_angles, angles)
         factor = longrope_attention_factor(scaling)
-    cos_sin = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)  # [B, T, Dh]: cos | sin halves
-    # Each half repeated twice, as a product with a 0/1 matrix (exact at HIGHEST precision) rather than a
-    # concatenate. Why: a dot's result is computed once and kept, while XLA CPU fuses elementwise cos/sin into
-    # every consumer and recomputes them for each layer, head and attention block of a prefill.
-    half = head_dim // 2
-    repeat = np.zeros((head_dim, 2 * head_dim), np.float32)  # [cos | sin] -> [cos, cos | sin, sin]
-    for j in range(head_dim):
-        repeat[j, (j // half) * head_dim + j % half + np.array([0, half])] = 1.0
-    both = jnp.matmul(cos_sin, jnp.asarray(repeat), precision=jax.lax.Precision.HIGHEST)  # [B, T, 2 Dh]
-    if factor != 1.0:
-        both = both * factor
-    return both[..., :head_dim], both[..., head_dim:]
+    cos, sin = _repeat_halves(jnp.cos(angles), jnp.sin(angles))  # [B, T, Dh] each
+    return (cos * factor, sin * factor) if factor != 1.0 else (cos, sin)
+
+
+def _repeat_halves(cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[cos, cos] and [sin, sin] [..., Dh] from cos, sin [..., Dh/2]. On the CPU as one product with a 0/1
+    matrix (exact in float32, which XLA CPU dots always compute in) rather than concatenates. Why: a dot's result
+    is computed once and kept, while XLA CPU fuses elementwise cos/sin into every consumer and recomputes them
+    for each layer, head and attention block of a prefill (~3% of a 512-token SmolLM2 prefill's CPU time).
+    Elsewhere the concatenates: a GPU dot at default precision would round them (TF32)."""
+    if jax.default_backend() != "cpu":
+        return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
+    half = cos.shape[-1]
+    repeat = np.zeros((2 * half, 4 * half), np.float32)  # [cos | sin] -> [cos, cos | sin, sin]
+    for j in range(2 * half):
+        repeat[j, 2 * half * (j // half) + j % half + np.array([0, half])] = 1.0
+    both = jnp.concatenate([cos, sin], axis=-1) @ jnp.asarray(repeat)  # [..., 2 Dh]
+    return both[..., :2 * half], both[..., 2 * half:]
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

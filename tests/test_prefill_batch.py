@@ -188,3 +188,60 @@ def test_long_prompt_prefill_matches_an_uncached_forward():
         assert out.tokens == [int(np.argmax(reference))]
         np.testing.assert_allclose(out.log_probabilities[0].token_log_probabilities[0],
                                    float(reference[out.tokens[0]]), atol=1e-5)
+
+
+def _reference_attention(q, k, v, mask, scale, cap):
+    """Grouped-query attention in float64 numpy: softmax(q k^T * scale, soft-capped, masked) v."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    group = q.shape[2] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [B, H, S, Dh]
+    scores = np.einsum("bthd,bhsd->bhts", q, k) * scale
+    if cap is not None:
+        scores = np.tanh(scores / cap) * cap
+    scores = np.where(np.asarray(mask)[:, None], scores, np.finfo(np.float64).min)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhts,bhsd->bthd", weights / weights.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("scale, cap", [(None, None), (0.3, 5.0)])
+def test_attention_matches_a_float64_reference(scale, cap):
+    """Prefill's causal blocks and decode's one-query form (softmax normalized after the product with v, the
+    scale applied to q) against float64 numpy, for a chunk from position 0 and a short end-aligned tail."""
+    from maxjax.architectures import attention as attn
+
+    T, S, Dh = 256, 384, 8
+    keys = jax.random.split(jax.random.key(7), 3)
+    q = 3 * jax.random.normal(keys[0], (2, T, 6, Dh))
+    k, v = (jax.random.normal(key, (2, 2, S, Dh)) for key in keys[1:])
+    positions = np.full((2, T), -1, np.int32)
+    positions[0] = np.arange(S - T, S)
+    positions[1, T - 20:] = np.arange(S - 20, S)
+    mask = attn.attention_mask(jax.numpy.asarray(positions), S, None)
+    expected = _reference_attention(q, k, v, mask, Dh ** -0.5 if scale is None else scale, cap)
+    real = positions >= 0
+    causal = jax.jit(lambda *a: attn.attention(*a, scale, cap, end_aligned=True))(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(causal)[real], expected[real], atol=2e-6, rtol=1e-5)
+    one = jax.jit(lambda *a: attn.attention(*a, scale, cap))(q[:, -1:], k, v, mask[:, -1:])  # a decode step
+    np.testing.assert_allclose(np.asarray(one)[:, 0], expected[:, -1], atol=2e-6, rtol=1e-5)
+
+
+def test_prefill_computes_rope_angles_once(pipeline):
+    """cos/sin of the rope angles equal float64 numpy's (longrope's factors included), and the compiled
+    prefill program computes them once, not inside each layer's (and attention block's) Q and K rope."""
+    import math
+
+    from maxjax.architectures.rope import rope_cos_sin, rope_inv_freq
+
+    positions = np.arange(-1, 5000, dtype=np.int32)[None, :, None]
+    longrope = (("rope_type", "longrope"), ("factor", 4.0), ("original_max_position_embeddings", 4096),
+                ("short_factor", (1.0,) * 4), ("long_factor", (1.5, 2.0, 3.0, 4.0)))
+    for scaling in (None, longrope):
+        short, long = (positions.astype(np.float32) * rope_inv_freq(1e4, 8, scaling, long=b) for b in (False, True))
+        angles = np.where((positions >= 4096) & (scaling is not None), long, short).astype(np.float64)
+        angles = np.concatenate([angles, angles], -1)
+        factor = math.sqrt(1 + math.log(4.0) / math.log(4096)) if scaling else 1.0
+        cos, sin = rope_cos_sin(1e4, 8, scaling, positions[..., 0])
+        np.testing.assert_allclose(np.asarray(cos), np.cos(angles) * factor, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(sin), np.sin(angles) * factor, atol=2e-6)
+    text = pipeline.engine.compiled_text("prefill", (1, 32, 32))
+    assert CFG.num_layers == 2 and text.count(" cosine(") == 1 and text.count(" sine(") == 1

@@ -86,18 +86,34 @@ def rope_cos_sin(theta: float, head_dim: int, rope_scaling: tuple | None,
                  positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos and sin [B, T, Dh] in float32 for integer positions [B, T] (rotate-half layout)."""
     def angles_for(inv_freq: np.ndarray) -> jax.Array:
-        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
-        return jnp.concatenate([angles, angles], axis=-1)  # [B, T, Dh]
+        return positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
 
     angles = angles_for(rope_inv_freq(theta, head_dim, rope_scaling))
-    if rope_type(rope_scaling) != "longrope":
-        return jnp.cos(angles), jnp.sin(angles)
-    scaling = dict(rope_scaling)
-    long_angles = angles_for(rope_inv_freq(theta, head_dim, rope_scaling, long=True))
-    is_long = (positions >= scaling["original_max_position_embeddings"])[..., None]  # [B, T, 1]
-    angles = jnp.where(is_long, long_angles, angles)
-    factor = longrope_attention_factor(scaling)
-    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
+    factor = 1.0
+    if rope_type(rope_scaling) == "longrope":
+        scaling = dict(rope_scaling)
+        long_angles = angles_for(rope_inv_freq(theta, head_dim, rope_scaling, long=True))
+        is_long = (positions >= scaling["original_max_position_embeddings"])[..., None]  # [B, T, 1]
+        angles = jnp.where(is_long, long_angles, angles)
+        factor = longrope_attention_factor(scaling)
+    cos, sin = _repeat_halves(jnp.cos(angles), jnp.sin(angles))  # [B, T, Dh] each
+    return (cos * factor, sin * factor) if factor != 1.0 else (cos, sin)
+
+
+def _repeat_halves(cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[cos, cos] and [sin, sin] [..., Dh] from cos, sin [..., Dh/2]. On the CPU as one product with a 0/1
+    matrix (exact in float32, which XLA CPU dots always compute in) rather than concatenates. Why: a dot's result
+    is computed once and kept, while XLA CPU fuses elementwise cos/sin into every consumer and recomputes them
+    for each layer, head and attention block of a prefill (~3% of a 512-token SmolLM2 prefill's CPU time).
+    Elsewhere the concatenates: a GPU dot at default precision would round them (TF32)."""
+    if jax.default_backend() != "cpu":
+        return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
+    half = cos.shape[-1]
+    repeat = np.zeros((2 * half, 4 * half), np.float32)  # [cos | sin] -> [cos, cos | sin, sin]
+    for j in range(2 * half):
+        repeat[j, 2 * half * (j // half) + j % half + np.array([0, half])] = 1.0
+    both = jnp.concatenate([cos, sin], axis=-1) @ jnp.asarray(repeat)  # [..., 2 Dh]
+    return both[..., :2 * half], both[..., 2 * half:]
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

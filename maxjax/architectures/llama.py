@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.architectures import moe, panels
+from maxjax.architectures import block_panels, moe, panels
 from maxjax.architectures.attention import (attention, attention_mask, hide_current, softcap, visible_keys,
                                             with_new_key, write_cache, write_cache_layers)
 from maxjax.architectures.lora import lora_delta
@@ -276,12 +276,13 @@ def untie_output(params: Params) -> Params:
 def runtime_params(params: Params) -> Params:
     """The layout the serving engine runs: fused projections, unstacked layers (decode and prefill unroll them
     and read weights in place; a scan stacks them inside its program, a copy of the weights per call), a
-    tied embedding's output projection transposed (`untie_output`), and on the CPU float32 weights packed
-    for the native matmul (`panels.pack_linear_weights`)."""
+    tied embedding's output projection transposed (`untie_output`), and on the CPU float32 weights and GGUF
+    Q4_0/Q4_1/Q8_0 blocks packed for the native kernels (`panels.pack_linear_weights`,
+    `block_panels.pack_block_weights`)."""
     params = untie_output(fuse_projections(params))
     if not isinstance(params["layers"], (list, tuple)):
         params = unstack_layers(params)
-    return panels.pack_linear_weights(params, LINEAR_WEIGHTS)
+    return block_panels.pack_block_weights(panels.pack_linear_weights(params, LINEAR_WEIGHTS), LINEAR_WEIGHTS)
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:

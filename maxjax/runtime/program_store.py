@@ -38,11 +38,11 @@ _JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prn
 
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
-    """SHA-256 of every maxjax source file (Python and native kernels): any edit of the model math or the
+    """SHA-256 of every maxjax source file (Python and native kernels with their headers): any edit of the model math or the
     steps changes every key."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cc")):
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cc", ".h")):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 

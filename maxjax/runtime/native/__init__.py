@@ -1,9 +1,10 @@
-"""Native CPU kernels: C++ sources next to this file, built with the system C++ compiler on first use and
-called from compiled programs through the XLA FFI (``jax.ffi.ffi_call``).
+"""Native CPU kernels: C++ sources next to this file, built with the system C++ compiler on first use into one
+shared library (one pool of worker threads for every kernel, ``workers.h``) and called from compiled programs
+through the XLA FFI (``jax.ffi.ffi_call``).
 
 Why build on the user's machine: the kernels are compiled with ``-march=native`` for the CPU they run on, and a
 wheel stays pure Python. The shared library is cached in the compile cache directory (``native/``), keyed by the
-source, the compiler, jax and the CPU, so a later process only loads it. Without a compiler (or with
+sources, the compiler, jax and the CPU, so a later process only loads it. Without a compiler (or with
 ``MAXJAX_NATIVE_KERNELS=0``) ``ffi_target`` answers None and callers keep XLA's own ops.
 """
 
@@ -48,17 +49,19 @@ def _cpu_identity() -> str:
         return platform.processor() + platform.machine()
 
 
-def _build(source: Path, compiler: str) -> Path:
+def _build(compiler: str) -> Path:
+    sources = sorted(_SOURCES.glob("*.cc"))
+    texts = [path.read_text() for path in [*sources, *sorted(_SOURCES.glob("*.h"))]]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256("\0".join(
-        [source.read_text(), version, jax.__version__, _cpu_identity()]).encode()).hexdigest()[:16]
-    library = default_compile_cache_dir() / "native" / f"{source.stem}-{digest}.so"
+        [*texts, version, jax.__version__, _cpu_identity()]).encode()).hexdigest()[:16]
+    library = default_compile_cache_dir() / "native" / f"maxjax_native-{digest}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     partial = library.with_suffix(f".{os.getpid()}.partial")
     command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-               "-I", jax.ffi.include_dir(), str(source), "-o", str(partial)]
+               "-I", jax.ffi.include_dir(), *map(str, sources), "-o", str(partial)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
@@ -67,24 +70,31 @@ def _build(source: Path, compiler: str) -> Path:
 
 
 @functools.cache
-def _register(source_name: str, symbol: str, target: str) -> str | None:
+def _library() -> ctypes.CDLL | None:
     compiler = _compiler()
     if compiler is None:
-        log.info("no C++ compiler found: native kernel %s unavailable, XLA ops are used instead", target)
+        log.info("no C++ compiler found: native kernels unavailable, XLA ops are used instead")
         return None
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build(_SOURCES / source_name, compiler)))
+        return ctypes.cdll.LoadLibrary(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        log.warning("native kernel %s unavailable, XLA ops are used instead: %s", target, err)
+        log.warning("native kernels unavailable, XLA ops are used instead: %s", err)
+        return None
+
+
+@functools.cache
+def _register(symbol: str, target: str) -> str | None:
+    library = _library()
+    if library is None:
         return None
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return target
 
 
-def ffi_target(source_name: str, symbol: str, target: str) -> str | None:
-    """The registered FFI target name of kernel ``symbol`` from ``source_name``, building it once per process
-    (and once per machine: see the module docstring); None on a non-CPU backend, when disabled, or when it
-    cannot be built."""
+def ffi_target(symbol: str, target: str) -> str | None:
+    """The registered FFI target name of kernel ``symbol`` of the native library, building the library once per
+    process (and once per machine: see the module docstring); None on a non-CPU backend, when disabled, or when
+    it cannot be built."""
     if jax.default_backend() != "cpu" or not enabled():
         return None
-    return _register(source_name, symbol, target)
+    return _register(symbol, target)

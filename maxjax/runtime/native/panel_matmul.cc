@@ -6,18 +6,10 @@
 // the 32 columns of up to 8 rows held in registers, streams the weights at the memory's speed for every
 // small M and runs a 512-row prefill at ~90% of the FMA peak.
 #include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
-#include <thread>
-#include <vector>
-#ifdef __linux__
-#include <sched.h>
-#endif
 
+#include "workers.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -83,96 +75,12 @@ void Panels(const float* x, int64_t M, int64_t K, const float* w, float* y, int6
   }
 }
 
-// Chunks of panels claimed from a shared counter by the caller and by the workers. The caller can finish
-// every chunk alone, so a worker that starts late (or never) only finds nothing left.
-struct Work {
+// Chunks of panels, run by the shared workers (workers.h).
+struct PanelWork : maxjax_native::Work {
   const float* x; const float* w; float* y;
-  int64_t M, K, N, panels, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  int64_t M, K, N, panels;
 
-  void Run() {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      Panels(x, M, K, w, y, N, panels * c / chunks, panels * (c + 1) / chunks);
-      done.fetch_add(1);
-    }
-  }
-};
-
-inline void Pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-// Worker threads that spin for a while after each product before they sleep. Why not XLA's intra-op pool
-// (ffi::ThreadPool): waking a sleeping pool thread costs tens of microseconds, as long as a small product
-// itself, and a decode step runs ~120 of them back to back with short kernels in between.
-class Workers {
- public:
-  static Workers& Get() {
-    static Workers* workers = new Workers();  // never destroyed: its threads live as long as the process
-    return *workers;
-  }
-  int64_t size() const { return static_cast<int64_t>(threads_.size()); }
-
-  // Runs `work` on the caller and the workers; returns when every chunk is done and no worker holds `work`.
-  void Run(Work* work) {
-    std::unique_lock<std::mutex> serial(run_mutex_, std::try_to_lock);
-    if (!serial.owns_lock()) {  // another product is running (XLA ran two at once): this one alone
-      work->Run();
-      return;
-    }
-    job_.store(work);
-    generation_.fetch_add(1);
-    if (sleeping_.load() > 0) {
-      std::lock_guard<std::mutex> lock(sleep_mutex_);
-      wake_.notify_all();
-    }
-    work->Run();
-    while (work->done.load() < work->chunks) std::this_thread::yield();
-    job_.store(nullptr);
-    while (active_.load() > 0) std::this_thread::yield();
-  }
-
- private:
-  Workers() {
-    int available = static_cast<int>(std::thread::hardware_concurrency());
-#ifdef __linux__
-    cpu_set_t cpus;
-    if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) available = CPU_COUNT(&cpus);  // this process's cores
-#endif
-    for (int i = 1; i < available; ++i) threads_.emplace_back([this] { Loop(); });
-    for (auto& thread : threads_) thread.detach();
-  }
-
-  void Loop() {
-    uint64_t seen = generation_.load();
-    for (;;) {
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
-      while (generation_.load() == seen && std::chrono::steady_clock::now() < until) Pause();
-      if (generation_.load() == seen) {
-        std::unique_lock<std::mutex> lock(sleep_mutex_);
-        sleeping_.fetch_add(1);
-        wake_.wait(lock, [&] { return generation_.load() != seen; });
-        sleeping_.fetch_sub(1);
-      }
-      seen = generation_.load();
-      active_.fetch_add(1);
-      if (Work* work = job_.load()) work->Run();
-      active_.fetch_sub(1);
-    }
-  }
-
-  static constexpr int kSpinMicros = 100;  // 50-1000 measured alike on SmolLM2 decode (batch 1 and 32)
-  std::vector<std::thread> threads_;
-  std::mutex run_mutex_, sleep_mutex_;
-  std::condition_variable wake_;
-  std::atomic<Work*> job_{nullptr};
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> sleeping_{0}, active_{0};
+  void RunChunk(int64_t c) override { Panels(x, M, K, w, y, N, panels * c / chunks, panels * (c + 1) / chunks); }
 };
 
 ffi::Error PanelMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
@@ -180,8 +88,8 @@ ffi::Error PanelMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi
   if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel || xd[1] != wd[1]) {
     return ffi::Error::InvalidArgument("panel_matmul: x [M, K] and w [P, K, 32] expected");
   }
-  Workers& workers = Workers::Get();
-  Work work;
+  maxjax_native::Workers& workers = maxjax_native::Workers::Get();
+  PanelWork work;
   work.x = x.typed_data(); work.w = w.typed_data(); work.y = y->typed_data();
   work.M = xd[0]; work.K = xd[1]; work.panels = wd[0]; work.N = wd[0] * kPanel;
   work.chunks = std::min<int64_t>(work.panels, 4 * (workers.size() + 1));

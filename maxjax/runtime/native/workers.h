@@ -1,0 +1,112 @@
+// Worker threads shared by every native kernel of the library (one pool per process: the kernels are built
+// into one shared library, so two kernels never spin two pools against each other on the same cores).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <vector>
+#ifdef __linux__
+#include <sched.h>
+#endif
+
+namespace maxjax_native {
+
+// A product split into chunks claimed from a shared counter by the caller and by the workers. The caller can
+// finish every chunk alone, so a worker that starts late (or never) only finds nothing left.
+struct Work {
+  int64_t chunks = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  virtual ~Work() = default;
+  virtual void RunChunk(int64_t chunk) = 0;
+
+  void Run() {
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      RunChunk(c);
+      done.fetch_add(1);
+    }
+  }
+};
+
+inline void Pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Worker threads that spin for a while after each product before they sleep. Why not XLA's intra-op pool
+// (ffi::ThreadPool): waking a sleeping pool thread costs tens of microseconds, as long as a small product
+// itself, and a decode step runs ~120 of them back to back with short kernels in between.
+class Workers {
+ public:
+  static Workers& Get() {
+    static Workers* workers = new Workers();  // never destroyed: its threads live as long as the process
+    return *workers;
+  }
+  int64_t size() const { return static_cast<int64_t>(threads_.size()); }
+
+  // Runs `work` on the caller and the workers; returns when every chunk is done and no worker holds `work`.
+  void Run(Work* work) {
+    std::unique_lock<std::mutex> serial(run_mutex_, std::try_to_lock);
+    if (!serial.owns_lock()) {  // another product is running (XLA ran two at once): this one alone
+      work->Run();
+      return;
+    }
+    job_.store(work);
+    generation_.fetch_add(1);
+    if (sleeping_.load() > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    work->Run();
+    while (work->done.load() < work->chunks) std::this_thread::yield();
+    job_.store(nullptr);
+    while (active_.load() > 0) std::this_thread::yield();
+  }
+
+ private:
+  Workers() {
+    int available = static_cast<int>(std::thread::hardware_concurrency());
+#ifdef __linux__
+    cpu_set_t cpus;
+    if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) available = CPU_COUNT(&cpus);  // this process's cores
+#endif
+    for (int i = 1; i < available; ++i) threads_.emplace_back([this] { Loop(); });
+    for (auto& thread : threads_) thread.detach();
+  }
+
+  void Loop() {
+    uint64_t seen = generation_.load();
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+      while (generation_.load() == seen && std::chrono::steady_clock::now() < until) Pause();
+      if (generation_.load() == seen) {
+        std::unique_lock<std::mutex> lock(sleep_mutex_);
+        sleeping_.fetch_add(1);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        sleeping_.fetch_sub(1);
+      }
+      seen = generation_.load();
+      active_.fetch_add(1);
+      if (Work* work = job_.load()) work->Run();
+      active_.fetch_sub(1);
+    }
+  }
+
+  static constexpr int kSpinMicros = 100;  // 50-1000 measured alike on SmolLM2 decode (batch 1 and 32)
+  std::vector<std::thread> threads_;
+  std::mutex run_mutex_, sleep_mutex_;
+  std::condition_variable wake_;
+  std::atomic<Work*> job_{nullptr};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleeping_{0}, active_{0};
+};
+
+}  // namespace maxjax_native

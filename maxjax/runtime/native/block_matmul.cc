@@ -111,13 +111,11 @@ struct Q4Panel {
     const uint16_t* m = min + b * kPanel;
     return {{Halves(s), Halves(s + 16)}, {Halves(m), Halves(m + 16)}};
   }
-  void Weights(int64_t b, int t, const Scales& sc, Vec16 first[2], Vec16 second[2]) const {
-    const uint8_t* bytes = q + (b * kSteps + t) * kPanel;
-    for (int h = 0; h < 2; ++h) {
-      const Int16 v = Widen<false>(bytes + 16 * h);
-      first[h] = ToFloat(v & 15) * sc.scale[h] + sc.min[h];
-      second[h] = ToFloat(v >> 4) * sc.scale[h] + sc.min[h];
-    }
+  // Channels 16h .. 16h + 15.
+  void Weights(int64_t b, int t, int h, const Scales& sc, Vec16& first, Vec16& second) const {
+    const Int16 v = Widen<false>(q + (b * kSteps + t) * kPanel + 16 * h);
+    first = ToFloat(v & 15) * sc.scale[h] + sc.min[h];
+    second = ToFloat(v >> 4) * sc.scale[h] + sc.min[h];
   }
 };
 
@@ -138,12 +136,11 @@ struct Q8Panel {
     const uint16_t* s = scale + b * kPanel;
     return {{Halves(s), Halves(s + 16)}};
   }
-  void Weights(int64_t b, int t, const Scales& sc, Vec16 first[2], Vec16 second[2]) const {
-    const int8_t* values = q + (b * kBlock + 2 * t) * kPanel;
-    for (int h = 0; h < 2; ++h) {
-      first[h] = ToFloat(Widen<true>(values + 16 * h)) * sc.scale[h];
-      second[h] = ToFloat(Widen<true>(values + kPanel + 16 * h)) * sc.scale[h];
-    }
+  // Channels 16h .. 16h + 15.
+  void Weights(int64_t b, int t, int h, const Scales& sc, Vec16& first, Vec16& second) const {
+    const int8_t* values = q + (b * kBlock + 2 * t) * kPanel + 16 * h;
+    first = ToFloat(Widen<true>(values)) * sc.scale[h];
+    second = ToFloat(Widen<true>(values + kPanel)) * sc.scale[h];
   }
 };
 
@@ -158,14 +155,13 @@ void PanelRows(const float* x, int64_t K, const Panel& panel, float* y, int64_t 
     const typename Panel::Scales scales = panel.BlockScales(b);
     const float* xb = x + b * kBlock;
     for (int t = 0; t < Panel::kSteps; ++t) {
-      Vec16 first[2], second[2];
-      panel.Weights(b, t, scales, first, second);
-      for (int m = 0; m < MB; ++m) {
-        const float x1 = xb[m * K + Panel::First(t)], x2 = xb[m * K + Panel::Second(t)];
-        acc[0][m][0] += x1 * first[0];
-        acc[0][m][1] += x1 * first[1];
-        acc[kSplit - 1][m][0] += x2 * second[0];
-        acc[kSplit - 1][m][1] += x2 * second[1];
+      for (int h = 0; h < 2; ++h) {  // one half of the channels at a time: fewer live registers with 8 rows
+        Vec16 first, second;
+        panel.Weights(b, t, h, scales, first, second);
+        for (int m = 0; m < MB; ++m) {
+          acc[0][m][h] += xb[m * K + Panel::First(t)] * first;
+          acc[kSplit - 1][m][h] += xb[m * K + Panel::Second(t)] * second;
+        }
       }
     }
   }

@@ -91,6 +91,11 @@ def _register(symbol: str, target: str) -> str | None:
     return target
 
 
+def available() -> bool:
+    """Whether the native kernels run here: the CPU backend, not disabled, and the library built (or cached)."""
+    return jax.default_backend() == "cpu" and enabled() and _library() is not None
+
+
 def ffi_target(symbol: str, target: str) -> str | None:
     """The registered FFI target name of kernel ``symbol`` of the native library, building the library once per
     process (and once per machine: see the module docstring); None on a non-CPU backend, when disabled, or when

@@ -147,10 +147,8 @@ struct Q8Panel {
 // Rows [0, MB) of x times one panel, written to y's 32 columns (y already offset to the panel).
 template <int MB, class Panel>
 void PanelRows(const float* x, int64_t K, const Panel& panel, float* y, int64_t N) {
-  constexpr int kSplit = MB <= 2 ? 2 : 1;  // few rows: the two values of a step in separate sums (more FMA chains)
-  Vec16 acc[kSplit][MB][2];
-  for (int s = 0; s < kSplit; ++s)
-    for (int m = 0; m < MB; ++m) acc[s][m][0] = acc[s][m][1] = Vec16{};
+  constexpr int kSums = MB <= 2 ? 2 : 1;  // few rows: the two values of a step in separate sums (more FMA chains)
+  Vec16 acc[MB][2][kSums] = {};           // [row][half of the channels][sum]
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const typename Panel::Scales scales = panel.BlockScales(b);
     const float* xb = x + b * kBlock;
@@ -159,19 +157,17 @@ void PanelRows(const float* x, int64_t K, const Panel& panel, float* y, int64_t 
         Vec16 first, second;
         panel.Weights(b, t, h, scales, first, second);
         for (int m = 0; m < MB; ++m) {
-          acc[0][m][h] += xb[m * K + Panel::First(t)] * first;
-          acc[kSplit - 1][m][h] += xb[m * K + Panel::Second(t)] * second;
+          acc[m][h][0] += xb[m * K + Panel::First(t)] * first;
+          acc[m][h][kSums - 1] += xb[m * K + Panel::Second(t)] * second;
         }
       }
     }
   }
   for (int m = 0; m < MB; ++m) {
-    for (int s = 1; s < kSplit; ++s) {
-      acc[0][m][0] += acc[s][m][0];
-      acc[0][m][1] += acc[s][m][1];
+    for (int h = 0; h < 2; ++h) {
+      const Vec16 sum = kSums == 2 ? acc[m][h][0] + acc[m][h][kSums - 1] : acc[m][h][0];
+      std::memcpy(y + m * N + 16 * h, &sum, sizeof(sum));
     }
-    std::memcpy(y + m * N, &acc[0][m][0], sizeof(Vec16));
-    std::memcpy(y + m * N + 16, &acc[0][m][1], sizeof(Vec16));
   }
 }
 

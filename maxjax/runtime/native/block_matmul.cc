@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 #if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -144,6 +145,23 @@ struct Q8Panel {
   }
 };
 
+// A panel already dequantized into float32 [K, 32] (many rows of x: each weight dequantized once, not once
+// per 8 rows). Step t of block b gives the weights of values 32b + 2t and 32b + 2t + 1.
+struct DequantizedPanel {
+  const float* w;
+  struct Scales {};
+  static constexpr int kSteps = 16;
+  static int First(int t) { return 2 * t; }
+  static int Second(int t) { return 2 * t + 1; }
+
+  Scales BlockScales(int64_t) const { return {}; }
+  void Weights(int64_t b, int t, int h, const Scales&, Vec16& first, Vec16& second) const {
+    const float* row = w + (b * kBlock + First(t)) * kPanel + 16 * h;
+    std::memcpy(&first, row, sizeof(first));
+    std::memcpy(&second, row + kPanel, sizeof(second));
+  }
+};
+
 // Rows [0, MB) of x times one panel, written to y's 32 columns (y already offset to the panel).
 template <int MB, class Panel>
 void PanelRows(const float* x, int64_t K, const Panel& panel, float* y, int64_t N) {
@@ -172,23 +190,52 @@ void PanelRows(const float* x, int64_t K, const Panel& panel, float* y, int64_t 
 }
 
 // Chunks of panels of one product, run by the shared workers (workers.h).
+// Every row block of x times one panel.
 template <class Panel>
-struct BlockWork : maxjax_native::Work {
+void AllRows(const float* x, int64_t M, int64_t K, const Panel& panel, float* y, int64_t N) {
   using RowsFn = void (*)(const float*, int64_t, const Panel&, float*, int64_t);
   static constexpr RowsFn kRows[kRowBlock + 1] = {
       nullptr, PanelRows<1, Panel>, PanelRows<2, Panel>, PanelRows<3, Panel>, PanelRows<4, Panel>,
       PanelRows<5, Panel>, PanelRows<6, Panel>, PanelRows<7, Panel>, PanelRows<8, Panel>};
+  for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+    kRows[std::min<int64_t>(kRowBlock, M - m0)](x + m0 * K, K, panel, y + m0 * N, N);
+  }
+}
+
+// The panel's weights as float32 [K, 32] in `w`.
+template <class Panel>
+void Dequantize(const Panel& panel, int64_t K, float* w) {
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const typename Panel::Scales scales = panel.BlockScales(b);
+    for (int t = 0; t < Panel::kSteps; ++t) {
+      for (int h = 0; h < 2; ++h) {
+        Vec16 first, second;
+        panel.Weights(b, t, h, scales, first, second);
+        std::memcpy(w + (b * kBlock + Panel::First(t)) * kPanel + 16 * h, &first, sizeof(first));
+        std::memcpy(w + (b * kBlock + Panel::Second(t)) * kPanel + 16 * h, &second, sizeof(second));
+      }
+    }
+  }
+}
+
+// Chunks of panels of one product, run by the shared workers (workers.h).
+template <class Panel>
+struct BlockWork : maxjax_native::Work {
   const float* x; float* y;
   const void* q; const uint16_t* scale; const uint16_t* min;
   int64_t M, K, N, panels;
 
   void RunChunk(int64_t c) override {
+    thread_local std::vector<float> dequantized;  // one panel, for more than one row block (prefill)
     for (int64_t p = panels * c / chunks; p < panels * (c + 1) / chunks; ++p) {
       const Panel panel = Panel::At(q, scale, min, K / kBlock, p);
-      for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-        const int64_t rows = std::min<int64_t>(kRowBlock, M - m0);
-        kRows[rows](x + m0 * K, K, panel, y + m0 * N + p * kPanel, N);
+      if (M <= kRowBlock) {
+        AllRows(x, M, K, panel, y + p * kPanel, N);
+        continue;
       }
+      dequantized.resize(K * kPanel);
+      Dequantize(panel, K, dequantized.data());
+      AllRows(x, M, K, DequantizedPanel{dequantized.data()}, y + p * kPanel, N);
     }
   }
 };

@@ -9,7 +9,8 @@
 // Why: a 4-bit decode step reads 7x fewer bytes than float32, so it is bound by turning packed values into
 // floats, not by memory. Output channels in the vector lanes make each value's dequantization one widen,
 // mask or shift, convert and multiply-add per 16 values, done once per call and reused by up to 8 rows of x
-// whose accumulators stay in registers (no horizontal sums, no per-row reloads of the weights). The values
+// whose accumulators stay in registers (no horizontal sums, no per-row reloads of the weights); more rows
+// (prefill) read each panel dequantized once into a float32 buffer that stays in cache. The values
 // are the ones the file's dequantization gives (up to the rounding of a fused multiply-add), so results
 // equal a float32 dot with the dequantized weights up to summation order.
 #include <algorithm>

@@ -94,15 +94,3 @@ def run_requests():
         return out
 
     return run
-
-
-@pytest.fixture(scope="session")
-def native_kernels():
-    """The native CPU kernels (maxjax/runtime/native) built, else the test is skipped (failed on CI, whose
-    machines have a C++ compiler)."""
-    from maxjax.runtime import native
-
-    if not native.available():
-        if os.environ.get("CI"):
-            pytest.fail("the native kernels could not be built (is there a C++ compiler?)")
-        pytest.skip("no C++ compiler: the native kernels are unavailable")

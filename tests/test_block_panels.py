@@ -4,6 +4,7 @@ SmolLM2 Q4_1 file through that layout: tests/test_gguf_blocks.py."""
 
 import dataclasses
 import functools
+import os
 
 import gguf
 import jax
@@ -20,7 +21,10 @@ FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
 
 
 @pytest.fixture(scope="module")
-def kernel(native_kernels):
+def kernel():
+    """The jitted kernel; skipped without a C++ compiler (a failure on CI, whose machines have one)."""
+    if block_panels.native.ffi_target(*block_panels.Q4_TARGET) is None:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("the native kernels could not be built (no C++ compiler?)")
     return jax.jit(block_panels.block_panel_matmul)
 
 

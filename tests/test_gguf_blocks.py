@@ -142,7 +142,7 @@ def test_quantized_gguf_model_equals_the_float_forward_of_its_dequantized_weight
 
 def test_serving_runtime_on_kept_blocks_matches_float_and_never_recompiles(tiny_gguf):
     from maxjax.architectures import llama
-    from maxjax.architectures.block_panels import is_block_panels
+    from maxjax.architectures.block_panels import Q4_TARGET, is_block_panels
     from maxjax.context import TextContext
     from maxjax.interfaces import SamplingParams, TextGenerationInputs
     from maxjax.pipelines.text import TextGenerationPipeline
@@ -159,7 +159,7 @@ def test_serving_runtime_on_kept_blocks_matches_float_and_never_recompiles(tiny_
         model = load_model(tiny_gguf, tokenizer=False, quantize=quantize)
         pipe = TextGenerationPipeline(Engine(llama, model.config, model.params,
                                              RuntimeConfig(quantize=quantize, **runtime)))
-        if quantize and native.available():  # on the CPU the fused Q4_0 / Q4_1 weights run the native kernel
+        if quantize and native.ffi_target(*Q4_TARGET):  # on the CPU the fused Q4_0 / Q4_1 weights run the native kernel
             layer = pipe.engine.params["layers"][0]
             assert is_block_panels(layer["wqkv"]) and is_block_panels(layer["w_gate_up"])
         pipe.warmup()

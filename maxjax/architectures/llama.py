@@ -37,10 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.architectures import block_panels, moe, panels
+from maxjax.architectures import moe, panels
 from maxjax.architectures.attention import (attention, attention_mask, hide_current, softcap, visible_keys,
                                             with_new_key, write_cache, write_cache_layers)
 from maxjax.architectures.lora import lora_delta
+from maxjax.architectures.block_panels import pack_block_weights
 from maxjax.architectures.quantized import (concat_outputs, embed_lookup, embed_matmul, is_blocks, is_quantized,
                                                 linear)
 from maxjax.architectures.rope import apply_rope, rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
@@ -278,11 +279,11 @@ def runtime_params(params: Params) -> Params:
     and read weights in place; a scan stacks them inside its program, a copy of the weights per call), a
     tied embedding's output projection transposed (`untie_output`), and on the CPU float32 weights and GGUF
     Q4_0/Q4_1/Q8_0 blocks packed for the native kernels (`panels.pack_linear_weights`,
-    `block_panels.pack_block_weights`)."""
+    `pack_block_weights`)."""
     params = untie_output(fuse_projections(params))
     if not isinstance(params["layers"], (list, tuple)):
         params = unstack_layers(params)
-    return block_panels.pack_block_weights(panels.pack_linear_weights(params, LINEAR_WEIGHTS), LINEAR_WEIGHTS)
+    return pack_block_weights(panels.pack_linear_weights(params, LINEAR_WEIGHTS), LINEAR_WEIGHTS)
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:

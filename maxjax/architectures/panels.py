@@ -18,7 +18,7 @@ import numpy as np
 from maxjax.runtime import native
 
 PANEL = 32
-TARGET = ("MaxjaxPanelMatmul", "maxjax_panel_matmul")  # symbol in the native library, FFI name
+TARGET = ("MaxjaxPanelMatmul", "maxjax_panel_matmul")  # (library symbol, FFI target name)
 
 
 def is_panels(w: Any) -> bool:
@@ -64,6 +64,6 @@ def panel_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
     panels = w["panels"]
     count, k, width = panels.shape
     rows = x.reshape(-1, k).astype(jnp.float32)
-    out = jax.ffi.ffi_call(TARGET[-1], jax.ShapeDtypeStruct((rows.shape[0], count * width), jnp.float32))(
+    out = jax.ffi.ffi_call(TARGET[1], jax.ShapeDtypeStruct((rows.shape[0], count * width), jnp.float32))(
         rows, panels)
     return out.reshape(*x.shape[:-1], count * width)

@@ -27,6 +27,7 @@ import jax
 import jaxlib
 from jax.experimental import serialize_executable
 
+from maxjax.runtime import native
 from maxjax.runtime.compile_cache import count_program_load
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ _JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prn
 
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
-    """SHA-256 of every maxjax source file (Python and native kernels with their headers): any edit of the model math or the
+    """SHA-256 of every maxjax source file (Python and native kernels): any edit of the model math or the
     steps changes every key."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
@@ -64,7 +65,7 @@ def environment() -> dict[str, Any]:
         jax=jax.__version__, jaxlib=jaxlib.__version__, backend=jax.default_backend(),
         platform_version=device.client.platform_version, device_kind=device.device_kind,
         devices=[d.id for d in jax.devices()], processes=jax.process_count(),
-        xla_flags=os.environ.get("XLA_FLAGS", ""), source=source_digest(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""), source=source_digest(), native_kernels=native.enabled(),
         flags={name: str(getattr(jax.config, name, None)) for name in _JAX_FLAGS},
     )
 

@@ -1,15 +1,16 @@
-"""Native CPU kernels: C++ sources next to this file, built with the system C++ compiler on first use into one
-shared library (one pool of worker threads for every kernel, ``workers.h``) and called from compiled programs
-through the XLA FFI (``jax.ffi.ffi_call``).
+"""Native CPU kernels: the C++ sources next to this file, built into one library with the system C++ compiler on
+first use and called from compiled programs through the XLA FFI (``jax.ffi.ffi_call``). One library, so that
+every kernel shares one set of worker threads (``workers.h``).
 
 Why build on the user's machine: the kernels are compiled with ``-march=native`` for the CPU they run on, and a
 wheel stays pure Python. The shared library is cached in the compile cache directory (``native/``), keyed by the
-sources, the compiler, jax and the CPU, so a later process only loads it. Without a compiler (or with
+source, the compiler, jax and the CPU, so a later process only loads it. Without a compiler (or with
 ``MAXJAX_NATIVE_KERNELS=0``) ``ffi_target`` answers None and callers keep XLA's own ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -18,6 +19,7 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import jax
@@ -30,10 +32,27 @@ ENABLE_ENV = "MAXJAX_NATIVE_KERNELS"
 _SOURCES = Path(__file__).resolve().parent
 
 
+_this_thread = threading.local()
+
+
 def enabled() -> bool:
     """Native kernels are used unless ``MAXJAX_NATIVE_KERNELS=0`` (read on every call, so a benchmark can
-    load one model with them and one without in the same process)."""
+    load one model with them and one without in the same process) or inside `disabled`."""
+    if getattr(_this_thread, "disabled", False):
+        return False
     return os.environ.get(ENABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def disabled():
+    """No native kernel in what is traced inside (this thread): for programs partitioned over several devices,
+    whose partitioner cannot split a custom call (it would gather the operands onto every device)."""
+    before = getattr(_this_thread, "disabled", False)
+    _this_thread.disabled = True
+    try:
+        yield
+    finally:
+        _this_thread.disabled = before
 
 
 def _compiler() -> str | None:
@@ -51,18 +70,17 @@ def _cpu_identity() -> str:
 
 def _build(compiler: str) -> Path:
     sources = sorted(_SOURCES.glob("*.cc"))
-    texts = [path.read_text() for path in [*sources, *sorted(_SOURCES.glob("*.h"))]]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256("\0".join(
-        [*texts, version, jax.__version__, _cpu_identity()]).encode()).hexdigest()[:16]
-    library = default_compile_cache_dir() / "native" / f"maxjax_native-{digest}.so"
+    texts = [path.read_text() for path in sorted(_SOURCES.glob("*.[ch]*"))]
+    digest = hashlib.sha256("\0".join(texts + [version, jax.__version__, _cpu_identity()]).encode()).hexdigest()
+    library = default_compile_cache_dir() / "native" / f"maxjax_kernels-{digest[:16]}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     partial = library.with_suffix(f".{os.getpid()}.partial")
-    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w",
                "-I", jax.ffi.include_dir(), *map(str, sources), "-o", str(partial)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     os.replace(partial, library)  # atomic: a concurrent process sees no half-written library
@@ -91,15 +109,10 @@ def _register(symbol: str, target: str) -> str | None:
     return target
 
 
-def available() -> bool:
-    """Whether the native kernels run here: the CPU backend, not disabled, and the library built (or cached)."""
-    return jax.default_backend() == "cpu" and enabled() and _library() is not None
-
-
 def ffi_target(symbol: str, target: str) -> str | None:
-    """The registered FFI target name of kernel ``symbol`` of the native library, building the library once per
-    process (and once per machine: see the module docstring); None on a non-CPU backend, when disabled, or when
-    it cannot be built."""
+    """The FFI target name under which kernel ``symbol`` is registered, building the library once per process
+    (and once per machine: see the module docstring); None on a non-CPU backend, when disabled, or when it
+    cannot be built."""
     if jax.default_backend() != "cpu" or not enabled():
         return None
     return _register(symbol, target)

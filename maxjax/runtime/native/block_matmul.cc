@@ -190,7 +190,6 @@ void PanelRows(const float* x, int64_t K, const Panel& panel, float* y, int64_t 
   }
 }
 
-// Chunks of panels of one product, run by the shared workers (workers.h).
 // Every row block of x times one panel.
 template <class Panel>
 void AllRows(const float* x, int64_t M, int64_t K, const Panel& panel, float* y, int64_t N) {
@@ -219,27 +218,22 @@ void Dequantize(const Panel& panel, int64_t K, float* w) {
   }
 }
 
-// Chunks of panels of one product, run by the shared workers (workers.h).
+// Panels [p0, p1) of one product: each panel times every row of x.
 template <class Panel>
-struct BlockWork : maxjax_native::Work {
-  const float* x; float* y;
-  const void* q; const uint16_t* scale; const uint16_t* min;
-  int64_t M, K, N, panels;
-
-  void RunChunk(int64_t c) override {
-    thread_local std::vector<float> dequantized;  // one panel, for more than one row block (prefill)
-    for (int64_t p = panels * c / chunks; p < panels * (c + 1) / chunks; ++p) {
-      const Panel panel = Panel::At(q, scale, min, K / kBlock, p);
-      if (M <= kRowBlock) {
-        AllRows(x, M, K, panel, y + p * kPanel, N);
-        continue;
-      }
-      dequantized.resize(K * kPanel);
-      Dequantize(panel, K, dequantized.data());
-      AllRows(x, M, K, DequantizedPanel{dequantized.data()}, y + p * kPanel, N);
+void Panels(const float* x, int64_t M, int64_t K, const void* q, const uint16_t* scale, const uint16_t* min,
+            float* y, int64_t N, int64_t p0, int64_t p1) {
+  thread_local std::vector<float> dequantized;  // one panel, for more than one row block (prefill)
+  for (int64_t p = p0; p < p1; ++p) {
+    const Panel panel = Panel::At(q, scale, min, K / kBlock, p);
+    if (M <= kRowBlock) {
+      AllRows(x, M, K, panel, y + p * kPanel, N);
+      continue;
     }
+    dequantized.resize(K * kPanel);
+    Dequantize(panel, K, dequantized.data());
+    AllRows(x, M, K, DequantizedPanel{dequantized.data()}, y + p * kPanel, N);
   }
-};
+}
 
 template <class Panel>
 ffi::Error Run(const ffi::Buffer<ffi::F32>& x, const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F16>& scale,
@@ -249,13 +243,16 @@ ffi::Error Run(const ffi::Buffer<ffi::F32>& x, const ffi::AnyBuffer& q, const ff
       sd[0] != qd[0] || sd[1] != qd[1] || sd[2] != kPanel || xd[1] != qd[1] * kBlock) {
     return ffi::Error::InvalidArgument("block_matmul: x [M, 32 B], q [P, B, step values, 32], scale [P, B, 32]");
   }
-  maxjax_native::Workers& workers = maxjax_native::Workers::Get();
-  BlockWork<Panel> work;
-  work.x = x.typed_data(); work.y = y->typed_data();
-  work.q = q.untyped_data(); work.scale = scale.typed_data(); work.min = min;
-  work.M = xd[0]; work.K = xd[1]; work.panels = qd[0]; work.N = qd[0] * kPanel;
-  work.chunks = std::min<int64_t>(work.panels, 4 * (workers.size() + 1));
-  if (work.M > 0) workers.Run(&work);
+  const float* xs = x.typed_data();
+  const void* qs = q.untyped_data();
+  const uint16_t* scales = scale.typed_data();
+  float* ys = y->typed_data();
+  const int64_t M = xd[0], K = xd[1], panels = qd[0], N = panels * kPanel;
+  if (M == 0) return ffi::Error::Success();
+  const int64_t chunks = maxjax::ChunkCount(panels);
+  maxjax::ParallelFor(chunks, [&](int64_t c) {
+    Panels<Panel>(xs, M, K, qs, scales, min, ys, N, panels * c / chunks, panels * (c + 1) / chunks);
+  });
   return ffi::Error::Success();
 }
 

@@ -1,7 +1,8 @@
-// Worker threads shared by every native kernel of the library (one pool per process: the kernels are built
-// into one shared library, so two kernels never spin two pools against each other on the same cores).
-#pragma once
+// Worker threads shared by maxjax's native kernels, and `ParallelFor` to spread a kernel's chunks over them.
+#ifndef MAXJAX_NATIVE_WORKERS_H_
+#define MAXJAX_NATIVE_WORKERS_H_
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -13,21 +14,20 @@
 #include <sched.h>
 #endif
 
-namespace maxjax_native {
+namespace maxjax {
 
-// A product split into chunks claimed from a shared counter by the caller and by the workers. The caller can
-// finish every chunk alone, so a worker that starts late (or never) only finds nothing left.
+// Chunks claimed from a shared counter by the caller and by the workers. The caller can finish every chunk
+// alone, so a worker that starts late (or never) only finds nothing left.
 struct Work {
-  int64_t chunks = 0;
+  void (*call)(const void* fn, int64_t chunk);
+  const void* fn;
+  int64_t chunks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
-  virtual ~Work() = default;
-  virtual void RunChunk(int64_t chunk) = 0;
-
   void Run() {
     for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      RunChunk(c);
+      call(fn, c);
       done.fetch_add(1);
     }
   }
@@ -41,7 +41,7 @@ inline void Pause() {
 #endif
 }
 
-// Worker threads that spin for a while after each product before they sleep. Why not XLA's intra-op pool
+// Worker threads that spin for a while after each job before they sleep. Why not XLA's intra-op pool
 // (ffi::ThreadPool): waking a sleeping pool thread costs tens of microseconds, as long as a small product
 // itself, and a decode step runs ~120 of them back to back with short kernels in between.
 class Workers {
@@ -55,7 +55,7 @@ class Workers {
   // Runs `work` on the caller and the workers; returns when every chunk is done and no worker holds `work`.
   void Run(Work* work) {
     std::unique_lock<std::mutex> serial(run_mutex_, std::try_to_lock);
-    if (!serial.owns_lock()) {  // another product is running (XLA ran two at once): this one alone
+    if (!serial.owns_lock()) {  // another job is running (XLA ran two kernels at once): this one alone
       work->Run();
       return;
     }
@@ -109,4 +109,21 @@ class Workers {
   std::atomic<int> sleeping_{0}, active_{0};
 };
 
-}  // namespace maxjax_native
+// fn(chunk) for every chunk in [0, chunks), on the caller and the workers.
+template <typename F>
+void ParallelFor(int64_t chunks, const F& fn) {
+  Work work;
+  work.call = [](const void* f, int64_t chunk) { (*static_cast<const F*>(f))(chunk); };
+  work.fn = &fn;
+  work.chunks = chunks;
+  Workers::Get().Run(&work);
+}
+
+// How many chunks to cut a job into: a few per thread, so a late worker still gets a share.
+inline int64_t ChunkCount(int64_t units) {
+  return std::min<int64_t>(units, 4 * (Workers::Get().size() + 1));
+}
+
+}  // namespace maxjax
+
+#endif  // MAXJAX_NATIVE_WORKERS_H_

@@ -4,13 +4,15 @@ file, measured alternately in one process; and the products alone, one matrix st
     python benchmarks/bench_quantized.py                 # SmolLM2's Q4_1 file: decode tok/s at batch 1 and 8
     python benchmarks/bench_quantized.py --matmul        # the products only: 30 x [3072, 576] Q4_1, [49152, 576] Q8_0
     python benchmarks/bench_quantized.py --matmul --quick  # tiny shapes (used by the test suite)
+    python benchmarks/bench_quantized.py --xla-blocks    # + kept blocks without the native kernel (XLA's products)
 
 Decode tokens/s as ``bench_generate.py`` counts them (``B * (N - 1) / (T(N tokens) - T(1 token))``, greedy,
 every row generating exactly ``--new-tokens``), each system timed in turn within every repeat so a busy
 machine slows all alike; medians. llama.cpp (``llamacpp_peer.py``) runs only when llama-cpp-python is
 installed. ``--matmul`` times ``block_matmul`` (on the CPU: chunks of output channels, 4-bit ones as two
-half-dots) and the whole matrix dequantized then dotted (the accelerator form) against the float32 dot of the
-same weights, per call: wall and process CPU time (CPU time is steadier on a loaded machine).
+half-dots), the native kernel on the same blocks repacked (``block_panels``, when it can be built) and the
+whole matrix dequantized then dotted (the accelerator form) against the float32 dot of the same weights, per
+call: wall and process CPU time (CPU time is steadier on a loaded machine).
 """
 
 from __future__ import annotations
@@ -63,19 +65,27 @@ def bench_matmul(batches: list[int], repeats: int, quick: bool) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
+    from maxjax.architectures import block_panels
     from maxjax.architectures.quantized import block_matmul, dequantize_blocks
 
-    def over_layers(product):  # one product per layer of the stack, as the decoder's layer loop runs them
-        return jax.jit(lambda x, ws: jax.lax.scan(lambda c, w: (c, product(x, w)), 0, ws)[1])
+    def over_layers(product):  # one product per layer, unrolled over unstacked weights as the serving decoder runs
+        return jax.jit(lambda x, ws: jnp.stack([product(x, w) for w in ws]))  # (a scan would copy each layer's slice)
+
+    def unstack(tree):
+        return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(jax.tree.leaves(tree)[0].shape[0])]
 
     rows = []
     for label, w, d in matmul_stacks(quick):
-        dense = jax.jit(jax.vmap(dequantize_blocks))(w)  # [L, O, D] float32: the same weights, dequantized
+        dense = unstack(jax.jit(jax.vmap(dequantize_blocks))(w))  # [O, D] float32 per layer: the same weights
         for batch in batches:
             x = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, d)).astype(np.float32))
             forms = {"float32 dot": (over_layers(lambda x, w: jnp.einsum("nd,od->no", x, w)), dense),
-                     "block_matmul": (over_layers(block_matmul), w),  # CPU: chunks, 4-bit as two half-dots
-                     "dequantize + dot": (over_layers(functools.partial(block_matmul, chunk_elements=1 << 40)), w)}
+                     "block_matmul": (over_layers(block_matmul), unstack(w)),  # CPU: chunks, 4-bit as two half-dots
+                     "dequantize + dot": (over_layers(functools.partial(block_matmul, chunk_elements=1 << 40)),
+                                          unstack(w))}
+            if block_panels.native.ffi_target(*block_panels.Q4_TARGET) is not None:
+                forms["native kernel"] = (over_layers(block_panels.block_panel_matmul),
+                                          [block_panels.pack(layer) for layer in unstack(w)])
             compiled = {k: (f.lower(x, a).compile(), a) for k, (f, a) in forms.items()}
             expected = np.asarray(compiled["float32 dot"][0](x, dense))
             for name, (c, a) in compiled.items():  # every form computes the same product
@@ -89,6 +99,7 @@ def bench_matmul(batches: list[int], repeats: int, quick: bool) -> list[dict]:
 
 
 def bench_decode(args) -> None:
+    from maxjax.runtime import native
     from maxjax.weights.sources import default_gguf
 
     gguf = Path(args.model) if args.model else default_gguf()
@@ -100,6 +111,10 @@ def bench_decode(args) -> None:
                   max_logprobs=1)
     systems = {"maxjax float32": MaxjaxRunner(gguf, fields).generate,
                "maxjax quantize=gguf": MaxjaxRunner(gguf, dict(fields, quantize="gguf")).generate}
+    if args.xla_blocks:  # the same kept blocks, loaded with the native kernels off: XLA's chunked products
+        previous, os.environ[native.ENABLE_ENV] = os.environ.get(native.ENABLE_ENV), "0"
+        systems["maxjax quantize=gguf, XLA blocks"] = MaxjaxRunner(gguf, dict(fields, quantize="gguf")).generate
+        os.environ.pop(native.ENABLE_ENV) if previous is None else os.environ.update({native.ENABLE_ENV: previous})
     vocab = 256 if args.quick else 49152
     try:
         from llamacpp_peer import LlamaCppRunner, llamacpp_available
@@ -131,6 +146,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (no meaningful figures)")
+    parser.add_argument("--xla-blocks", action="store_true",
+                        help="also time the kept blocks without the native kernel")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.prompt_len, args.new_tokens, args.num_steps = 1, 8, 4, 2

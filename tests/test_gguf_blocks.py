@@ -142,11 +142,13 @@ def test_quantized_gguf_model_equals_the_float_forward_of_its_dequantized_weight
 
 def test_serving_runtime_on_kept_blocks_matches_float_and_never_recompiles(tiny_gguf):
     from maxjax.architectures import llama
+    from maxjax.architectures.block_panels import Q4_TARGET, is_block_panels
     from maxjax.context import TextContext
     from maxjax.interfaces import SamplingParams, TextGenerationInputs
     from maxjax.pipelines.text import TextGenerationPipeline
     from maxjax.runtime.compile_cache import compile_count
     from maxjax.runtime.config import RuntimeConfig
+    from maxjax.runtime import native
     from maxjax.runtime.engine import Engine
     from maxjax.models import load_model
 
@@ -157,6 +159,9 @@ def test_serving_runtime_on_kept_blocks_matches_float_and_never_recompiles(tiny_
         model = load_model(tiny_gguf, tokenizer=False, quantize=quantize)
         pipe = TextGenerationPipeline(Engine(llama, model.config, model.params,
                                              RuntimeConfig(quantize=quantize, **runtime)))
+        if quantize and native.ffi_target(*Q4_TARGET):  # on the CPU the fused Q4_0 / Q4_1 weights run the native kernel
+            layer = pipe.engine.params["layers"][0]
+            assert is_block_panels(layer["wqkv"]) and is_block_panels(layer["w_gate_up"])
         pipe.warmup()
         before = compile_count()
         rng = np.random.default_rng(2)
@@ -177,7 +182,11 @@ def test_serving_runtime_on_kept_blocks_matches_float_and_never_recompiles(tiny_
 @pytest.mark.slow
 def test_smollm2_kept_quantized_equals_its_dequantized_float_forward(smollm2_gguf):
     """The real Q4_1 file (its embedding Q8_0): logits of the kept blocks vs the float forward of the same
-    file dequantized by the gguf package; device bytes vs the file's tensor bytes."""
+    file dequantized by the gguf package, by XLA's block products and (on the CPU) through the serving layout's
+    native kernel (every layer weight and the tied output projection repacked); device bytes vs the file's."""
+    import dataclasses
+
+    from maxjax.architectures import block_panels, llama
     from maxjax.models import load_model
     from maxjax.weights.gguf_file import open_gguf
 
@@ -193,3 +202,13 @@ def test_smollm2_kept_quantized_equals_its_dequantized_float_forward(smollm2_ggu
     print(f"max abs logit diff: {np.abs(got - want).max():.2e} (logits up to {np.abs(want).max():.1f})")
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+    runtime = llama.runtime_params(kept.params)
+    if block_panels.native.ffi_target(*block_panels.Q4_TARGET) is None:
+        return  # no C++ compiler: tests/test_block_panels.py says so
+    packed = [block_panels.is_block_panels(w) for layer in runtime["layers"] for w in layer.values() if isinstance(w, dict)]
+    assert len(packed) == 4 * kept.config.num_layers and all(packed) and block_panels.is_block_panels(runtime["lm_head"])
+    native = dataclasses.replace(kept, params=runtime).logits(ids)
+    print(f"max abs logit diff, native kernel: {np.abs(native - want).max():.2e}")
+    np.testing.assert_allclose(native, want, atol=2e-4, rtol=0)
+    assert (native.argmax(-1) == want.argmax(-1)).all()

@@ -42,6 +42,7 @@ from maxjax.architectures.attention import (attention, attention_mask, decode_at
                                             reads_cache_in_place, softcap, visible_keys,
                                             with_new_key, write_cache, write_cache_layers)
 from maxjax.architectures.lora import lora_delta
+from maxjax.architectures.block_panels import pack_block_weights
 from maxjax.architectures.quantized import (concat_outputs, embed_lookup, embed_matmul, is_blocks, is_quantized,
                                                 linear)
 from maxjax.architectures.rope import apply_rope, rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
@@ -277,12 +278,13 @@ def untie_output(params: Params) -> Params:
 def runtime_params(params: Params) -> Params:
     """The layout the serving engine runs: fused projections, unstacked layers (decode and prefill unroll them
     and read weights in place; a scan stacks them inside its program, a copy of the weights per call), a
-    tied embedding's output projection transposed (`untie_output`), and on the CPU float32 weights packed
-    for the native matmul (`panels.pack_linear_weights`)."""
+    tied embedding's output projection transposed (`untie_output`), and on the CPU float32 weights and GGUF
+    Q4_0/Q4_1/Q8_0 blocks packed for the native kernels (`panels.pack_linear_weights`,
+    `pack_block_weights`)."""
     params = untie_output(fuse_projections(params))
     if not isinstance(params["layers"], (list, tuple)):
         params = unstack_layers(params)
-    return panels.pack_linear_weights(params, LINEAR_WEIGHTS)
+    return pack_block_weights(panels.pack_linear_weights(params, LINEAR_WEIGHTS), LINEAR_WEIGHTS)
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:

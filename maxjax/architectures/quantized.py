@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxjax.architectures.block_panels import block_panel_matmul, is_block_panels
 from maxjax.architectures.panels import is_panels, panel_matmul
 
 CHUNK_ELEMENTS = 1 << 17  # int8 weights converted per loop step on CPU (measured best of 16K..4M on SmolLM2)
@@ -192,9 +193,12 @@ def concat_outputs(weights: list[Any], cat) -> Any:
 
 
 def linear(x: jax.Array, w: Any) -> jax.Array:
-    """x @ w for a float [D, O] weight, an int8 one, a GGUF block one or a panel-packed one (``panels``)."""
+    """x @ w for a float [D, O] weight, an int8 one, a GGUF block one or a panel-packed one (``panels``,
+    ``block_panels``)."""
     if is_panels(w):
         return panel_matmul(x, w)
+    if is_block_panels(w):
+        return block_panel_matmul(x, w)
     if is_blocks(w):
         return block_matmul(x, w)
     return int8_matmul(x, w) if is_quantized(w) else x @ w

@@ -2,7 +2,6 @@
 numpy of the gguf package's dequantized weights, and the serving layout that packs kept blocks for it. The real
 SmolLM2 Q4_1 file through that layout: tests/test_gguf_blocks.py."""
 
-import dataclasses
 import functools
 import os
 

@@ -197,7 +197,7 @@ def test_unstacked_layers_give_the_same_logits(params):
 def test_runtime_layout_of_a_tied_model_reads_a_transposed_output_projection(monkeypatch):
     """The serving layout keeps the tied embedding for lookups and adds its [D, V] transpose for the logits (a
     faster XLA CPU dot); logits stay those of the tied model, and quantized embeddings are left tied. (Without
-    the native kernels, whose panel packing of the same copy `tests/test_panels.py` covers.)"""
+    the native kernels, whose panel packing of the same copy `tests/test_native_kernels.py` covers.)"""
     from maxjax.runtime import native
     from maxjax.weights.quantize import quantize_params, weight_bytes
 
@@ -223,7 +223,7 @@ def test_runtime_layout_packs_float32_weights_for_the_native_matmul():
     from maxjax.architectures import panels
 
     if panels.native.ffi_target(*panels.TARGET) is None:
-        pytest.skip("no C++ compiler: the native matmul is unavailable (tests/test_panels.py says why)")
+        pytest.skip("no C++ compiler: the native matmul is unavailable (tests/test_native_kernels.py says why)")
     cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
     params = llama.init_params(cfg, jax.random.key(4))
     runtime = llama.runtime_params(params)

@@ -98,7 +98,7 @@ def test_bench_quantized_matmul_quick():
     main = runpy.run_path(str(SCRIPT.with_name("bench_quantized.py")))["main"]
     rows = main(["--matmul", "--quick"])
     assert [(r["shape"].split()[-1], r["batch"]) for r in rows] == [("Q4_1", 1), ("Q4_1", 8), ("Q8_0", 1), ("Q8_0", 8)]
-    forms = {"float32 dot", "block_matmul", "dequantize + dot"} | ({"native kernel"} if block_panels.native.ffi_target(*block_panels.Q4_TARGET) else set())
+    forms = {"float32 dot", "block_matmul", "dequantize + dot"} | ({"native kernel"} if block_panels.native.ffi_target(block_panels.Q4_TARGET) else set())
     for r in rows:
         assert set(r["times"]) == forms
         assert all(wall > 0 for wall, _ in r["times"].values())

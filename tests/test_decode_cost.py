@@ -45,7 +45,7 @@ def test_decode_kernels_per_step_stay_under_their_bounds(monkeypatch, native_ker
     """Counted as bench_generate.py counts them: the program built for 2 and 3 layers, with XLA ops only and
     with the native CPU kernels."""
     monkeypatch.setenv(native.ENABLE_ENV, native_kernels)
-    if native_kernels == "1" and native.ffi_target(*panels.TARGET) is None:
+    if native_kernels == "1" and native.ffi_target(panels.TARGET) is None:
         pytest.skip("no C++ compiler: the native kernels are unavailable")
     split = runpy.run_path(str(BENCH))["layer_split"](_engine(3), *SHAPE)
     two, three = split["profiles"]

@@ -159,7 +159,7 @@ def test_serving_runtime_on_kept_blocks_matches_float_and_never_recompiles(tiny_
         model = load_model(tiny_gguf, tokenizer=False, quantize=quantize)
         pipe = TextGenerationPipeline(Engine(llama, model.config, model.params,
                                              RuntimeConfig(quantize=quantize, **runtime)))
-        if quantize and native.ffi_target(*Q4_TARGET):  # on the CPU the fused Q4_0 / Q4_1 weights run the native kernel
+        if quantize and native.ffi_target(Q4_TARGET):  # on the CPU the fused Q4_0 / Q4_1 weights run the native kernel
             layer = pipe.engine.params["layers"][0]
             assert is_block_panels(layer["wqkv"]) and is_block_panels(layer["w_gate_up"])
         pipe.warmup()
@@ -204,7 +204,7 @@ def test_smollm2_kept_quantized_equals_its_dequantized_float_forward(smollm2_ggu
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
     runtime = llama.runtime_params(kept.params)
-    if block_panels.native.ffi_target(*block_panels.Q4_TARGET) is None:
+    if block_panels.native.ffi_target(block_panels.Q4_TARGET) is None:
         return  # no C++ compiler: tests/test_block_panels.py says so
     packed = [block_panels.is_block_panels(w) for layer in runtime["layers"] for w in layer.values() if isinstance(w, dict)]
     assert len(packed) == 4 * kept.config.num_layers and all(packed) and block_panels.is_block_panels(runtime["lm_head"])

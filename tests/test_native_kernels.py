@@ -17,7 +17,7 @@ from maxjax.runtime import native
 
 @pytest.fixture(scope="module")
 def kernel():
-    if panels.native.ffi_target(*panels.TARGET) is None:
+    if panels.native.ffi_target(panels.TARGET) is None:
         if os.environ.get("CI"):
             pytest.fail("the native matmul could not be built (is there a C++ compiler?)")
         pytest.skip("no C++ compiler: the native matmul is unavailable")

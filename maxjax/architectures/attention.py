@@ -147,13 +147,13 @@ def with_new_key(keys: jax.Array, values: jax.Array, mask: jax.Array, positions:
     return keys, values, jnp.concatenate([mask, (positions >= 0)[:, :, None]], axis=-1)  # [B, 1, S + 1]
 
 
-DECODE_ATTENTION_TARGET = ("MaxjaxDecodeAttention", "maxjax_decode_attention")  # (library symbol, FFI name)
+DECODE_ATTENTION_TARGET = "maxjax_decode_attention"  # FFI target (maxjax.runtime.native.KERNELS)
 
 
 def reads_cache_in_place(cache: Any, dtype: Any) -> bool:
     """Whether `decode_attention_in_place` can serve a decode step: float32 on the CPU with the native kernels."""
     return (cache.k.dtype == jnp.float32 and dtype == jnp.float32
-            and native.ffi_target(*DECODE_ATTENTION_TARGET) is not None)
+            and native.ffi_target(DECODE_ATTENTION_TARGET) is not None)
 
 
 def decode_attention_in_place(q: jax.Array, cache: Any, layer: int, slots: jax.Array, positions: jax.Array,
@@ -163,11 +163,11 @@ def decode_attention_in_place(q: jax.Array, cache: Any, layer: int, slots: jax.A
     `hide_current`) and each row's new k, v [B, 1, KVH, Dh], as `with_new_key` + `attention` compute it, by the
     native kernel (``runtime/native/decode_attention.cc``) that reads the cache where it is: the XLA form first
     copies every row's keys and values out of it. -> [B, 1, H, Dh]."""
-    native.ffi_target(*DECODE_ATTENTION_TARGET)  # registered by `reads_cache_in_place`; a no-op then
+    native.ffi_target(DECODE_ATTENTION_TARGET)  # registered by `reads_cache_in_place`; a no-op then
     B, _, H, Dh = q.shape
     KVH = k.shape[2]
     visible = jnp.concatenate([mask[:, 0], positions >= 0], axis=-1)  # [B, S + 1]: the new key last
-    out = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET[1], jax.ShapeDtypeStruct((B, H, Dh), jnp.float32))(
+    out = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct((B, H, Dh), jnp.float32))(
         q.reshape(B, H, Dh), cache.k, cache.v, slots.astype(jnp.int32), visible, k.reshape(B, KVH, Dh),
         v.reshape(B, KVH, Dh), layer=np.int64(layer), scale=np.float32(Dh ** -0.5 if scale is None else scale),
         softcap=np.float32(logit_cap or 0.0))

@@ -25,8 +25,8 @@ from maxjax.runtime import native
 
 PANEL = 32  # output channels per panel
 BLOCK = 32  # values per GGUF block
-Q4_TARGET = ("MaxjaxQ4Matmul", "maxjax_q4_matmul")  # symbol in the native library, FFI name
-Q8_TARGET = ("MaxjaxQ8Matmul", "maxjax_q8_matmul")
+Q4_TARGET = "maxjax_q4_matmul"  # FFI targets (maxjax.runtime.native.KERNELS)
+Q8_TARGET = "maxjax_q8_matmul"
 _F16_MAX_SCALE = 8191.0  # Q4_0: -8 * scale must stay finite in float16
 
 
@@ -82,7 +82,7 @@ def pack_block_weights(params: dict[str, Any], names: tuple[str, ...]) -> dict[s
     """Every packable block weight named in ``names`` (per layer) and the output projection packed, when the
     native kernel is available; a tied block embedding gets a packed copy as "lm_head" for the logits (lookups
     keep reading the embedding). Else params unchanged."""
-    if native.ffi_target(*Q4_TARGET) is None or native.ffi_target(*Q8_TARGET) is None:
+    if native.ffi_target(Q4_TARGET) is None or native.ffi_target(Q8_TARGET) is None:
         return params
     def pack_layer(layer: dict) -> dict:
         return {k: pack(v) if k in names and packable(v) else v for k, v in layer.items()}
@@ -97,8 +97,8 @@ def block_panel_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
     """x [..., D] @ W.T -> [..., O] float32 for a packed block weight, by the native kernel."""
     q = w["block_panels"]
     target, operands = (Q8_TARGET, (q, w["scale"])) if q.dtype == jnp.int8 else (Q4_TARGET, (q, w["scale"], w["min"]))
-    native.ffi_target(*target)  # registered when the weights were packed; a no-op then
+    native.ffi_target(target)  # registered when the weights were packed; a no-op then
     rows = x.reshape(-1, q.shape[1] * BLOCK).astype(jnp.float32)
-    out = jax.ffi.ffi_call(target[-1], jax.ShapeDtypeStruct((rows.shape[0], q.shape[0] * PANEL), jnp.float32))(
+    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], q.shape[0] * PANEL), jnp.float32))(
         rows, *operands)
     return out.reshape(*x.shape[:-1], q.shape[0] * PANEL)

@@ -18,7 +18,7 @@ import numpy as np
 from maxjax.runtime import native
 
 PANEL = 32
-TARGET = ("MaxjaxPanelMatmul", "maxjax_panel_matmul")  # (library symbol, FFI target name)
+TARGET = "maxjax_panel_matmul"  # FFI target (maxjax.runtime.native.KERNELS)
 
 
 def is_panels(w: Any) -> bool:
@@ -48,7 +48,7 @@ def packable(w: Any) -> bool:
 def pack_linear_weights(params: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     """Every packable weight named in ``names`` (per layer) and the output projection "lm_head" packed, when
     the native kernel is available (CPU backend, a C++ compiler, not disabled); else params unchanged."""
-    if native.ffi_target(*TARGET) is None:
+    if native.ffi_target(TARGET) is None:
         return params
     def pack_layer(layer: dict) -> dict:
         return {k: pack(v) if k in names and packable(v) else v for k, v in layer.items()}
@@ -60,10 +60,10 @@ def pack_linear_weights(params: dict[str, Any], names: tuple[str, ...]) -> dict[
 
 def panel_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
     """x [..., K] @ the packed weight -> [..., N] float32, by the native kernel."""
-    native.ffi_target(*TARGET)  # registered when the weights were packed; a no-op then
+    native.ffi_target(TARGET)  # registered when the weights were packed; a no-op then
     panels = w["panels"]
     count, k, width = panels.shape
     rows = x.reshape(-1, k).astype(jnp.float32)
-    out = jax.ffi.ffi_call(TARGET[1], jax.ShapeDtypeStruct((rows.shape[0], count * width), jnp.float32))(
+    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], count * width), jnp.float32))(
         rows, panels)
     return out.reshape(*x.shape[:-1], count * width)

@@ -87,6 +87,16 @@ def _build(compiler: str) -> Path:
     return library
 
 
+# Every kernel of the library: FFI target name -> exported symbol. All are registered when the library loads,
+# so that a program deserialized by a warm start (``program_store``) finds every target it calls, traced or not.
+KERNELS = {
+    "maxjax_panel_matmul": "MaxjaxPanelMatmul",
+    "maxjax_decode_attention": "MaxjaxDecodeAttention",
+    "maxjax_q4_matmul": "MaxjaxQ4Matmul",
+    "maxjax_q8_matmul": "MaxjaxQ8Matmul",
+}
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     compiler = _compiler()
@@ -94,25 +104,19 @@ def _library() -> ctypes.CDLL | None:
         log.info("no C++ compiler found: native kernels unavailable, XLA ops are used instead")
         return None
     try:
-        return ctypes.cdll.LoadLibrary(str(_build(compiler)))
+        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("native kernels unavailable, XLA ops are used instead: %s", err)
         return None
+    for target, symbol in KERNELS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return library
 
 
-@functools.cache
-def _register(symbol: str, target: str) -> str | None:
-    library = _library()
-    if library is None:
+def ffi_target(target: str) -> str | None:
+    """``target`` (a key of `KERNELS`) when the native kernels can serve this process, building and registering
+    the library once per process (and building it once per machine: see the module docstring); None on a
+    non-CPU backend, when disabled, or when it cannot be built."""
+    if jax.default_backend() != "cpu" or not enabled() or _library() is None:
         return None
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return target
-
-
-def ffi_target(symbol: str, target: str) -> str | None:
-    """The FFI target name under which kernel ``symbol`` is registered, building the library once per process
-    (and once per machine: see the module docstring); None on a non-CPU backend, when disabled, or when it
-    cannot be built."""
-    if jax.default_backend() != "cpu" or not enabled():
-        return None
-    return _register(symbol, target)

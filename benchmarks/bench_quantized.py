@@ -84,7 +84,7 @@ def bench_matmul(batches: list[int], repeats: int, quick: bool) -> list[dict]:
                      "block_matmul": (over_layers(block_matmul), unstack(w)),  # CPU: chunks, 4-bit as two half-dots
                      "dequantize + dot": (over_layers(functools.partial(block_matmul, chunk_elements=1 << 40)),
                                           unstack(w))}
-            if block_panels.native.ffi_target(*block_panels.Q4_TARGET) is not None:
+            if block_panels.native.ffi_target(block_panels.Q4_TARGET) is not None:
                 forms["native kernel"] = (over_layers(block_panels.block_panel_matmul),
                                           [block_panels.pack(layer) for layer in unstack(w)])
             compiled = {k: (f.lower(x, a).compile(), a) for k, (f, a) in forms.items()}

@@ -19,6 +19,7 @@ wall time around the same program (placing the row, sampling inputs, the device-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import re
@@ -203,9 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, params in variants.items():
             engine.params = params
             jax.clear_caches()  # the engine's jit would reuse the other variant's trace
-            os.environ[native.ENABLE_ENV] = "0" if name == A else "1"  # read while tracing (decode attention)
-            programs[name] = engine.lower("decode", (batch, args.span)).compile()
-        os.environ.pop(native.ENABLE_ENV)
+            with native.disabled() if name == A else contextlib.nullcontext():  # read while tracing (attention)
+                programs[name] = engine.lower("decode", (batch, args.span)).compile()
         engine.params = variants[B]
 
         def runner(name):

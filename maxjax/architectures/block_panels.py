@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxjax.architectures import panels
 from maxjax.runtime import native
 
 PANEL = 32  # output channels per panel
@@ -84,13 +85,7 @@ def pack_block_weights(params: dict[str, Any], names: tuple[str, ...]) -> dict[s
     keep reading the embedding). Else params unchanged."""
     if native.ffi_target(Q4_TARGET) is None or native.ffi_target(Q8_TARGET) is None:
         return params
-    def pack_layer(layer: dict) -> dict:
-        return {k: pack(v) if k in names and packable(v) else v for k, v in layer.items()}
-    out = dict(params, layers=[pack_layer(layer) for layer in params["layers"]])
-    output = params.get("lm_head", params["embed"])  # no "lm_head": tied
-    if packable(output):
-        out["lm_head"] = pack(output)
-    return out
+    return panels.pack_weights(params, names, packable, pack, params.get("lm_head", params["embed"]))  # tied: embed
 
 
 def block_panel_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:

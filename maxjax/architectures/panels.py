@@ -9,7 +9,7 @@ Only on the CPU backend, for float32 weights whose N is a multiple of 32; everyt
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,17 +45,25 @@ def packable(w: Any) -> bool:
             and w.shape[1] % PANEL == 0)
 
 
+def pack_weights(params: dict[str, Any], names: tuple[str, ...], packable: Callable[[Any], bool],
+                 pack: Callable[[Any], dict], output: Any) -> dict[str, Any]:
+    """Params with every per-layer weight named in ``names`` that ``packable`` accepts replaced by ``pack(w)``,
+    and "lm_head" by ``pack(output)`` when it is packable: the one load-time walk both native weight formats
+    (float panels here, GGUF block panels) share."""
+    def pack_layer(layer: dict) -> dict:
+        return {k: pack(v) if k in names and packable(v) else v for k, v in layer.items()}
+    out = dict(params, layers=[pack_layer(layer) for layer in params["layers"]])
+    if packable(output):
+        out["lm_head"] = pack(output)
+    return out
+
+
 def pack_linear_weights(params: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     """Every packable weight named in ``names`` (per layer) and the output projection "lm_head" packed, when
     the native kernel is available (CPU backend, a C++ compiler, not disabled); else params unchanged."""
     if native.ffi_target(TARGET) is None:
         return params
-    def pack_layer(layer: dict) -> dict:
-        return {k: pack(v) if k in names and packable(v) else v for k, v in layer.items()}
-    out = dict(params, layers=[pack_layer(layer) for layer in params["layers"]])
-    if packable(params.get("lm_head")):
-        out["lm_head"] = pack(params["lm_head"])
-    return out
+    return pack_weights(params, names, packable, pack, params.get("lm_head"))
 
 
 def panel_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:

@@ -1,5 +1,5 @@
 """The native CPU kernels (``maxjax/runtime/native``): the panel matmul against float64 numpy, the in-place
-decode attention against the XLA form, and how maxjax falls back to XLA's ops without them. The serving layout
+decode attention and the chunk attention against the XLA form, and how maxjax falls back to XLA's ops without them. The serving layout
 that packs weights for the matmul: tests/test_llama.py."""
 
 import os
@@ -79,9 +79,43 @@ def test_decode_attention_in_place_matches_the_xla_form(kernel, heads, kv_heads,
     mask = attention.hide_current(attention.attention_mask(positions, span, None), positions)  # [B, 1, S]
     keys, values = cache.k[1, slots, :, :span], cache.v[1, slots, :, :span]
     keys, values, full_mask = attention.with_new_key(keys, values, mask, positions, k, v)
-    expected = attention.attention(q, keys, values, full_mask, scale, cap)
+    with native.disabled():
+        expected = attention.attention(q, keys, values, full_mask, scale, cap)
     got = jax.jit(attention.decode_attention_in_place, static_argnums=(2, 8, 9))(
         q, cache, 1, slots, positions, mask, k, v, scale, cap)
     np.testing.assert_allclose(np.asarray(got)[:3], np.asarray(expected)[:3], atol=2e-6, rtol=0)
     assert np.isfinite(np.asarray(got)).all()  # the padding row too
 
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, span, chunk, scale", [
+    (9, 3, 64, 512, 512, None),  # SmolLM2's heads: a whole-prompt prefill chunk
+    (4, 2, 80, 77, 37, 0.3),     # a span and a chunk that are not whole tiles, Dh not a multiple of 32
+    (2, 2, 128, 40, 1, None),    # one query
+])
+def test_chunk_attention_matches_the_xla_form(kernel, heads, kv_heads, head_dim, span, chunk, scale):
+    """Prefill chunks that end their span (the causal prefix skipped per query tile), one row's chunk with
+    padding queries (position -1: sees nothing, the uniform average of all S values) and a row under a random
+    mask: the same output as XLA's form over the whole span."""
+    rng = np.random.default_rng(span + chunk)
+    B = 3
+    q = jnp.asarray(rng.standard_normal((B, chunk, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, kv_heads, span, head_dim)), jnp.float32) for _ in range(2))
+    positions = np.broadcast_to(np.arange(span - chunk, span, dtype=np.int32), (B, chunk)).copy()
+    positions[1, chunk // 2:] = -1
+    mask = np.array(attention.attention_mask(jnp.asarray(positions), span, None))
+    mask[2] = rng.random((chunk, span)) < 0.3
+    with native.disabled():
+        expected = attention.attention(q, k, v, jnp.asarray(mask), scale)
+    got = jax.jit(attention.attention, static_argnums=(4, 5, 6))(q, k, v, jnp.asarray(mask), scale, None, True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)  # summation order
+    assert "maxjax_chunk_attention" in jax.jit(attention.attention, static_argnums=(4, 5, 6)).lower(
+        q, k, v, jnp.asarray(mask), scale, None, True).as_text()
+
+
+def test_soft_capped_attention_keeps_the_xla_form(kernel):
+    q = jnp.zeros((1, 4, 2, 16), jnp.float32)
+    k = v = jnp.zeros((1, 2, 8, 16), jnp.float32)
+    mask = jnp.ones((1, 4, 8), bool)
+    text = jax.jit(attention.attention, static_argnums=(4, 5)).lower(q, k, v, mask, None, 5.0).as_text()
+    assert "maxjax_chunk_attention" not in text

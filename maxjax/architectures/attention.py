@@ -79,6 +79,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     position <= S - T + t, so a block of queries ending at t never sees keys past S - T + t: each block
     attends over that causal prefix only (a 512-token chunk over its 512 span computes 5/8 of the scores).
     """
+    if logit_cap is None and _attends_natively(q, k, v):
+        return chunk_attention_native(q, k, v, mask, scale)
     T, S = q.shape[1], k.shape[2]
     block = CAUSAL_BLOCK if end_aligned else QUERY_BLOCK
     if T > block and T % block == 0 and (end_aligned or T * S > _BLOCKED_SCORES):
@@ -96,11 +98,8 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale:
     """`attention` over all of q's queries at once."""
     B, T, H, Dh = q.shape
     KVH = k.shape[1]
-    # The scale on q (a pass over [T, H, Dh], folded into q's rope) rather than on the [T, S] scores; multiplied
-    # in at least float32, so a bfloat16 q is rounded once, not scaled by a rounded scale.
     score_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    q = (q * jnp.asarray(1 / math.sqrt(Dh) if scale is None else scale, score_dtype)).astype(q.dtype)
-    q = q.reshape(B, T, KVH, H // KVH, Dh)  # [B, T, KVH, G, Dh]
+    q = _scaled(q, scale).reshape(B, T, KVH, H // KVH, Dh)  # [B, T, KVH, G, Dh]
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(score_dtype)  # [B, KVH, G, T, S]
     scores = softcap(scores, logit_cap)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
@@ -113,6 +112,33 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale:
     out = jnp.einsum("bkgts,bksd->bkgtd", weights.astype(v.dtype), v)  # [B, KVH, G, T, Dh]
     out = (out / total.astype(out.dtype)).transpose(0, 3, 1, 2, 4)  # [B, T, KVH, G, Dh]
     return out.reshape(B, T, H, Dh)
+
+
+def _scaled(q: jax.Array, scale: float | None) -> jax.Array:
+    """q times the score scale (default 1/sqrt(Dh)): a pass over [T, H, Dh], folded into q's rope, rather than one
+    over the [T, S] scores; multiplied in at least float32, so a bfloat16 q is rounded once."""
+    score_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    return (q * jnp.asarray(1 / math.sqrt(q.shape[-1]) if scale is None else scale, score_dtype)).astype(q.dtype)
+
+
+CHUNK_ATTENTION_TARGET = "maxjax_chunk_attention"  # FFI target (maxjax.runtime.native.KERNELS)
+
+
+def _attends_natively(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Whether `chunk_attention_native` can serve `attention`: float32 with the native kernels (CPU, one
+    device: mesh programs are traced with them disabled) and a head size the kernel's vectors divide."""
+    return (q.dtype == k.dtype == v.dtype == jnp.float32 and q.shape[-1] % 16 == 0
+            and native.ffi_target(CHUNK_ATTENTION_TARGET) is not None)
+
+
+def chunk_attention_native(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                           scale: float | None) -> jax.Array:
+    """`attention` without a soft cap by the native kernel (``runtime/native/chunk_attention.cc``): each query
+    tile's scores stay in cache through the masked softmax and the product with v, and keys past a tile's last
+    visible one (the causal future of a prefill chunk) are skipped. -> [B, T, H, Dh]."""
+    native.ffi_target(CHUNK_ATTENTION_TARGET)  # registered by `_attends_natively`; a no-op then
+    return jax.ffi.ffi_call(CHUNK_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        _scaled(q, scale), k.transpose(0, 1, 3, 2), v, mask)
 
 
 def write_cache(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, slots: jax.Array,

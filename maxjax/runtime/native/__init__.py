@@ -92,6 +92,7 @@ def _build(compiler: str) -> Path:
 KERNELS = {
     "maxjax_panel_matmul": "MaxjaxPanelMatmul",
     "maxjax_decode_attention": "MaxjaxDecodeAttention",
+    "maxjax_chunk_attention": "MaxjaxChunkAttention",
     "maxjax_q4_matmul": "MaxjaxQ4Matmul",
     "maxjax_q8_matmul": "MaxjaxQ8Matmul",
 }

@@ -19,6 +19,7 @@ namespace {
 
 constexpr int kPanel = 32;     // columns per panel: two 16-float vectors
 constexpr int kRowBlock = 8;   // rows whose accumulators stay in registers (8 x 2 vectors)
+constexpr int64_t kPoolRows = 64;  // from this many rows a call runs on XLA's thread pool (workers.h)
 typedef float Vec16 __attribute__((vector_size(64)));
 
 // Rows [0, MB) of x times one panel, written to y's 32 columns at n0. (No software prefetch: the panels are
@@ -78,7 +79,8 @@ void Panels(const float* x, int64_t M, int64_t K, const float* w, float* y, int6
   }
 }
 
-ffi::Error PanelMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel || xd[1] != wd[1]) {
     return ffi::Error::InvalidArgument("panel_matmul: x [M, K] and w [P, K, 32] expected");
@@ -88,15 +90,19 @@ ffi::Error PanelMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi
   float* ys = y->typed_data();
   const int64_t M = xd[0], K = xd[1], panels = wd[0], N = panels * kPanel;
   const int64_t chunks = maxjax::ChunkCount(panels);
-  maxjax::ParallelFor(chunks, [&](int64_t c) {
-    Panels(xs, M, K, ws, ys, N, panels * c / chunks, panels * (c + 1) / chunks);
-  });
+  const auto chunk = [&](int64_t c) { Panels(xs, M, K, ws, ys, N, panels * c / chunks, panels * (c + 1) / chunks); };
+  if (M >= kPoolRows) {
+    maxjax::ParallelForOn(chunks, chunk, pool.num_threads(), [&](auto task) { pool.Schedule(std::move(task)); });
+  } else {
+    maxjax::ParallelFor(chunks, chunk);
+  }
   return ffi::Error::Success();
 }
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxPanelMatmul, PanelMatmulImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

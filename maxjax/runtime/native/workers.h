@@ -7,6 +7,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -117,6 +118,21 @@ void ParallelFor(int64_t chunks, const F& fn) {
   work.fn = &fn;
   work.chunks = chunks;
   Workers::Get().Run(&work);
+}
+
+// fn(chunk) for every chunk in [0, chunks), on the caller and on up to `helpers` tasks that `schedule(task)`
+// starts elsewhere (XLA's intra-op thread pool). For long kernels (a prefill's products): waking a pool thread
+// costs tens of microseconds, nothing against milliseconds, and no thread of ours then spins beside XLA's.
+// A helper that starts after every chunk is claimed finds nothing to do; the work it holds outlives the call.
+template <typename F, typename Schedule>
+void ParallelForOn(int64_t chunks, const F& fn, int64_t helpers, const Schedule& schedule) {
+  auto work = std::make_shared<Work>();
+  work->call = [](const void* f, int64_t chunk) { (*static_cast<const F*>(f))(chunk); };
+  work->fn = &fn;
+  work->chunks = chunks;
+  for (int64_t i = 0; i < std::min(helpers, chunks - 1); ++i) schedule([work] { work->Run(); });
+  work->Run();
+  while (work->done.load() < work->chunks) std::this_thread::yield();
 }
 
 // How many chunks to cut a job into: a few per thread, so a late worker still gets a share.

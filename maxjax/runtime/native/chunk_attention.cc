@@ -1,0 +1,210 @@
+// Grouped-query attention of a chunk of queries over its keys: prefill chunks and multi-token steps.
+//
+// Why: XLA CPU runs this as about a dozen kernels per block of queries (the scores product, the mask's select,
+// max, exp, sum, the values product, transposes), each a pass over the [queries, keys] scores in memory; in a
+// 512-token SmolLM2 prefill they took ~25% of the program. Here one task (row, kv head, tile of queries) computes
+// its G heads' scores for the tile into a buffer that stays in cache, with the keys a query tile cannot see
+// (past its last visible key: the causal future) skipped, softmaxes them in place and multiplies by the values,
+// both products register-blocked like the panel matmul.
+//
+// Semantics are `maxjax.architectures.attention._attention`'s without a soft cap: q [B, T, H, Dh] already
+// scaled, keys given transposed (kt [B, KVH, Dh, S]), values [B, KVH, S, Dh], mask [B, T, S]; masked scores are
+// -1e30, so a query that sees nothing averages all S values uniformly, as XLA's form does.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "vec_math.h"
+#include "workers.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using maxjax::Int16;
+using maxjax::Vec16;
+typedef char Byte16 __attribute__((vector_size(16)));
+
+constexpr float kMasked = -1e30f;
+constexpr int64_t kQueryTile = 16;  // queries per task: G x 16 score rows
+constexpr int64_t kKeyBlock = 32;   // keys per scores block (two vectors)
+constexpr int64_t kPoolQueries = 64;  // from this many queries a call runs on XLA's thread pool
+
+struct Shapes {
+  int64_t B, T, H, KVH, Dh, S;
+};
+
+Vec16 Load(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof(Vec16));
+  return v;
+}
+
+void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(Vec16)); }
+
+// scores[r, j] = q[r] . key j for 8 rows of q ([8, Dh], rows Dh apart) and keys j0 .. j0 + 31 of kt.
+void ScoresBlock(const float* q, int64_t Dh, const float* kt, int64_t S, int64_t j0, float* scores, int64_t ld) {
+  Vec16 acc[8][2] = {};
+  for (int64_t d = 0; d < Dh; ++d) {
+    const Vec16 k0 = Load(kt + d * S + j0), k1 = Load(kt + d * S + j0 + 16);
+    for (int m = 0; m < 8; ++m) {
+      const float x = q[m * Dh + d];
+      acc[m][0] += x * k0;
+      acc[m][1] += x * k1;
+    }
+  }
+  for (int m = 0; m < 8; ++m) {
+    Store(scores + m * ld + j0, acc[m][0]);
+    Store(scores + m * ld + j0 + 16, acc[m][1]);
+  }
+}
+
+// out[r, d0 .. d0 + 16 NV) = sum_j p[r, j] v[j, d0 ..] / total[r] for 8 rows of p (ld apart) over n keys.
+template <int NV>
+void ValuesBlock(const float* p, int64_t ld, int64_t n, const float* v, int64_t Dh, int64_t d0,
+                 const float* inv_total, float* const (&out)[8]) {
+  Vec16 acc[8][NV] = {};  // local, so that the compiler keeps it in registers
+  for (int64_t j = 0; j < n; ++j) {
+    Vec16 vals[NV];
+    for (int i = 0; i < NV; ++i) vals[i] = Load(v + j * Dh + d0 + 16 * i);
+    for (int m = 0; m < 8; ++m) {
+      const float w = p[m * ld + j];
+      for (int i = 0; i < NV; ++i) acc[m][i] += w * vals[i];
+    }
+  }
+  for (int m = 0; m < 8; ++m) {
+    if (out[m] == nullptr) continue;  // a padding row of the tile
+    for (int i = 0; i < NV; ++i) Store(out[m] + d0 + 16 * i, acc[m][i] * inv_total[m]);
+  }
+}
+
+// Which of the 16 keys j .. j + 15 are visible (all-ones lanes), none at or past n.
+Int16 VisibleLanes(const bool* visible, int64_t j, int64_t n) {
+  if (j + 16 <= n) {
+    Byte16 bytes;
+    std::memcpy(&bytes, visible + j, sizeof(Byte16));
+    return __builtin_convertvector(bytes, Int16) != 0;
+  }
+  Int16 lanes{};
+  for (int i = 0; j + i < n; ++i) lanes[i] = visible[j + i] ? -1 : 0;
+  return lanes;
+}
+
+// One score row p [ld] -> exp(score - max) where visible, 0 elsewhere (1 for keys < n when nothing is
+// visible); returns 1 / the row's sum.
+float SoftmaxRow(float* p, const bool* visible, int64_t n, int64_t ld) {
+  const Vec16 masked = Vec16{} + kMasked;
+  Vec16 top = masked;
+  for (int64_t j = 0; j < ld; j += 16) {
+    const Vec16 x = VisibleLanes(visible, j, n) ? Load(p + j) : masked;
+    Store(p + j, x);
+    top = top > x ? top : x;
+  }
+  float max = kMasked;
+  for (int i = 0; i < 16; ++i) max = std::max(max, top[i]);
+  const bool none = max == kMasked;
+  Vec16 total{};
+  Int16 lane{};
+  for (int i = 0; i < 16; ++i) lane[i] = i;
+  for (int64_t j = 0; j < ld; j += 16) {
+    const Vec16 x = Load(p + j);
+    const Vec16 e = none ? ((lane + static_cast<int32_t>(j)) < static_cast<int32_t>(n) ? Vec16{} + 1.f : Vec16{})
+                         : (x > kMasked ? maxjax::Exp(x - max) : Vec16{});
+    Store(p + j, e);
+    total += e;
+  }
+  return 1.f / maxjax::LaneSum(total);
+}
+
+// Row b, kv head kvh, queries t0 .. t0 + nq: score row r is head g = r / nq of query t0 + r % nq.
+void Task(const Shapes& s, const float* q, const float* kt, const float* v, const bool* mask, float* out, int64_t b,
+          int64_t kvh, int64_t t0, int64_t nq, std::vector<float>& buffer) {
+  const int64_t G = s.H / s.KVH, Dh = s.Dh, S = s.S;
+  const int64_t rows = G * nq, padded = (rows + 7) / 8 * 8;
+  // Keys any query of the tile may see: up to the last visible one (all S when a query sees none).
+  int64_t n = 0;
+  for (int64_t t = t0; t < t0 + nq; ++t) {
+    const bool* visible = mask + (b * s.T + t) * S;
+    int64_t last = S;
+    while (last > 0 && !visible[last - 1]) --last;
+    n = std::max(n, last == 0 ? S : last);
+  }
+  const int64_t ld = (n + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  buffer.assign(padded * Dh + padded * ld + padded, 0.f);
+  float* qs = buffer.data();               // [padded, Dh]
+  float* scores = qs + padded * Dh;        // [padded, ld]
+  float* inv_total = scores + padded * ld;  // [padded]
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(qs + r * Dh, q + ((b * s.T + t0 + r % nq) * s.H + kvh * G + r / nq) * Dh, Dh * sizeof(float));
+  }
+  const float* keys = kt + (b * s.KVH + kvh) * Dh * S;
+  const float* values = v + (b * s.KVH + kvh) * S * Dh;
+  const int64_t full = S >= ld ? ld : n / kKeyBlock * kKeyBlock;  // whole blocks inside kt's S columns
+  for (int64_t j0 = 0; j0 < full; j0 += kKeyBlock) {
+    for (int64_t r0 = 0; r0 < padded; r0 += 8) ScoresBlock(qs + r0 * Dh, Dh, keys, S, j0, scores + r0 * ld, ld);
+  }
+  for (int64_t r = 0; r < padded; ++r) {  // the last keys of a span that is not a multiple of 32
+    for (int64_t j = full; j < n; ++j) {
+      float sum = 0.f;
+      for (int64_t d = 0; d < Dh; ++d) sum += qs[r * Dh + d] * keys[d * S + j];
+      scores[r * ld + j] = sum;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    inv_total[r] = SoftmaxRow(scores + r * ld, mask + (b * s.T + t0 + r % nq) * S, n, ld);
+  }
+  for (int64_t r0 = 0; r0 < padded; r0 += 8) {
+    float* outs[8];
+    for (int64_t m = 0; m < 8; ++m) {
+      const int64_t r = r0 + m;
+      outs[m] = r < rows ? out + ((b * s.T + t0 + r % nq) * s.H + kvh * G + r / nq) * Dh : nullptr;
+    }
+    const float* p = scores + r0 * ld;
+    int64_t d0 = 0;
+    for (; d0 + 32 <= Dh; d0 += 32) ValuesBlock<2>(p, ld, n, values, Dh, d0, inv_total + r0, outs);
+    if (d0 < Dh) ValuesBlock<1>(p, ld, n, values, Dh, d0, inv_total + r0, outs);
+  }
+}
+
+ffi::Error ChunkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kt, ffi::Buffer<ffi::F32> v,
+                              ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = kt.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3 || qd[3] % 16 != 0 ||
+      kd[0] != qd[0] || kd[2] != qd[3] || qd[2] % kd[1] != 0 || vd[0] != qd[0] || vd[1] != kd[1] ||
+      vd[2] != kd[3] || vd[3] != qd[3] || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[3]) {
+    return ffi::Error::InvalidArgument(
+        "chunk_attention: q [B, T, H, Dh] (Dh % 16 == 0), kt [B, KVH, Dh, S], v [B, KVH, S, Dh], mask [B, T, S]");
+  }
+  const Shapes s{qd[0], qd[1], qd[2], kd[1], qd[3], kd[3]};
+  const float *qs = q.typed_data(), *ks = kt.typed_data(), *vs = v.typed_data();
+  const bool* ms = reinterpret_cast<const bool*>(mask.typed_data());
+  float* os = out->typed_data();
+  // One task per (row, kv head, query tile), the last tiles (the most keys under a causal mask) first, each
+  // claimed on its own so that the uneven tasks balance over the threads.
+  const int64_t tiles = (s.T + kQueryTile - 1) / kQueryTile, tasks = s.B * s.KVH * tiles;
+  const auto run = [&](int64_t task) {
+    thread_local std::vector<float> buffer;
+    const int64_t tile = tiles - 1 - task / (s.B * s.KVH), bk = task % (s.B * s.KVH);
+    const int64_t t0 = tile * kQueryTile;
+    Task(s, qs, ks, vs, ms, os, bk / s.KVH, bk % s.KVH, t0, std::min(kQueryTile, s.T - t0), buffer);
+  };
+  if (s.B * s.T >= kPoolQueries) {  // a prefill chunk: XLA's thread pool (see workers.h)
+    maxjax::ParallelForOn(tasks, run, pool.num_threads(), [&](auto task) { pool.Schedule(std::move(task)); });
+  } else {
+    maxjax::ParallelFor(tasks, run);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxChunkAttention, ChunkAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [B, T, H, Dh], scaled
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // keys transposed [B, KVH, Dh, S]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // values [B, KVH, S, Dh]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [B, T, S]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [B, T, H, Dh]

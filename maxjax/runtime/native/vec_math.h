@@ -1,0 +1,63 @@
+// Vector math shared by maxjax's native kernels: 16-float vectors (one AVX-512 register, two AVX2 ones), a lane
+// sum in registers, and a vectorized exp for softmax.
+#ifndef MAXJAX_NATIVE_VEC_MATH_H_
+#define MAXJAX_NATIVE_VEC_MATH_H_
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace maxjax {
+
+typedef float Vec16 __attribute__((vector_size(64)));
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef float Vec4 __attribute__((vector_size(16)));
+typedef int32_t Int16 __attribute__((vector_size(64)));
+
+// The sum of a vector's lanes as a tree (halves added): a few dependent adds instead of 16, in registers.
+inline float LaneSum(Vec16 v) {
+  const Vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// exp(x) for 16 lanes (Cephes' expf: x = n ln2 + r, a degree-5 polynomial for e^r, 2^n from the exponent bits),
+// within ~2 ulp. Inputs below -87 give ~1e-38 (the softmax's masked scores, whose weight is dropped anyway).
+inline Vec16 Exp(Vec16 x) {
+  const Vec16 lo = Vec16{} - 87.3f, hi = Vec16{} + 88.3f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const Vec16 y = x * 1.44269504088896341f;
+  Int16 n = __builtin_convertvector(y, Int16);  // truncated toward zero; floor below
+  n += (__builtin_convertvector(n, Vec16) > y);  // a comparison is -1 where true
+  const Vec16 fn = __builtin_convertvector(n, Vec16);
+  const Vec16 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  Vec16 p = Vec16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const Int16 bits = (n + 127) << 23;
+  Vec16 scale;
+  std::memcpy(&scale, &bits, sizeof(Vec16));
+  return p * scale;
+}
+
+inline void ExpInPlace(float* p, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    Vec16 v;
+    std::memcpy(&v, p + i, sizeof(Vec16));
+    v = Exp(v);
+    std::memcpy(p + i, &v, sizeof(Vec16));
+  }
+  for (; i < n; ++i) p[i] = std::exp(std::max(p[i], -87.3f));
+}
+
+}  // namespace maxjax
+
+#endif  // MAXJAX_NATIVE_VEC_MATH_H_

@@ -38,6 +38,21 @@ def test_panel_matmul_matches_float64(kernel, k, n):
         np.testing.assert_allclose(out, x.astype(np.float64) @ w.astype(np.float64), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("k, f", [(576, 1536), (37, 32)])
+def test_silu_glu_matmul_matches_float64(kernel, k, f):
+    """The fused gate|up product with SwiGLU's activation in its epilogue (what ``llama._mlp`` runs)."""
+    rng = np.random.default_rng(k + f)
+    gate, up = ((rng.standard_normal((k, f)) / np.sqrt(k)).astype(np.float64) for _ in range(2))
+    packed = panels.pack(np.concatenate([gate, up], axis=1).astype(np.float32))
+    assert panels.silu_glu_fusable(packed)
+    for rows in (1, 9, 70):  # a decode row, a register block and its remainder, a prefill call (thread pool)
+        x = rng.standard_normal((rows, k))
+        g = x @ gate
+        expected = g / (1 + np.exp(-g)) * (x @ up)
+        got = np.asarray(jax.jit(panels.silu_glu_matmul)(x.astype(np.float32), packed))
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
 def test_only_float32_weights_with_whole_panels_are_packed():
     assert panels.packable(np.zeros((8, 64), np.float32))
     assert not panels.packable(np.zeros((8, 48), np.float32))  # 48 columns: not whole panels

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.architectures import moe
+from maxjax.architectures import moe, panels
 from maxjax.architectures.attention import (attention, attention_mask, decode_attention_in_place, hide_current,
                                             reads_cache_in_place, softcap, visible_keys,
                                             with_new_key, write_cache, write_cache_layers)
@@ -295,6 +295,9 @@ def _qkv(h: jax.Array, layer: Params, cfg: LlamaConfig,
 def _mlp(h: jax.Array, layer: Params, act=jax.nn.silu, lora_index: jax.Array | None = None) -> jax.Array:
     """Gated MLP from separate or fused gate/up weights: [B, T, D] -> [B, T, D]."""
     if "w_gate_up" in layer:
+        if (act is jax.nn.silu and panels.silu_glu_fusable(layer["w_gate_up"])
+                and "w_gate_up" not in layer.get("lora", {})):
+            return _project(panels.silu_glu_matmul(h, layer["w_gate_up"]), layer, "w_down", lora_index)
         gate_up = _project(h, layer, "w_gate_up", lora_index)  # [B, T, 2F]
         half = gate_up.shape[-1] // 2
         return _project(act(gate_up[..., :half]) * gate_up[..., half:], layer, "w_down", lora_index)

@@ -18,7 +18,8 @@ import numpy as np
 from maxjax.runtime import native
 
 PANEL = 32
-TARGET = "maxjax_panel_matmul"  # FFI target (maxjax.runtime.native.KERNELS)
+TARGET = "maxjax_panel_matmul"  # FFI targets (maxjax.runtime.native.KERNELS)
+SILU_GLU_TARGET = "maxjax_silu_glu_matmul"
 
 
 def is_panels(w: Any) -> bool:
@@ -66,12 +67,24 @@ def pack_linear_weights(params: dict[str, Any], names: tuple[str, ...]) -> dict[
     return pack_weights(params, names, packable, pack, params.get("lm_head"))
 
 
+def _call(target: str, x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
+    native.ffi_target(target)  # registered when the weights were packed; a no-op then
+    rows = x.reshape(-1, panels.shape[1]).astype(jnp.float32)
+    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, panels)
+    return out.reshape(*x.shape[:-1], n)
+
+
 def panel_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
     """x [..., K] @ the packed weight -> [..., N] float32, by the native kernel."""
-    native.ffi_target(TARGET)  # registered when the weights were packed; a no-op then
-    panels = w["panels"]
-    count, k, width = panels.shape
-    rows = x.reshape(-1, k).astype(jnp.float32)
-    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], count * width), jnp.float32))(
-        rows, panels)
-    return out.reshape(*x.shape[:-1], count * width)
+    return _call(TARGET, x, w["panels"], w["panels"].shape[0] * PANEL)
+
+
+def silu_glu_fusable(w: Any) -> bool:
+    """Whether a fused gate|up weight [K, 2F] can run as `silu_glu_matmul`: packed, F whole panels."""
+    return is_panels(w) and w["panels"].shape[0] % 2 == 0
+
+
+def silu_glu_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
+    """silu(x @ gate) * (x @ up) for the packed fused gate|up weight [K, 2F] -> [..., F] float32: SwiGLU's
+    activation in the native product's epilogue (no [..., 2F] intermediate, one kernel less per layer)."""
+    return _call(SILU_GLU_TARGET, x, w["panels"], w["panels"].shape[0] // 2 * PANEL)

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vec_math.h"
 #include "workers.h"
 
 #include "xla/ffi/api/ffi.h"
@@ -20,7 +21,7 @@ namespace {
 constexpr int kPanel = 32;     // columns per panel: two 16-float vectors
 constexpr int kRowBlock = 8;   // rows whose accumulators stay in registers (8 x 2 vectors)
 constexpr int64_t kPoolRows = 64;  // from this many rows a call runs on XLA's thread pool (workers.h)
-typedef float Vec16 __attribute__((vector_size(64)));
+using maxjax::Vec16;
 
 // Rows [0, MB) of x times one panel, written to y's 32 columns at n0. (No software prefetch: the panels are
 // read in order, which the hardware prefetcher follows; prefetching 2-32 KiB ahead measured 10-35% slower.)
@@ -79,23 +80,68 @@ void Panels(const float* x, int64_t M, int64_t K, const float* w, float* y, int6
   }
 }
 
-ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                           ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel || xd[1] != wd[1]) {
-    return ffi::Error::InvalidArgument("panel_matmul: x [M, K] and w [P, K, 32] expected");
+// Rows [0, M) times the gate panels [p0, p1) and their up panels (F / 32 panels later), written as
+// silu(gate) * up to y [M, F]: the gated MLP's activation in the product's epilogue (no [M, 2F] output to write
+// and read back, one kernel less per layer).
+void SiluGluPanels(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t F, int64_t p0,
+                   int64_t p1) {
+  float gate[kRowBlock * kPanel], up[kRowBlock * kPanel];
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* gate_panel = w + p * K * kPanel;
+    const float* up_panel = w + (p + F / kPanel) * K * kPanel;
+    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+      const int64_t rows = std::min<int64_t>(kRowBlock, M - m0);
+      kBlocks[rows](x + m0 * K, K, gate_panel, gate, kPanel);
+      kBlocks[rows](x + m0 * K, K, up_panel, up, kPanel);
+      for (int64_t i = 0; i < rows * kPanel; i += 16) {
+        Vec16 g, u;
+        std::memcpy(&g, gate + i, sizeof(Vec16));
+        std::memcpy(&u, up + i, sizeof(Vec16));
+        const Vec16 out = g / (1.f + maxjax::Exp(-g)) * u;
+        std::memcpy(y + (m0 + i / kPanel) * F + p * kPanel + i % kPanel, &out, sizeof(Vec16));
+      }
+    }
   }
-  const float* xs = x.typed_data();
-  const float* ws = w.typed_data();
-  float* ys = y->typed_data();
-  const int64_t M = xd[0], K = xd[1], panels = wd[0], N = panels * kPanel;
+}
+
+// fn(first panel, end panel) over `panels` panels cut into chunks, on XLA's thread pool for long calls (a
+// prefill's rows) and on maxjax's spinning workers for short ones (decode steps), see workers.h.
+template <typename F>
+void ForPanelChunks(ffi::ThreadPool& pool, int64_t M, int64_t panels, const F& fn) {
   const int64_t chunks = maxjax::ChunkCount(panels);
-  const auto chunk = [&](int64_t c) { Panels(xs, M, K, ws, ys, N, panels * c / chunks, panels * (c + 1) / chunks); };
+  const auto chunk = [&](int64_t c) { fn(panels * c / chunks, panels * (c + 1) / chunks); };
   if (M >= kPoolRows) {
-    maxjax::ParallelForOn(chunks, chunk, pool.num_threads(), [&](auto task) { pool.Schedule(std::move(task)); });
+    maxjax::ParallelForOn(chunks, chunk, maxjax::Workers::Get().size(),
+                          [&](auto task) { pool.Schedule(std::move(task)); });
   } else {
     maxjax::ParallelFor(chunks, chunk);
   }
+}
+
+bool Shaped(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  return xd.size() == 2 && wd.size() == 3 && wd[2] == kPanel && xd[1] == wd[1];
+}
+
+ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  if (!Shaped(x, w)) return ffi::Error::InvalidArgument("panel_matmul: x [M, K] and w [P, K, 32] expected");
+  const float *xs = x.typed_data(), *ws = w.typed_data();
+  float* ys = y->typed_data();
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0] * kPanel;
+  ForPanelChunks(pool, M, N / kPanel, [&](int64_t p0, int64_t p1) { Panels(xs, M, K, ws, ys, N, p0, p1); });
+  return ffi::Error::Success();
+}
+
+ffi::Error SiluGluMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                             ffi::ResultBuffer<ffi::F32> y) {
+  if (!Shaped(x, w) || w.dimensions()[0] % 2 != 0) {
+    return ffi::Error::InvalidArgument("silu_glu_matmul: x [M, K] and gate|up w [2P, K, 32] expected");
+  }
+  const float *xs = x.typed_data(), *ws = w.typed_data();
+  float* ys = y->typed_data();
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], F = w.dimensions()[0] / 2 * kPanel;
+  ForPanelChunks(pool, M, F / kPanel, [&](int64_t p0, int64_t p1) { SiluGluPanels(xs, M, K, ws, ys, F, p0, p1); });
   return ffi::Error::Success();
 }
 }  // namespace
@@ -103,6 +149,13 @@ ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxPanelMatmul, PanelMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w [P, K, 32]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [M, 32 P]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxSiluGluMatmul, SiluGluMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gate | up w [2P, K, 32]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // silu(x @ gate) * (x @ up) [M, 32 P]

@@ -49,8 +49,27 @@ def test_silu_glu_matmul_matches_float64(kernel, k, f):
         x = rng.standard_normal((rows, k))
         g = x @ gate
         expected = g / (1 + np.exp(-g)) * (x @ up)
-        got = np.asarray(jax.jit(panels.silu_glu_matmul)(x.astype(np.float32), packed))
+        got = np.asarray(jax.jit(panels.panel_matmul, static_argnums=4)(x.astype(np.float32), packed, None, None, True))
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_panel_matmul_fuses_the_norm_and_the_residual(kernel, offset):
+    """RMSNorm before the product (Gemma's offset too) and a residual after it, as `llama.decoder_layer` asks."""
+    rng = np.random.default_rng(int(offset))
+    k, n = 200, 64
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    weight = rng.standard_normal(k).astype(np.float32)
+    for rows in (1, 5, 70):
+        x = (3 * rng.standard_normal((rows, k))).astype(np.float32)
+        residual = rng.standard_normal((rows, n)).astype(np.float32)
+        x64 = x.astype(np.float64)
+        normed = x64 / np.sqrt(np.mean(x64 ** 2, axis=-1, keepdims=True) + 1e-5) * (offset + weight)
+        got = jax.jit(lambda x, r: panels.panel_matmul(x, panels.pack(w), (weight, 1e-5, offset), r))(x, residual)
+        np.testing.assert_allclose(np.asarray(got), residual + normed @ w, atol=2e-5, rtol=0)
+        # the XLA ops give the same
+        np.testing.assert_allclose(np.asarray(got), residual + llama.rms_norm(x, weight, 1e-5, offset) @ w,
+                                   atol=2e-5, rtol=0)
 
 
 def test_only_float32_weights_with_whole_panels_are_packed():

@@ -37,13 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.architectures import moe, panels
+from maxjax.architectures import moe
 from maxjax.architectures.attention import (attention, attention_mask, decode_attention_in_place, hide_current,
                                             reads_cache_in_place, softcap, visible_keys,
                                             with_new_key, write_cache, write_cache_layers)
 from maxjax.architectures.llama_layout import (LINEAR_WEIGHTS, fuse_projections, runtime_params,  # noqa: F401
                                                unstack_layers, untie_output)
 from maxjax.architectures.lora import lora_delta
+from maxjax.architectures.panels import is_panels, panel_matmul, silu_glu_fusable
 from maxjax.architectures.quantized import embed_lookup, embed_matmul, is_blocks, is_quantized, linear
 from maxjax.architectures.rope import apply_rope, rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
 from maxjax.architectures.rope import rope_type as _rope_type
@@ -267,54 +268,72 @@ def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, act
     return (act(x @ w_gate) * (x @ w_up)) @ w_down  # [..., F] -> [..., D]
 
 
-def _project(h: jax.Array, layer: Params, key: str, lora_index: jax.Array | None) -> jax.Array:
+def _project(h: jax.Array, layer: Params, key: str, lora_index: jax.Array | None, norm: tuple | None = None,
+             residual: jax.Array | None = None) -> jax.Array:
     """``h @ layer[key]``, plus each row's LoRA update when the layer carries adapters for it
-    (``layer["lora"][key]``, see ``maxjax.architectures.lora``; ``lora_index`` [B] picks each row's slot)."""
-    out = linear(h, layer[key])
-    lora = layer.get("lora", {}).get(key)
-    if lora is None or lora_index is None:
-        return out
-    return out + lora_delta(h, lora, lora_index).astype(out.dtype)
+    (``layer["lora"][key]``, see ``maxjax.architectures.lora``; ``lora_index`` [B] picks each row's slot);
+    h RMSNormed first with ``norm`` = (weight, eps, offset), ``residual`` added after. A panel-packed weight
+    without adapters runs all of it as one native kernel (``panels.panel_matmul``)."""
+    w, lora = layer[key], layer.get("lora", {}).get(key)
+    if is_panels(w) and (lora is None or lora_index is None):
+        return panel_matmul(h, w, norm, residual)
+    h = h if norm is None else rms_norm(h, *norm)
+    out = linear(h, w)
+    if lora is not None and lora_index is not None:
+        out = out + lora_delta(h, lora, lora_index).astype(out.dtype)
+    return out if residual is None else residual + out
 
 
-def _qkv(h: jax.Array, layer: Params, cfg: LlamaConfig,
-         lora_index: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Q, K, V projections [B, T, H*Dh], [B, T, KVH*Dh] x2, from separate or fused (`fuse_projections`) weights."""
+def _qkv(x: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | None = None,
+         norm: tuple | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Q, K, V projections [B, T, H*Dh], [B, T, KVH*Dh] x2 of x RMSNormed by ``norm``, from separate or fused
+    (`fuse_projections`) weights."""
     if "wqkv" in layer:
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        qkv = _project(h, layer, "wqkv", lora_index)  # [B, T, (H + 2 KVH) * Dh]
+        qkv = _project(x, layer, "wqkv", lora_index, norm)  # [B, T, (H + 2 KVH) * Dh]
         if cfg.attention_bias:
             qkv = qkv + layer["bqkv"]
         return qkv[..., :q_dim], qkv[..., q_dim:q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
+    h = x if norm is None else rms_norm(x, *norm)
     q, k, v = (_project(h, layer, key, lora_index) for key in ("wq", "wk", "wv"))
     if cfg.attention_bias:
         q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
     return q, k, v
 
 
-def _mlp(h: jax.Array, layer: Params, act=jax.nn.silu, lora_index: jax.Array | None = None) -> jax.Array:
-    """Gated MLP from separate or fused gate/up weights: [B, T, D] -> [B, T, D]."""
+def _mlp(x: jax.Array, layer: Params, act=jax.nn.silu, lora_index: jax.Array | None = None,
+         norm: tuple | None = None, residual: jax.Array | None = None) -> jax.Array:
+    """Gated MLP of x RMSNormed by ``norm``, from separate or fused gate/up weights, ``residual`` added:
+    [B, T, D] -> [B, T, D]. SwiGLU over a packed gate|up weight runs in the native product's epilogue."""
     if "w_gate_up" in layer:
-        if (act is jax.nn.silu and panels.silu_glu_fusable(layer["w_gate_up"])
-                and "w_gate_up" not in layer.get("lora", {})):
-            return _project(panels.silu_glu_matmul(h, layer["w_gate_up"]), layer, "w_down", lora_index)
-        gate_up = _project(h, layer, "w_gate_up", lora_index)  # [B, T, 2F]
-        half = gate_up.shape[-1] // 2
-        return _project(act(gate_up[..., :half]) * gate_up[..., half:], layer, "w_down", lora_index)
+        w = layer["w_gate_up"]
+        if act is jax.nn.silu and silu_glu_fusable(w) and "w_gate_up" not in layer.get("lora", {}):
+            hidden = panel_matmul(x, w, norm, silu_glu=True)  # [B, T, F]
+        else:
+            gate_up = _project(x, layer, "w_gate_up", lora_index, norm)  # [B, T, 2F]
+            half = gate_up.shape[-1] // 2
+            hidden = act(gate_up[..., :half]) * gate_up[..., half:]
+        return _project(hidden, layer, "w_down", lora_index, residual=residual)
+    h = x if norm is None else rms_norm(x, *norm)
     if "lora" in layer or any(is_quantized(layer[name]) or is_blocks(layer[name])
                               for name in ("w_gate", "w_up", "w_down")):
         gate, up = _project(h, layer, "w_gate", lora_index), _project(h, layer, "w_up", lora_index)
-        return _project(act(gate) * up, layer, "w_down", lora_index)
-    return mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], act)
+        return _project(act(gate) * up, layer, "w_down", lora_index, residual=residual)
+    out = mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], act)
+    return out if residual is None else residual + out
 
 
-def _ffn(h: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | None = None) -> jax.Array:
-    """The layer's feed-forward: the dense gated MLP, or the routed experts (`maxjax.architectures.moe`)."""
+def _ffn(x: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | None = None,
+         norm: tuple | None = None, residual: jax.Array | None = None) -> jax.Array:
+    """The layer's feed-forward of x RMSNormed by ``norm``, ``residual`` added: the dense gated MLP, or the
+    routed experts (`maxjax.architectures.moe`)."""
     act = ACTIVATIONS[cfg.hidden_act]
-    if cfg.num_experts:
-        return moe.sparse_moe(h, layer["router"], layer["e_gate"], layer["e_up"], layer["e_down"],
-                              cfg.num_experts_per_tok, cfg.norm_topk_prob, act)
-    return _mlp(h, layer, act, lora_index)
+    if not cfg.num_experts:
+        return _mlp(x, layer, act, lora_index, norm, residual)
+    h = x if norm is None else rms_norm(x, *norm)
+    out = moe.sparse_moe(h, layer["router"], layer["e_gate"], layer["e_up"], layer["e_down"],
+                         cfg.num_experts_per_tok, cfg.norm_topk_prob, act)
+    return out if residual is None else residual + out
 
 
 def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
@@ -329,8 +348,7 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
-    h = rms_norm(x, layer["attn_norm"], eps, offset)  # [B, T, D]
-    q, k, v = _qkv(h, layer, cfg, lora_index)  # [B, T, H*Dh], [B, T, KVH*Dh] x2
+    q, k, v = _qkv(x, layer, cfg, lora_index, (layer["attn_norm"], eps, offset))  # [B, T, H*Dh], [B, T, KVH*Dh] x2
     q, k = q.reshape(B, T, H, Dh), k.reshape(B, T, KVH, Dh)
     if cfg.qk_norm:
         q, k = rms_norm(q, layer["q_norm"], eps, offset), rms_norm(k, layer["k_norm"], eps, offset)
@@ -351,10 +369,14 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
         keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
         causal = end_aligned and not defer_write and keys.shape[2] == kv_len  # not a window's gathered keys
         attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap, end_aligned=causal)  # [B, T, H, Dh]
-    h = _project(attn.reshape(B, T, H * Dh), layer, "wo", lora_index)  # [B, T, D]
-    x = x + (rms_norm(h, layer["post_attn_norm"], eps, offset) if cfg.post_norms else h)  # [B, T, D]
-    h = _ffn(rms_norm(x, layer["mlp_norm"], eps, offset), layer, cfg, lora_index)  # [B, T, D]
-    x = x + (rms_norm(h, layer["post_mlp_norm"], eps, offset) if cfg.post_norms else h)  # [B, T, D]
+    attn = attn.reshape(B, T, H * Dh)
+    mlp_norm = (layer["mlp_norm"], eps, offset)
+    if cfg.post_norms:  # Gemma: the block's output normed before the residual add
+        x = x + rms_norm(_project(attn, layer, "wo", lora_index), layer["post_attn_norm"], eps, offset)
+        x = x + rms_norm(_ffn(x, layer, cfg, lora_index, mlp_norm), layer["post_mlp_norm"], eps, offset)
+    else:  # [B, T, D]; the residual adds fused into the products when they run natively
+        x = _project(attn, layer, "wo", lora_index, residual=x)
+        x = _ffn(x, layer, cfg, lora_index, mlp_norm, residual=x)
     return x, cache, ((k, v) if defer_write else None)
 
 

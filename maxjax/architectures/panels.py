@@ -18,8 +18,7 @@ import numpy as np
 from maxjax.runtime import native
 
 PANEL = 32
-TARGET = "maxjax_panel_matmul"  # FFI targets (maxjax.runtime.native.KERNELS)
-SILU_GLU_TARGET = "maxjax_silu_glu_matmul"
+TARGET = "maxjax_panel_matmul"  # FFI target (maxjax.runtime.native.KERNELS)
 
 
 def is_panels(w: Any) -> bool:
@@ -67,24 +66,26 @@ def pack_linear_weights(params: dict[str, Any], names: tuple[str, ...]) -> dict[
     return pack_weights(params, names, packable, pack, params.get("lm_head"))
 
 
-def _call(target: str, x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
-    native.ffi_target(target)  # registered when the weights were packed; a no-op then
+def panel_matmul(x: jax.Array, w: dict[str, jax.Array], norm: tuple | None = None, residual: jax.Array | None = None,
+                 silu_glu: bool = False) -> jax.Array:
+    """x [..., K] @ the packed weight -> [..., N] float32, by the native kernel, with what it fuses around the
+    product (each otherwise its own XLA kernel per layer): ``norm`` = (weight [K], eps, offset) RMSNorms the rows
+    first as ``llama.rms_norm`` does; ``residual`` [..., N] is added to the result; ``silu_glu``: w is a fused
+    gate|up weight [K, 2F] (`silu_glu_fusable`) and the result silu(x @ gate) * (x @ up) [..., F]."""
+    native.ffi_target(TARGET)  # registered when the weights were packed; a no-op then
+    panels = w["panels"]
+    n = panels.shape[0] * PANEL // (2 if silu_glu else 1)
     rows = x.reshape(-1, panels.shape[1]).astype(jnp.float32)
-    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, panels)
+    none = jnp.zeros((0,), jnp.float32)
+    weight, eps, offset = (none, 0.0, 0.0) if norm is None else norm
+    extra = none if residual is None else residual.reshape(-1, n).astype(jnp.float32)
+    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(
+        rows, weight.astype(jnp.float32), panels, extra, eps=np.float32(eps), offset=np.float32(offset),
+        silu_glu=silu_glu)
     return out.reshape(*x.shape[:-1], n)
 
 
-def panel_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
-    """x [..., K] @ the packed weight -> [..., N] float32, by the native kernel."""
-    return _call(TARGET, x, w["panels"], w["panels"].shape[0] * PANEL)
-
-
 def silu_glu_fusable(w: Any) -> bool:
-    """Whether a fused gate|up weight [K, 2F] can run as `silu_glu_matmul`: packed, F whole panels."""
+    """Whether a fused gate|up weight [K, 2F] can run as ``panel_matmul(..., silu_glu=True)``: packed, with F
+    whole panels."""
     return is_panels(w) and w["panels"].shape[0] % 2 == 0
-
-
-def silu_glu_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
-    """silu(x @ gate) * (x @ up) for the packed fused gate|up weight [K, 2F] -> [..., F] float32: SwiGLU's
-    activation in the native product's epilogue (no [..., 2F] intermediate, one kernel less per layer)."""
-    return _call(SILU_GLU_TARGET, x, w["panels"], w["panels"].shape[0] // 2 * PANEL)

@@ -91,7 +91,6 @@ def _build(compiler: str) -> Path:
 # so that a program deserialized by a warm start (``program_store``) finds every target it calls, traced or not.
 KERNELS = {
     "maxjax_panel_matmul": "MaxjaxPanelMatmul",
-    "maxjax_silu_glu_matmul": "MaxjaxSiluGluMatmul",
     "maxjax_decode_attention": "MaxjaxDecodeAttention",
     "maxjax_chunk_attention": "MaxjaxChunkAttention",
     "maxjax_q4_matmul": "MaxjaxQ4Matmul",

@@ -132,10 +132,12 @@ void Task(const Shapes& s, const float* q, const float* kt, const float* v, cons
     n = std::max(n, last == 0 ? S : last);
   }
   const int64_t ld = (n + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
-  buffer.assign(padded * Dh + padded * ld + padded, 0.f);
-  float* qs = buffer.data();               // [padded, Dh]
+  // Not cleared (a pass over ~400 KB per task at a 2048 span): every score read is written first.
+  if (buffer.size() < static_cast<size_t>(padded * (Dh + ld + 1))) buffer.resize(padded * (Dh + ld + 1));
+  float* qs = buffer.data();               // [padded, Dh], rows past `rows` zero
   float* scores = qs + padded * Dh;        // [padded, ld]
   float* inv_total = scores + padded * ld;  // [padded]
+  std::fill(qs + rows * Dh, qs + padded * Dh, 0.f);
   for (int64_t r = 0; r < rows; ++r) {
     std::memcpy(qs + r * Dh, q + ((b * s.T + t0 + r % nq) * s.H + kvh * G + r / nq) * Dh, Dh * sizeof(float));
   }

@@ -7,7 +7,9 @@
 // small M and runs a 512-row prefill at ~90% of the FMA peak.
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "vec_math.h"
 #include "workers.h"
@@ -70,78 +72,113 @@ using BlockFn = void (*)(const float*, int64_t, const float*, float*, int64_t);
 constexpr BlockFn kBlocks[kRowBlock + 1] = {nullptr, PanelBlock<1>, PanelBlock<2>, PanelBlock<3>, PanelBlock<4>,
                                             PanelBlock<5>, PanelBlock<6>, PanelBlock<7>, PanelBlock<8>};
 
-void Panels(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N, int64_t p0, int64_t p1) {
+// What a call fuses around the product: the input rows' RMSNorm (`llama.rms_norm`: x * rsqrt(mean(x^2) + eps)
+// times offset + weight) before it, and after it either SwiGLU (w holds gate | up panels: silu(gate) * up) or a
+// residual added. Why: each is otherwise its own XLA kernel per layer (a decode step's norms, residual adds and
+// activation were ~8 of 19 kernels per layer, each a few microseconds however small), and in a prefill a pass
+// over [rows, D] or [rows, 2F] in memory.
+struct Fusion {
+  const float* norm_weight = nullptr;  // [K]: RMSNorm the rows first
+  float eps = 0.f, offset = 0.f;
+  const float* residual = nullptr;     // [M, N]: y = residual + x @ w
+  bool silu_glu = false;               // y [M, N / 2] = silu(x @ gate) * (x @ up)
+};
+
+// Rows [0, M) times panels [p0, p1) of the output (of the gate panels with silu_glu), into y [M, N].
+void Panels(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N, int64_t p0, int64_t p1,
+            const Fusion& f) {
+  float gate[kRowBlock * kPanel], up[kRowBlock * kPanel];
   for (int64_t p = p0; p < p1; ++p) {
     const float* panel = w + p * K * kPanel;
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t rows = std::min<int64_t>(kRowBlock, M - m0);
-      kBlocks[rows](x + m0 * K, K, panel, y + m0 * N + p * kPanel, N);
-    }
-  }
-}
-
-// Rows [0, M) times the gate panels [p0, p1) and their up panels (F / 32 panels later), written as
-// silu(gate) * up to y [M, F]: the gated MLP's activation in the product's epilogue (no [M, 2F] output to write
-// and read back, one kernel less per layer).
-void SiluGluPanels(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t F, int64_t p0,
-                   int64_t p1) {
-  float gate[kRowBlock * kPanel], up[kRowBlock * kPanel];
-  for (int64_t p = p0; p < p1; ++p) {
-    const float* gate_panel = w + p * K * kPanel;
-    const float* up_panel = w + (p + F / kPanel) * K * kPanel;
-    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-      const int64_t rows = std::min<int64_t>(kRowBlock, M - m0);
-      kBlocks[rows](x + m0 * K, K, gate_panel, gate, kPanel);
-      kBlocks[rows](x + m0 * K, K, up_panel, up, kPanel);
-      for (int64_t i = 0; i < rows * kPanel; i += 16) {
-        Vec16 g, u;
-        std::memcpy(&g, gate + i, sizeof(Vec16));
-        std::memcpy(&u, up + i, sizeof(Vec16));
-        const Vec16 out = g / (1.f + maxjax::Exp(-g)) * u;
-        std::memcpy(y + (m0 + i / kPanel) * F + p * kPanel + i % kPanel, &out, sizeof(Vec16));
+      float* out = y + m0 * N + p * kPanel;
+      if (f.silu_glu) {
+        kBlocks[rows](x + m0 * K, K, panel, gate, kPanel);
+        kBlocks[rows](x + m0 * K, K, panel + N / kPanel * K * kPanel, up, kPanel);  // up: N / 32 panels on
+        for (int64_t i = 0; i < rows * kPanel; i += 16) {
+          Vec16 g, u;
+          std::memcpy(&g, gate + i, sizeof(Vec16));
+          std::memcpy(&u, up + i, sizeof(Vec16));
+          const Vec16 v = g / (1.f + maxjax::Exp(-g)) * u;
+          std::memcpy(out + i / kPanel * N + i % kPanel, &v, sizeof(Vec16));
+        }
+        continue;
+      }
+      kBlocks[rows](x + m0 * K, K, panel, out, N);
+      if (f.residual == nullptr) continue;
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* r = f.residual + (m0 + m) * N + p * kPanel;
+        for (int i = 0; i < kPanel; ++i) out[m * N + i] += r[i];
       }
     }
   }
 }
 
-// fn(first panel, end panel) over `panels` panels cut into chunks, on XLA's thread pool for long calls (a
-// prefill's rows) and on maxjax's spinning workers for short ones (decode steps), see workers.h.
+// RMSNorm of rows [m0, m1) of x into xn, in llama.rms_norm's float32 steps.
+void NormRows(const float* x, int64_t K, const Fusion& f, float* xn, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * K;
+    Vec16 sums{};
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      Vec16 v;
+      std::memcpy(&v, row + k, sizeof(Vec16));
+      sums += v * v;
+    }
+    float squares = maxjax::LaneSum(sums);
+    for (; k < K; ++k) squares += row[k] * row[k];
+    const float inv = 1.f / std::sqrt(squares / K + f.eps);
+    for (int64_t k = 0; k < K; ++k) xn[m * K + k] = (f.offset + f.norm_weight[k]) * (row[k] * inv);
+  }
+}
+
+// fn(c) for c in [0, chunks): on XLA's thread pool for long calls (a prefill's rows) and on maxjax's spinning
+// workers for short ones (decode steps), see workers.h.
 template <typename F>
-void ForPanelChunks(ffi::ThreadPool& pool, int64_t M, int64_t panels, const F& fn) {
-  const int64_t chunks = maxjax::ChunkCount(panels);
-  const auto chunk = [&](int64_t c) { fn(panels * c / chunks, panels * (c + 1) / chunks); };
+void ForChunks(ffi::ThreadPool& pool, int64_t M, int64_t chunks, const F& fn) {
   if (M >= kPoolRows) {
-    maxjax::ParallelForOn(chunks, chunk, maxjax::Workers::Get().size(),
+    maxjax::ParallelForOn(chunks, fn, maxjax::Workers::Get().size(),
                           [&](auto task) { pool.Schedule(std::move(task)); });
   } else {
-    maxjax::ParallelFor(chunks, chunk);
+    maxjax::ParallelFor(chunks, fn);
   }
 }
 
-bool Shaped(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w) {
+ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> norm_weight,
+                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
+                           float eps, float offset, bool silu_glu) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  return xd.size() == 2 && wd.size() == 3 && wd[2] == kPanel && xd[1] == wd[1];
-}
-
-ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                           ffi::ResultBuffer<ffi::F32> y) {
-  if (!Shaped(x, w)) return ffi::Error::InvalidArgument("panel_matmul: x [M, K] and w [P, K, 32] expected");
-  const float *xs = x.typed_data(), *ws = w.typed_data();
-  float* ys = y->typed_data();
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0] * kPanel;
-  ForPanelChunks(pool, M, N / kPanel, [&](int64_t p0, int64_t p1) { Panels(xs, M, K, ws, ys, N, p0, p1); });
-  return ffi::Error::Success();
-}
-
-ffi::Error SiluGluMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                             ffi::ResultBuffer<ffi::F32> y) {
-  if (!Shaped(x, w) || w.dimensions()[0] % 2 != 0) {
-    return ffi::Error::InvalidArgument("silu_glu_matmul: x [M, K] and gate|up w [2P, K, 32] expected");
+  const int64_t M = xd.size() == 2 ? xd[0] : 0, K = xd.size() == 2 ? xd[1] : 0;
+  const int64_t N = (silu_glu ? wd[0] / 2 : wd[0]) * kPanel;
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel || wd[1] != K || (silu_glu && wd[0] % 2 != 0) ||
+      (norm_weight.element_count() != 0 && norm_weight.element_count() != K) ||
+      (residual.element_count() != 0 && (silu_glu || residual.element_count() != M * N))) {
+    return ffi::Error::InvalidArgument(
+        "panel_matmul: x [M, K], norm weight [K] or [0], w [P, K, 32] (gate | up with silu_glu), residual "
+        "[M, 32 P] or [0] expected");
   }
-  const float *xs = x.typed_data(), *ws = w.typed_data();
+  Fusion f;
+  f.eps = eps;
+  f.offset = offset;
+  f.silu_glu = silu_glu;
+  if (residual.element_count() != 0) f.residual = residual.typed_data();
+  const float* xs = x.typed_data();
+  thread_local std::vector<float> normed;
+  if (norm_weight.element_count() != 0) {
+    f.norm_weight = norm_weight.typed_data();
+    normed.resize(M * K);
+    float* xn = normed.data();  // this thread's buffer (a worker naming `normed` would get its own)
+    const int64_t chunks = maxjax::ChunkCount(M);
+    ForChunks(pool, M, chunks, [&](int64_t c) { NormRows(xs, K, f, xn, M * c / chunks, M * (c + 1) / chunks); });
+    xs = xn;
+  }
+  const float* ws = w.typed_data();
   float* ys = y->typed_data();
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], F = w.dimensions()[0] / 2 * kPanel;
-  ForPanelChunks(pool, M, F / kPanel, [&](int64_t p0, int64_t p1) { SiluGluPanels(xs, M, K, ws, ys, F, p0, p1); });
+  const int64_t panels = N / kPanel, chunks = maxjax::ChunkCount(panels);
+  ForChunks(pool, M, chunks, [&](int64_t c) {
+    Panels(xs, M, K, ws, ys, N, panels * c / chunks, panels * (c + 1) / chunks, f);
+  });
   return ffi::Error::Success();
 }
 }  // namespace
@@ -150,12 +187,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxPanelMatmul, PanelMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // RMSNorm weight [K], or [0]: none
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w [P, K, 32]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // [M, 32 P]
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxSiluGluMatmul, SiluGluMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [M, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // gate | up w [2P, K, 32]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // silu(x @ gate) * (x @ up) [M, 32 P]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // residual [M, 32 P], or [0]: none
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // [M, 32 P], or [M, 16 P] with silu_glu
+                                  .Attr<float>("eps")
+                                  .Attr<float>("offset")
+                                  .Attr<bool>("silu_glu"));

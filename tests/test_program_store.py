@@ -43,7 +43,14 @@ def test_warm_process_loads_every_program_without_tracing(tmp_path):
 
 
 def _program():
-    return jax.jit(lambda x: x * 2 + 1).lower(jnp.zeros(4, jnp.float32)).compile()
+    """Compiled here, never taken from the persistent compilation cache that an earlier test of the process may
+    have turned on (an executable from that cache can miss functions once re-serialized, see above)."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return jax.jit(lambda x: x * 2 + 1).lower(jnp.zeros(4, jnp.float32)).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def test_stale_foreign_or_damaged_entries_are_ignored(tmp_path):

@@ -268,6 +268,15 @@ def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, act
     return (act(x @ w_gate) * (x @ w_up)) @ w_down  # [..., F] -> [..., D]
 
 
+def _normed(x: jax.Array, norm: tuple | None) -> jax.Array:
+    """x RMSNormed by ``norm`` = (weight, eps, offset), or x when None."""
+    return x if norm is None else rms_norm(x, *norm)
+
+
+def _plus(residual: jax.Array | None, out: jax.Array) -> jax.Array:
+    return out if residual is None else residual + out
+
+
 def _project(h: jax.Array, layer: Params, key: str, lora_index: jax.Array | None, norm: tuple | None = None,
              residual: jax.Array | None = None) -> jax.Array:
     """``h @ layer[key]``, plus each row's LoRA update when the layer carries adapters for it
@@ -277,11 +286,11 @@ def _project(h: jax.Array, layer: Params, key: str, lora_index: jax.Array | None
     w, lora = layer[key], layer.get("lora", {}).get(key)
     if is_panels(w) and (lora is None or lora_index is None):
         return panel_matmul(h, w, norm, residual)
-    h = h if norm is None else rms_norm(h, *norm)
+    h = _normed(h, norm)
     out = linear(h, w)
     if lora is not None and lora_index is not None:
         out = out + lora_delta(h, lora, lora_index).astype(out.dtype)
-    return out if residual is None else residual + out
+    return _plus(residual, out)
 
 
 def _qkv(x: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | None = None,
@@ -294,7 +303,7 @@ def _qkv(x: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | 
         if cfg.attention_bias:
             qkv = qkv + layer["bqkv"]
         return qkv[..., :q_dim], qkv[..., q_dim:q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
-    h = x if norm is None else rms_norm(x, *norm)
+    h = _normed(x, norm)
     q, k, v = (_project(h, layer, key, lora_index) for key in ("wq", "wk", "wv"))
     if cfg.attention_bias:
         q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
@@ -314,13 +323,13 @@ def _mlp(x: jax.Array, layer: Params, act=jax.nn.silu, lora_index: jax.Array | N
             half = gate_up.shape[-1] // 2
             hidden = act(gate_up[..., :half]) * gate_up[..., half:]
         return _project(hidden, layer, "w_down", lora_index, residual=residual)
-    h = x if norm is None else rms_norm(x, *norm)
+    h = _normed(x, norm)
     if "lora" in layer or any(is_quantized(layer[name]) or is_blocks(layer[name])
                               for name in ("w_gate", "w_up", "w_down")):
         gate, up = _project(h, layer, "w_gate", lora_index), _project(h, layer, "w_up", lora_index)
         return _project(act(gate) * up, layer, "w_down", lora_index, residual=residual)
     out = mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], act)
-    return out if residual is None else residual + out
+    return _plus(residual, out)
 
 
 def _ffn(x: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | None = None,
@@ -330,10 +339,10 @@ def _ffn(x: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | 
     act = ACTIVATIONS[cfg.hidden_act]
     if not cfg.num_experts:
         return _mlp(x, layer, act, lora_index, norm, residual)
-    h = x if norm is None else rms_norm(x, *norm)
+    h = _normed(x, norm)
     out = moe.sparse_moe(h, layer["router"], layer["e_gate"], layer["e_up"], layer["e_down"],
                          cfg.num_experts_per_tok, cfg.norm_topk_prob, act)
-    return out if residual is None else residual + out
+    return _plus(residual, out)
 
 
 def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,

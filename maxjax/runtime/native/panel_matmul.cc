@@ -175,7 +175,9 @@ ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   }
   const float* ws = w.typed_data();
   float* ys = y->typed_data();
-  const int64_t panels = N / kPanel, chunks = maxjax::ChunkCount(panels);
+  // Long calls: one panel per chunk, so that the threads finish together (a few chunks per thread left one
+  // idle for up to a chunk's time, ~5% of a prefill product).
+  const int64_t panels = N / kPanel, chunks = M >= kPoolRows ? panels : maxjax::ChunkCount(panels);
   ForChunks(pool, M, chunks, [&](int64_t c) {
     Panels(xs, M, K, ws, ys, N, panels * c / chunks, panels * (c + 1) / chunks, f);
   });

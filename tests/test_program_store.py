@@ -43,12 +43,13 @@ def test_warm_process_loads_every_program_without_tracing(tmp_path):
 
 
 def _program():
-    """Compiled here, never taken from the persistent compilation cache that an earlier test of the process may
-    have turned on (an executable from that cache can miss functions once re-serialized, see above)."""
+    """x * 2 + 1, compiled here: never from the persistent compilation cache an earlier test of the process may
+    have turned on, and written as no other test's program is (an executable whose kernels XLA took from an
+    earlier compilation can miss functions once re-serialized, see above)."""
     enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     try:
-        return jax.jit(lambda x: x * 2 + 1).lower(jnp.zeros(4, jnp.float32)).compile()
+        return jax.jit(lambda x: (x + 0.5) * 2.0).lower(jnp.zeros(4, jnp.float32)).compile()
     finally:
         jax.config.update("jax_enable_compilation_cache", enabled)
 

@@ -277,17 +277,23 @@ def _plus(residual: jax.Array | None, out: jax.Array) -> jax.Array:
     return out if residual is None else residual + out
 
 
+def _runs_natively(layer: Params, key: str, lora_index: jax.Array | None) -> bool:
+    """Whether ``layer[key]``'s product is one native call with its norm, residual or SwiGLU fused: a packed
+    weight with no adapter update to add."""
+    return is_panels(layer[key]) and (lora_index is None or key not in layer.get("lora", {}))
+
+
 def _project(h: jax.Array, layer: Params, key: str, lora_index: jax.Array | None, norm: tuple | None = None,
              residual: jax.Array | None = None) -> jax.Array:
     """``h @ layer[key]``, plus each row's LoRA update when the layer carries adapters for it
     (``layer["lora"][key]``, see ``maxjax.architectures.lora``; ``lora_index`` [B] picks each row's slot);
     h RMSNormed first with ``norm`` = (weight, eps, offset), ``residual`` added after. A panel-packed weight
     without adapters runs all of it as one native kernel (``panels.panel_matmul``)."""
-    w, lora = layer[key], layer.get("lora", {}).get(key)
-    if is_panels(w) and (lora is None or lora_index is None):
-        return panel_matmul(h, w, norm, residual)
+    if _runs_natively(layer, key, lora_index):
+        return panel_matmul(h, layer[key], norm, residual)
     h = _normed(h, norm)
-    out = linear(h, w)
+    out = linear(h, layer[key])
+    lora = layer.get("lora", {}).get(key)
     if lora is not None and lora_index is not None:
         out = out + lora_delta(h, lora, lora_index).astype(out.dtype)
     return _plus(residual, out)
@@ -315,9 +321,9 @@ def _mlp(x: jax.Array, layer: Params, act=jax.nn.silu, lora_index: jax.Array | N
     """Gated MLP of x RMSNormed by ``norm``, from separate or fused gate/up weights, ``residual`` added:
     [B, T, D] -> [B, T, D]. SwiGLU over a packed gate|up weight runs in the native product's epilogue."""
     if "w_gate_up" in layer:
-        w = layer["w_gate_up"]
-        if act is jax.nn.silu and silu_glu_fusable(w) and "w_gate_up" not in layer.get("lora", {}):
-            hidden = panel_matmul(x, w, norm, silu_glu=True)  # [B, T, F]
+        if act is jax.nn.silu and _runs_natively(layer, "w_gate_up", lora_index) and silu_glu_fusable(
+                layer["w_gate_up"]):
+            hidden = panel_matmul(x, layer["w_gate_up"], norm, silu_glu=True)  # [B, T, F]
         else:
             gate_up = _project(x, layer, "w_gate_up", lora_index, norm)  # [B, T, 2F]
             half = gate_up.shape[-1] // 2

@@ -236,7 +236,8 @@ void Panels(const float* x, int64_t M, int64_t K, const void* q, const uint16_t*
 }
 
 template <class Panel>
-ffi::Error Run(const ffi::Buffer<ffi::F32>& x, const ffi::AnyBuffer& q, const ffi::Buffer<ffi::F16>& scale,
+ffi::Error Run(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const ffi::AnyBuffer& q,
+               const ffi::Buffer<ffi::F16>& scale,
                const uint16_t* min, ffi::ResultBuffer<ffi::F32>& y, int64_t values_per_step) {
   const auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions();
   if (xd.size() != 2 || qd.size() != 4 || sd.size() != 3 || qd[3] != kPanel || qd[2] != values_per_step ||
@@ -249,32 +250,34 @@ ffi::Error Run(const ffi::Buffer<ffi::F32>& x, const ffi::AnyBuffer& q, const ff
   float* ys = y->typed_data();
   const int64_t M = xd[0], K = xd[1], panels = qd[0], N = panels * kPanel;
   if (M == 0) return ffi::Error::Success();
-  const int64_t chunks = maxjax::ChunkCount(panels);
-  maxjax::ParallelFor(chunks, [&](int64_t c) {
-    Panels<Panel>(xs, M, K, qs, scales, min, ys, N, panels * c / chunks, panels * (c + 1) / chunks);
+  maxjax::ForUnits(pool, M, panels, [&](int64_t p0, int64_t p1) {
+    Panels<Panel>(xs, M, K, qs, scales, min, ys, N, p0, p1);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Q4MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F16> scale,
+ffi::Error Q4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                        ffi::Buffer<ffi::F16> scale,
                         ffi::Buffer<ffi::F16> min, ffi::ResultBuffer<ffi::F32> y) {
   const auto md = min.dimensions(), sd = scale.dimensions();
   if (q.element_type() != ffi::U8 || !std::equal(md.begin(), md.end(), sd.begin(), sd.end())) {
     return ffi::Error::InvalidArgument("q4_matmul: q uint8 and min shaped like scale expected");
   }
-  return Run<Q4Panel>(x, q, scale, min.typed_data(), y, 16);
+  return Run<Q4Panel>(pool, x, q, scale, min.typed_data(), y, 16);
 }
 
-ffi::Error Q8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F16> scale,
+ffi::Error Q8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                        ffi::Buffer<ffi::F16> scale,
                         ffi::ResultBuffer<ffi::F32> y) {
   if (q.element_type() != ffi::S8) return ffi::Error::InvalidArgument("q8_matmul: q int8 expected");
-  return Run<Q8Panel>(x, q, scale, nullptr, y, kBlock);
+  return Run<Q8Panel>(pool, x, q, scale, nullptr, y, kBlock);
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxQ4Matmul, Q4MatmulImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
@@ -283,6 +286,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxQ4Matmul, Q4MatmulImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxQ8Matmul, Q8MatmulImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F16>>()

@@ -24,25 +24,18 @@ namespace ffi = xla::ffi;
 namespace {
 
 using maxjax::Int16;
+using maxjax::Load;
+using maxjax::Store;
 using maxjax::Vec16;
 typedef char Byte16 __attribute__((vector_size(16)));
 
 constexpr float kMasked = -1e30f;
 constexpr int64_t kQueryTile = 16;  // queries per task: G x 16 score rows
 constexpr int64_t kKeyBlock = 32;   // keys per scores block (two vectors)
-constexpr int64_t kPoolQueries = 64;  // from this many queries a call runs on XLA's thread pool
 
 struct Shapes {
   int64_t B, T, H, KVH, Dh, S;
 };
-
-Vec16 Load(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(Vec16));
-  return v;
-}
-
-void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(Vec16)); }
 
 // scores[r, j] = q[r] . key j for 8 rows of q ([8, Dh], rows Dh apart) and keys j0 .. j0 + 31 of kt.
 void ScoresBlock(const float* q, int64_t Dh, const float* kt, int64_t S, int64_t j0, float* scores, int64_t ld) {
@@ -170,8 +163,9 @@ void Task(const Shapes& s, const float* q, const float* kt, const float* v, cons
   }
 }
 
-ffi::Error ChunkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kt, ffi::Buffer<ffi::F32> v,
-                              ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error ChunkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kt,
+                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                              ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = kt.dimensions(), vd = v.dimensions(), md = mask.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3 || qd[3] % 16 != 0 ||
       kd[0] != qd[0] || kd[2] != qd[3] || qd[2] % kd[1] != 0 || vd[0] != qd[0] || vd[1] != kd[1] ||
@@ -192,11 +186,7 @@ ffi::Error ChunkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
     const int64_t t0 = tile * kQueryTile;
     Task(s, qs, ks, vs, ms, os, bk / s.KVH, bk % s.KVH, t0, std::min(kQueryTile, s.T - t0), buffer);
   };
-  if (s.B * s.T >= kPoolQueries) {  // a prefill chunk: XLA's thread pool (see workers.h)
-    maxjax::ParallelForOn(tasks, run, pool.num_threads(), [&](auto task) { pool.Schedule(std::move(task)); });
-  } else {
-    maxjax::ParallelFor(tasks, run);
-  }
+  maxjax::ParallelFor(pool, s.B * s.T >= maxjax::kLongCallRows, tasks, run);
   return ffi::Error::Success();
 }
 

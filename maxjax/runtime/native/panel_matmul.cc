@@ -22,7 +22,6 @@ namespace {
 
 constexpr int kPanel = 32;     // columns per panel: two 16-float vectors
 constexpr int kRowBlock = 8;   // rows whose accumulators stay in registers (8 x 2 vectors)
-constexpr int64_t kPoolRows = 64;  // from this many rows a call runs on XLA's thread pool (workers.h)
 using maxjax::Vec16;
 
 // Rows [0, MB) of x times one panel, written to y's 32 columns at n0. (No software prefetch: the panels are
@@ -97,11 +96,8 @@ void Panels(const float* x, int64_t M, int64_t K, const float* w, float* y, int6
         kBlocks[rows](x + m0 * K, K, panel, gate, kPanel);
         kBlocks[rows](x + m0 * K, K, panel + N / kPanel * K * kPanel, up, kPanel);  // up: N / 32 panels on
         for (int64_t i = 0; i < rows * kPanel; i += 16) {
-          Vec16 g, u;
-          std::memcpy(&g, gate + i, sizeof(Vec16));
-          std::memcpy(&u, up + i, sizeof(Vec16));
-          const Vec16 v = g / (1.f + maxjax::Exp(-g)) * u;
-          std::memcpy(out + i / kPanel * N + i % kPanel, &v, sizeof(Vec16));
+          const Vec16 g = maxjax::Load(gate + i);
+          maxjax::Store(out + i / kPanel * N + i % kPanel, g / (1.f + maxjax::Exp(-g)) * maxjax::Load(up + i));
         }
         continue;
       }
@@ -133,18 +129,6 @@ void NormRows(const float* x, int64_t K, const Fusion& f, float* xn, int64_t m0,
   }
 }
 
-// fn(c) for c in [0, chunks): on XLA's thread pool for long calls (a prefill's rows) and on maxjax's spinning
-// workers for short ones (decode steps), see workers.h.
-template <typename F>
-void ForChunks(ffi::ThreadPool& pool, int64_t M, int64_t chunks, const F& fn) {
-  if (M >= kPoolRows) {
-    maxjax::ParallelForOn(chunks, fn, maxjax::Workers::Get().size(),
-                          [&](auto task) { pool.Schedule(std::move(task)); });
-  } else {
-    maxjax::ParallelFor(chunks, fn);
-  }
-}
-
 ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> norm_weight,
                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
                            float eps, float offset, bool silu_glu) {
@@ -169,18 +153,13 @@ ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
     f.norm_weight = norm_weight.typed_data();
     normed.resize(M * K);
     float* xn = normed.data();  // this thread's buffer (a worker naming `normed` would get its own)
-    const int64_t chunks = maxjax::ChunkCount(M);
-    ForChunks(pool, M, chunks, [&](int64_t c) { NormRows(xs, K, f, xn, M * c / chunks, M * (c + 1) / chunks); });
+    maxjax::ForUnits(pool, M, M, [&](int64_t m0, int64_t m1) { NormRows(xs, K, f, xn, m0, m1); });
     xs = xn;
   }
   const float* ws = w.typed_data();
   float* ys = y->typed_data();
-  // Long calls: one panel per chunk, so that the threads finish together (a few chunks per thread left one
-  // idle for up to a chunk's time, ~5% of a prefill product).
-  const int64_t panels = N / kPanel, chunks = M >= kPoolRows ? panels : maxjax::ChunkCount(panels);
-  ForChunks(pool, M, chunks, [&](int64_t c) {
-    Panels(xs, M, K, ws, ys, N, panels * c / chunks, panels * (c + 1) / chunks, f);
-  });
+  maxjax::ForUnits(pool, M, N / kPanel,
+                   [&](int64_t p0, int64_t p1) { Panels(xs, M, K, ws, ys, N, p0, p1, f); });
   return ffi::Error::Success();
 }
 }  // namespace

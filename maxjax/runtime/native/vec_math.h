@@ -15,6 +15,14 @@ typedef float Vec8 __attribute__((vector_size(32)));
 typedef float Vec4 __attribute__((vector_size(16)));
 typedef int32_t Int16 __attribute__((vector_size(64)));
 
+inline Vec16 Load(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof(Vec16));
+  return v;
+}
+
+inline void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(Vec16)); }
+
 // The sum of a vector's lanes as a tree (halves added): a few dependent adds instead of 16, in registers.
 inline float LaneSum(Vec16 v) {
   const Vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +

@@ -140,6 +140,29 @@ inline int64_t ChunkCount(int64_t units) {
   return std::min<int64_t>(units, 4 * (Workers::Get().size() + 1));
 }
 
+// A kernel call is long from this many rows (or queries): a prefill chunk's, not a decode step's.
+constexpr int64_t kLongCallRows = 64;
+
+// fn(chunk) for every chunk in [0, chunks): a long call on XLA's intra-op thread pool (`pool.Schedule`), a short
+// one on maxjax's spinning workers (see `Workers` and `ParallelForOn` for why each).
+template <typename Pool, typename F>
+void ParallelFor(Pool& pool, bool long_call, int64_t chunks, const F& fn) {
+  if (long_call) {
+    ParallelForOn(chunks, fn, Workers::Get().size(), [&](auto task) { pool.Schedule(std::move(task)); });
+  } else {
+    ParallelFor(chunks, fn);
+  }
+}
+
+// fn(first, end) over `units` (weight panels) cut into chunks: one unit per chunk for a long call, so that the
+// threads finish together (a few chunks per thread left one idle for up to a chunk, ~5% of a prefill product).
+template <typename Pool, typename F>
+void ForUnits(Pool& pool, int64_t rows, int64_t units, const F& fn) {
+  const bool long_call = rows >= kLongCallRows;
+  const int64_t chunks = long_call ? units : ChunkCount(units);
+  ParallelFor(pool, long_call, chunks, [&](int64_t c) { fn(units * c / chunks, units * (c + 1) / chunks); });
+}
+
 }  // namespace maxjax
 
 #endif  // MAXJAX_NATIVE_WORKERS_H_

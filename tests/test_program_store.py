@@ -43,15 +43,7 @@ def test_warm_process_loads_every_program_without_tracing(tmp_path):
 
 
 def _program():
-    """x * 2 + 1, compiled here: never from the persistent compilation cache an earlier test of the process may
-    have turned on, and written as no other test's program is (an executable whose kernels XLA took from an
-    earlier compilation can miss functions once re-serialized, see above)."""
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        return jax.jit(lambda x: (x + 0.5) * 2.0).lower(jnp.zeros(4, jnp.float32)).compile()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", enabled)
+    return jax.jit(lambda x: x * 2 + 1).lower(jnp.zeros(4, jnp.float32)).compile()
 
 
 def test_stale_foreign_or_damaged_entries_are_ignored(tmp_path):

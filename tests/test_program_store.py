@@ -7,12 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from maxjax.runtime.program_store import ProgramStore
-
 WORKER = Path(__file__).with_name("program_store_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,24 +36,7 @@ def test_warm_process_loads_every_program_without_tracing(tmp_path):
     assert len(list((tmp_path / "programs").glob("*.program"))) == 3 + 2
 
 
-def _program():
-    return jax.jit(lambda x: x * 2 + 1).lower(jnp.zeros(4, jnp.float32)).compile()
-
-
 def test_stale_foreign_or_damaged_entries_are_ignored(tmp_path):
-    store = ProgramStore(tmp_path)
-    store.save("key-a", _program())
-    (entry,) = tmp_path.glob("*.program")
-    loaded = store.load("key-a")
-    np.testing.assert_array_equal(loaded(jnp.arange(4, dtype=jnp.float32)), [1, 3, 5, 7])
-    assert store.load("key-b") is None  # absent
-    store._path("key-b").write_bytes(entry.read_bytes())  # a file under another key's name
-    assert store.load("key-b") is None
-    data = bytearray(entry.read_bytes())
-    data[-100] ^= 0xFF  # one flipped byte in the payload
-    entry.write_bytes(bytes(data))
-    assert store.load("key-a") is None
-    entry.write_bytes(b"garbage")
-    assert store.load("key-a") is None
-    entry.write_bytes(data[: len(data) // 2])  # truncated by a crash mid-write
-    assert store.load("key-a") is None
+    """In a fresh process (program_store_worker.py --entries): after other compilations in one process, XLA CPU
+    can serialize an executable without kernels it shares with them, and the loaded copy then fails to run."""
+    assert start(tmp_path, "--entries") == {"entries": "ok"}

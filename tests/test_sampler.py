@@ -1,5 +1,6 @@
 """The on-device sampler against exact numpy references: distributions, penalties, masks, seeds."""
 
+import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,10 +171,27 @@ def test_filter_fast_paths_equal_the_bisections_exactly(top_k, top_p, min_p):
     assert kept[0] >= 1 and (kept[np.asarray(top_k) == 3] >= 3).all()
 
 
-def test_argmax_is_jnp_argmax_with_ties_and_infinities():
+@pytest.mark.parametrize("native_kernel", [True, False], ids=["native", "xla"])
+@pytest.mark.parametrize("vocab", [3000, 49152, 13])
+def test_argmax_is_jnp_argmax_with_ties_and_infinities(native_kernel, vocab):
+    """The native kernel (CPU) and the XLA form: the first index of the maximum, over a vocabulary that fills
+    whole vectors or not; a row holding a NaN gives its first NaN's index (the native kernel; the XLA form's
+    answer there is unspecified)."""
+    from maxjax.runtime import native
     from maxjax.runtime.sampler import argmax
 
-    x = np.round(np.random.default_rng(1).normal(0, 1, (5, 3000)), 1).astype(np.float32)  # many ties
+    x = np.round(np.random.default_rng(vocab).normal(0, 1, (6, vocab)), 1).astype(np.float32)  # many ties
     x[1] = -np.inf
-    x[2, 7] = x[2, 2500] = np.inf
-    np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
+    x[2, 7] = x[2, vocab - 2] = np.inf
+    x[3, vocab - 1] = x[3].max() + 1  # the maximum in the last, partial vector
+    x[4, 5] = x[4, 9] = np.nan
+    with contextlib.nullcontext() if native_kernel else native.disabled():
+        program = jax.jit(lambda logits: argmax(logits))  # a new function: no trace shared between the forms
+        got = np.asarray(program(jnp.asarray(x)))
+        batched = np.asarray(program(jnp.asarray(x.reshape(2, 3, vocab))))
+        assert ("maxjax_argmax" in program.lower(jnp.asarray(x)).as_text()) == (
+            native_kernel and native.ffi_target("maxjax_argmax") is not None)
+    want = np.argmax(x, axis=-1)  # numpy: the first NaN too
+    rows = slice(None) if native_kernel else [0, 1, 2, 3, 5]
+    np.testing.assert_array_equal(got[rows], want[rows])
+    np.testing.assert_array_equal(batched.reshape(-1)[rows], want[rows])

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from maxjax.runtime import native
+
 NEG_INF = -jnp.inf
 
 
@@ -149,14 +151,23 @@ def _kth_largest(keys: jax.Array, k: jax.Array) -> jax.Array:
     return lo
 
 
+ARGMAX_TARGET = "maxjax_argmax"  # FFI target (maxjax.runtime.native.KERNELS)
+
+
 def argmax(x: jax.Array) -> jax.Array:
-    """``jnp.argmax(x, axis=-1)`` as int32 (the first index of the maximum). On the CPU from two plain
-    reductions (the max, then the smallest index holding it, as float32: exact below 2**24): XLA CPU runs the
-    (value, index) pair reduction of argmax element by element, 7x slower over a batch of 8 rows of 49152.
-    Elsewhere the pair reduction is one kernel. A row without a maximum (NaN) gives its last index on the CPU."""
+    """``jnp.argmax(x, axis=-1)`` as int32 (the first index of the maximum). On the CPU by the native kernel
+    (``runtime/native/argmax.cc``) or from two plain reductions (the max, then the smallest index holding it, as
+    float32: exact below 2**24): XLA CPU runs the (value, index) pair reduction of argmax element by element, 7x
+    slower over a batch of 8 rows of 49152, and even the plain reductions read ~1 GB/s. Elsewhere the pair
+    reduction is one kernel. A row holding a NaN gives its first NaN's index, except in the two-reduction form
+    (used without the native kernels), where it is unspecified."""
     size = x.shape[-1]
     if jax.default_backend() != "cpu" or size >= 1 << 24:
         return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    if x.dtype == jnp.float32 and size > 0 and native.ffi_target(ARGMAX_TARGET) is not None:
+        rows = x.reshape(-1, size)
+        out = jax.ffi.ffi_call(ARGMAX_TARGET, jax.ShapeDtypeStruct(rows.shape[:1], jnp.int32))(rows)
+        return out.reshape(x.shape[:-1])
     top = jnp.max(x, axis=-1, keepdims=True)
     index = jax.lax.broadcasted_iota(jnp.float32, x.shape, x.ndim - 1)
     first = jnp.min(jnp.where(x == top, index, jnp.float32(size)), axis=-1)
@@ -167,13 +178,31 @@ def processed_logits(logits: jax.Array, counts: jax.Array, num_generated: jax.Ar
                      s: SamplingBatch) -> jax.Array:
     """Steps 1-4 of the order above: penalties, the min-tokens stop mask and the grammar bitmask.
 
-    Greedy rows take the argmax of these; sampled rows draw from ``filter_logits`` of them. ``sample`` and
-    the speculative verify step (``maxjax.runtime.verify``) share this, so both see the same distribution.
+    Greedy rows take the argmax of these (`greedy_tokens`); sampled rows draw from ``filter_logits`` of them.
+    ``sample`` and the speculative verify step (``maxjax.runtime.verify``) share this, so both see the same
+    distribution.
     """
     vocab = logits.shape[-1]
     logits = apply_penalties(logits, counts, s)
     logits = mask_stop_ids(logits, s.stop_ids, num_generated < s.min_tokens)
     return jnp.where(unpack_bitmask(s.bitmask, vocab), logits, NEG_INF)
+
+
+def greedy_tokens(logits: jax.Array, counts: jax.Array, num_generated: jax.Array, s: SamplingBatch) -> jax.Array:
+    """int32 [B]: the argmax of ``processed_logits``. A batch where no row sets a penalty, a min-tokens stop mask
+    or a grammar bitmask (`changes_logits`) skips those passes over [B, V]: on the CPU they took longer than the
+    argmax itself (~2 ms of a batch-32 step). (The branches return tokens, not logits: a branch returning its
+    operand costs XLA two copies of [B, V].)"""
+    return jax.lax.cond(changes_logits(num_generated, s),
+                        lambda logits: argmax(processed_logits(logits, counts, num_generated, s)), argmax, logits)
+
+
+def changes_logits(num_generated: jax.Array, s: SamplingBatch) -> jax.Array:
+    """bool []: whether any row's penalties, min-tokens stop mask or grammar bitmask can change its logits."""
+    penalized = (s.repetition_penalty != 1) | (s.frequency_penalty != 0) | (s.presence_penalty != 0)
+    stop_masked = (num_generated < s.min_tokens) & jnp.any(s.stop_ids >= 0, axis=-1)
+    constrained = jnp.any(s.bitmask != jnp.uint32(0xFFFFFFFF), axis=-1)
+    return jnp.any(penalized | stop_masked | constrained)
 
 
 def greedy_rows(s: SamplingBatch) -> jax.Array:
@@ -194,12 +223,11 @@ def sample(logits: jax.Array, counts: jax.Array, num_generated: jax.Array,
     were generated (it selects the random stream and the min-tokens mask).
     """
     vocab = logits.shape[-1]
-    logits = processed_logits(logits, counts, num_generated, s)
     greedy_row = greedy_rows(s)
-    greedy = argmax(logits)  # [B]
+    greedy = greedy_tokens(logits, counts, num_generated, s)  # [B]
 
     def draw(logits):
-        filtered = filter_logits(logits, s)
+        filtered = filter_logits(processed_logits(logits, counts, num_generated, s), s)
         keys = row_keys(s.seed, num_generated)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
         return argmax(filtered + gumbel)

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from maxjax.runtime.sampler import (NEG_INF, SamplingBatch, argmax, filter_logits, greedy_rows, processed_logits,
-                                    row_keys)
+from maxjax.runtime.sampler import (NEG_INF, SamplingBatch, argmax, filter_logits, greedy_rows, greedy_tokens,
+                                    processed_logits, row_keys)
 from maxjax.runtime.steps import maybe_logprobs
 
 
@@ -92,15 +92,15 @@ def verify_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: ja
 
     flat_s = jax.tree.map(lambda a: jnp.repeat(a, positions, axis=0), sampling)  # every field per position
     flat_generated = (rows.num_generated[:, None] + j).reshape(-1)  # [B * T]
-    processed = processed_logits(logits.reshape(-1, vocab),
-                                 _position_counts(row_counts, drafts, is_draft).reshape(-1, vocab),
-                                 flat_generated, flat_s).reshape(logits.shape)  # [B, T, V]
-    greedy_token = argmax(processed)  # [B, T]
+    flat = (logits.reshape(-1, vocab), _position_counts(row_counts, drafts, is_draft).reshape(-1, vocab),
+            flat_generated, flat_s)  # every position a row of [B * T, V]
+    greedy_token = greedy_tokens(*flat).reshape(drafts.shape[0], -1)  # [B, T]
     greedy = greedy_rows(sampling)
     accepted, stop_token = jax.lax.cond(
         jnp.all(greedy),
         lambda: (drafts == greedy_token[:, :-1], greedy_token),
-        lambda: _sampled_acceptance(processed, drafts, is_draft, flat_s, row_keys(flat_s.seed, flat_generated)))
+        lambda: _sampled_acceptance(processed_logits(*flat).reshape(logits.shape), drafts, is_draft, flat_s,
+                                    row_keys(flat_s.seed, flat_generated)))
     accepted = jnp.where(greedy[:, None], drafts == greedy_token[:, :-1], accepted) & is_draft
     stop_token = jnp.where(greedy[:, None], greedy_token, stop_token)
     num_accepted = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1)  # [B]

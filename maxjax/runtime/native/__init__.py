@@ -95,6 +95,7 @@ KERNELS = {
     "maxjax_chunk_attention": "MaxjaxChunkAttention",
     "maxjax_q4_matmul": "MaxjaxQ4Matmul",
     "maxjax_q8_matmul": "MaxjaxQ8Matmul",
+    "maxjax_argmax": "MaxjaxArgmax",
 }
 
 

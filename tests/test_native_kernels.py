@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from maxjax.architectures import attention, llama, panels
+from maxjax.architectures.rope import apply_rope, rope_cos_sin
 from maxjax.runtime import native
 
 
@@ -98,10 +99,13 @@ def test_without_the_kernel_weights_stay_for_xla_dots(tmp_path, env):
     assert out.stdout.split()[-1] == "0"
 
 
+@pytest.mark.parametrize("rotated_here", [True, False], ids=["rotated-in-kernel", "rotated-before"])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, scale, cap", [(9, 3, 64, None, None), (4, 4, 20, 0.3, 5.0)])
-def test_decode_attention_in_place_matches_the_xla_form(kernel, heads, kv_heads, head_dim, scale, cap):
+def test_decode_attention_in_place_matches_the_xla_form(kernel, heads, kv_heads, head_dim, scale, cap,
+                                                        rotated_here):
     """Rows on scattered slots at different lengths, one a padding row (position -1, sees nothing), grouped
-    heads, an odd head size, a scale and a soft cap: the same output as `with_new_key` + `attention`."""
+    heads, an even head size that is not whole vectors, a scale and a soft cap: from q | k | v the same output as
+    `apply_rope`, `with_new_key` and `attention`, and the new rotated k and v (for the deferred write)."""
     layers, num_slots, max_len, span, B = 2, 5, 40, 32, 4
     rng = np.random.default_rng(heads)
     cache = llama.KVCache(*(jnp.asarray(rng.standard_normal((layers, num_slots, kv_heads, max_len, head_dim)),
@@ -110,16 +114,21 @@ def test_decode_attention_in_place_matches_the_xla_form(kernel, heads, kv_heads,
     k, v = (jnp.asarray(rng.standard_normal((B, 1, kv_heads, head_dim)), jnp.float32) for _ in range(2))
     slots = jnp.array([3, 0, 4, 1], jnp.int32)
     positions = jnp.array([[5], [31], [0], [-1]], jnp.int32)
+    cos, sin = rope_cos_sin(10000.0, head_dim, None, positions)  # [B, 1, Dh]
+    q_rotated, k_rotated = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     mask = attention.hide_current(attention.attention_mask(positions, span, None), positions)  # [B, 1, S]
     keys, values = cache.k[1, slots, :, :span], cache.v[1, slots, :, :span]
-    keys, values, full_mask = attention.with_new_key(keys, values, mask, positions, k, v)
+    keys, values, full_mask = attention.with_new_key(keys, values, mask, positions, k_rotated, v)
     with native.disabled():
-        expected = attention.attention(q, keys, values, full_mask, scale, cap)
-    got = jax.jit(attention.decode_attention_in_place, static_argnums=(2, 8, 9))(
-        q, cache, 1, slots, positions, mask, k, v, scale, cap)
+        expected = attention.attention(q_rotated, keys, values, full_mask, scale, cap)
+    joined = (q, k, v) if rotated_here else (q_rotated, k_rotated, v)
+    qkv = jnp.concatenate([a.reshape(B, 1, -1) for a in joined], axis=-1)  # [B, 1, (H + 2 KVH) Dh]
+    got, new_k, new_v = jax.jit(attention.decode_attention_in_place, static_argnums=(2, 7, 8))(
+        qkv, cache, 1, slots, positions, mask, (cos, sin) if rotated_here else None, scale, cap)
     np.testing.assert_allclose(np.asarray(got)[:3], np.asarray(expected)[:3], atol=2e-6, rtol=0)
     assert np.isfinite(np.asarray(got)).all()  # the padding row too
-
+    np.testing.assert_allclose(np.asarray(new_k), np.asarray(k_rotated), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(np.asarray(new_v), np.asarray(v))
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim, span, chunk, scale", [

@@ -184,22 +184,28 @@ def reads_cache_in_place(cache: Any, dtype: Any) -> bool:
             and native.ffi_target(DECODE_ATTENTION_TARGET) is not None)
 
 
-def decode_attention_in_place(q: jax.Array, cache: Any, layer: int, slots: jax.Array, positions: jax.Array,
-                              mask: jax.Array, k: jax.Array, v: jax.Array, scale: float | None,
-                              logit_cap: float | None) -> jax.Array:
-    """`attention` of one decode step (q [B, 1, H, Dh]) over the cache entries `mask` [B, 1, S] shows (from
-    `hide_current`) and each row's new k, v [B, 1, KVH, Dh], as `with_new_key` + `attention` compute it, by the
-    native kernel (``runtime/native/decode_attention.cc``) that reads the cache where it is: the XLA form first
-    copies every row's keys and values out of it. -> [B, 1, H, Dh]."""
+def decode_attention_in_place(qkv: jax.Array, cache: Any, layer: int, slots: jax.Array, positions: jax.Array,
+                              mask: jax.Array, rotation: tuple[jax.Array, jax.Array] | None, scale: float | None,
+                              logit_cap: float | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`attention` of one decode step over the cache entries `mask` [B, 1, S] shows (from `hide_current`) and
+    each row's new key, as `with_new_key` + `attention` compute it, by the native kernel
+    (``runtime/native/decode_attention.cc``) that reads the cache where it is: the XLA form first copies every
+    row's keys and values out of it. ``qkv`` [B, 1, (H + 2 KVH) Dh] is the new token's q | k | v, q and k
+    rotated by ``rotation`` = (cos, sin) [B, 1, Dh] inside the kernel (None: they come rotated).
+    -> (attention [B, 1, H, Dh], the new k (rotated) and v [B, 1, KVH, Dh] for the deferred cache write)."""
     native.ffi_target(DECODE_ATTENTION_TARGET)  # registered by `reads_cache_in_place`; a no-op then
-    B, _, H, Dh = q.shape
-    KVH = k.shape[2]
+    B = qkv.shape[0]
+    KVH, Dh = cache.k.shape[2], cache.k.shape[4]
+    H = qkv.shape[-1] // Dh - 2 * KVH
     visible = jnp.concatenate([mask[:, 0], positions >= 0], axis=-1)  # [B, S + 1]: the new key last
-    out = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct((B, H, Dh), jnp.float32))(
-        q.reshape(B, H, Dh), cache.k, cache.v, slots.astype(jnp.int32), visible, k.reshape(B, KVH, Dh),
-        v.reshape(B, KVH, Dh), layer=np.int64(layer), scale=np.float32(Dh ** -0.5 if scale is None else scale),
-        softcap=np.float32(logit_cap or 0.0))
-    return out.reshape(B, 1, H, Dh)
+    none = jnp.zeros((0,), jnp.float32)
+    cos, sin = (none, none) if rotation is None else (r.reshape(B, Dh).astype(jnp.float32) for r in rotation)
+    out, k, v = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET, (jax.ShapeDtypeStruct((B, H, Dh), jnp.float32),
+                                                           jax.ShapeDtypeStruct((B, KVH, Dh), jnp.float32),
+                                                           jax.ShapeDtypeStruct((B, KVH, Dh), jnp.float32)))(
+        qkv.reshape(B, -1), cache.k, cache.v, slots.astype(jnp.int32), visible, cos, sin, layer=np.int64(layer),
+        scale=np.float32(Dh ** -0.5 if scale is None else scale), softcap=np.float32(logit_cap or 0.0))
+    return out.reshape(B, 1, H, Dh), k.reshape(B, 1, KVH, Dh), v.reshape(B, 1, KVH, Dh)
 
 
 def write_cache_layers(cache_kv: jax.Array, new: jax.Array, slots: jax.Array, positions: jax.Array) -> jax.Array:

@@ -299,21 +299,56 @@ def _project(h: jax.Array, layer: Params, key: str, lora_index: jax.Array | None
     return _plus(residual, out)
 
 
+def _joined_qkv(x: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | None,
+                norm: tuple | None) -> jax.Array | None:
+    """The fused projection q | k | v [B, T, (H + 2 KVH) * Dh] of x RMSNormed by ``norm`` (weights fused by
+    `fuse_projections`), None for separate weights."""
+    if "wqkv" not in layer:
+        return None
+    qkv = _project(x, layer, "wqkv", lora_index, norm)
+    return qkv + layer["bqkv"] if cfg.attention_bias else qkv
+
+
 def _qkv(x: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | None = None,
          norm: tuple | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Q, K, V projections [B, T, H*Dh], [B, T, KVH*Dh] x2 of x RMSNormed by ``norm``, from separate or fused
     (`fuse_projections`) weights."""
-    if "wqkv" in layer:
+    qkv = _joined_qkv(x, layer, cfg, lora_index, norm)
+    if qkv is not None:
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        qkv = _project(x, layer, "wqkv", lora_index, norm)  # [B, T, (H + 2 KVH) * Dh]
-        if cfg.attention_bias:
-            qkv = qkv + layer["bqkv"]
         return qkv[..., :q_dim], qkv[..., q_dim:q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
     h = _normed(x, norm)
     q, k, v = (_project(h, layer, key, lora_index) for key in ("wq", "wk", "wv"))
     if cfg.attention_bias:
         q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
     return q, k, v
+
+
+def _rotated_qkv(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
+                 lora_index: jax.Array | None, norm: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, T, H, Dh], k and v [B, T, KVH, Dh]: the projections, q and k normed (qk_norm) and rotated."""
+    B, T, _ = x.shape
+    H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, k, v = _qkv(x, layer, cfg, lora_index, norm)
+    q, k = q.reshape(B, T, H, Dh), k.reshape(B, T, KVH, Dh)
+    if cfg.qk_norm:
+        q, k = rms_norm(q, layer["q_norm"], *norm[1:]), rms_norm(k, layer["k_norm"], *norm[1:])
+    return rope(q, cos, sin), rope(k, cos, sin), v.reshape(B, T, KVH, Dh)
+
+
+def _decode_attention(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
+                      mask: jax.Array, cache: KVCache, layer_index: int, slots: jax.Array, positions: jax.Array,
+                      lora_index: jax.Array | None, norm: tuple, scale: float | None):
+    """A deferred-write decode step's attention by the native kernel, from the fused projection as it comes
+    (rotated in the kernel), or from the rotated projections joined (separate weights, or q/k norms, which come
+    before the rotation). -> (attention [B, 1, H, Dh], the new k and v [B, 1, KVH, Dh])."""
+    qkv = None if cfg.qk_norm else _joined_qkv(x, layer, cfg, lora_index, norm)
+    rotation = (cos, sin)
+    if qkv is None:
+        q, k, v = _rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm)
+        qkv, rotation = jnp.concatenate([a.reshape(*x.shape[:2], -1) for a in (q, k, v)], axis=-1), None
+    return decode_attention_in_place(qkv, cache, layer_index, slots, positions, mask, rotation, scale,
+                                     cfg.attn_logit_softcap)
 
 
 def _mlp(x: jax.Array, layer: Params, act=jax.nn.silu, lora_index: jax.Array | None = None,
@@ -361,23 +396,18 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     ``defer_write`` (decode, T = 1; ``mask`` from `hide_current`): the cache is left as it is, the new key is
     attended to beside it, and (k, v) [B, T, KVH, Dh] are returned for the caller to write; otherwise None."""
     B, T, _ = x.shape
-    H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    H, Dh = cfg.num_heads, cfg.head_dim
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
-    q, k, v = _qkv(x, layer, cfg, lora_index, (layer["attn_norm"], eps, offset))  # [B, T, H*Dh], [B, T, KVH*Dh] x2
-    q, k = q.reshape(B, T, H, Dh), k.reshape(B, T, KVH, Dh)
-    if cfg.qk_norm:
-        q, k = rms_norm(q, layer["q_norm"], eps, offset), rms_norm(k, layer["k_norm"], eps, offset)
-    q = rope(q, cos, sin)  # [B, T, H, Dh]
-    k = rope(k, cos, sin)  # [B, T, KVH, Dh]
-    v = v.reshape(B, T, KVH, Dh)  # [B, T, KVH, Dh]
-    if not defer_write:
-        cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
-                        v=write_cache(cache.v, layer_index, v, slots, positions))
+    norm = (layer["attn_norm"], eps, offset)
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     if defer_write and isinstance(layer_index, int) and reads_cache_in_place(cache, x.dtype):
-        attn = decode_attention_in_place(q, cache, layer_index, slots, positions, mask, k, v, scale,
-                                         cfg.attn_logit_softcap)  # [B, 1, H, Dh]
+        attn, k, v = _decode_attention(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions,
+                                       lora_index, norm, scale)  # [B, 1, H, Dh], [B, 1, KVH, Dh] x2
     else:
+        q, k, v = _rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm)  # [B, T, H, Dh], [B, T, KVH, Dh] x2
+        if not defer_write:
+            cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
+                            v=write_cache(cache.v, layer_index, v, slots, positions))
         keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
         if defer_write:
             keys, values, mask = with_new_key(keys, values, mask, positions, k, v)  # [B, KVH, S + 1, Dh]

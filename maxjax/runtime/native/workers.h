@@ -113,6 +113,10 @@ class Workers {
 // fn(chunk) for every chunk in [0, chunks), on the caller and the workers.
 template <typename F>
 void ParallelFor(int64_t chunks, const F& fn) {
+  if (chunks == 1) {  // nothing to share: no worker woken
+    fn(0);
+    return;
+  }
   Work work;
   work.call = [](const void* f, int64_t chunk) { (*static_cast<const F*>(f))(chunk); };
   work.fn = &fn;

@@ -3,8 +3,9 @@
 
 llama.cpp comes from ``llama-cpp-python``, which pip builds from source (minutes on 2 cores), so it is an
 optional extra (``pip install -e ".[bench-llamacpp]"``) and the benchmark says how to get it when missing.
-Measured like maxjax's rows: greedy (argmax of the logits), decode tokens/s ``B (N - 1) / (T(N) - T(1))``, 8
-sequences decoded together in one ``llama_batch`` per step, time to first token of one long prompt.
+Measured like maxjax's rows, every system's timed calls alternating: greedy (argmax of the logits), decode
+tokens/s ``B (N - 1) / (T(N) - T(1))``, 8 sequences decoded together in one ``llama_batch`` per step, time to
+first token of one long prompt.
 
 bench_generate.py needs three calls: ``llamacpp_comparison`` (every figure, the JSON's
 ``llamacpp_comparison``), ``format_peer_table`` (its lines of the printed table) and ``f32_read_rate`` (the
@@ -15,13 +16,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from common import generation_rates, same_tokens, timed
+from common import decode_rate, same_tokens
 
 INSTALL_HINT = ("llama.cpp is not installed: pip install llama-cpp-python (builds llama.cpp from source, several "
                 "minutes), or pip install -e \".[bench-llamacpp]\"; then rerun with --llamacpp")
@@ -120,36 +123,37 @@ class LlamaCppRunner:
         return np.stack(tokens, axis=1)
 
 
-def peer_figures(generate: Callable, prompts: dict[int, np.ndarray], new_tokens: int, ttft_prompt: np.ndarray,
-                 repeats: int) -> dict:
-    """Decode tokens/s per batch size and the time to first token of ``ttft_prompt`` for any system whose
-    ``generate(prompts, n)`` runs greedy to n new tokens (the first call of each shape is not timed)."""
-    out: dict = {"decode_tok_s": {}}
+def peer_figures(systems: dict[str, Callable], prompts: dict[int, np.ndarray], new_tokens: int,
+                 ttft_prompt: np.ndarray, repeats: int) -> dict[str, dict]:
+    """Decode tokens/s per batch size and the time to first token of ``ttft_prompt`` for each of ``systems``
+    ({label: generate}, each ``generate(prompts, n)`` greedy to n new tokens; the first call of each shape is not
+    timed). The systems' timed calls alternate, one call each in turn, so that a drift in the machine's speed
+    during the run (its memory bandwidth moves by 10-30% over minutes on a shared VM) falls on all of them alike."""
+    out = {label: {"decode_tok_s": {}} for label in systems}
     for batch, rows in prompts.items():
-        generate(rows, 2)
-        out["decode_tok_s"][batch] = generation_rates(generate, rows, new_tokens, repeats)["decode_tok_s"]
-    generate(ttft_prompt, 1)
-    out["ttft_s"] = timed(lambda: generate(ttft_prompt, 1), max(3, repeats))
+        for generate in systems.values():
+            generate(rows, 2)
+        full = alternating_medians({k: lambda g=g: g(rows, new_tokens) for k, g in systems.items()}, repeats)
+        first = alternating_medians({k: lambda g=g: g(rows, 1) for k, g in systems.items()}, repeats)
+        for label in systems:
+            out[label]["decode_tok_s"][batch] = decode_rate(len(rows), new_tokens, full[label], first[label])
+    for generate in systems.values():
+        generate(ttft_prompt, 1)
+    ttft = alternating_medians({k: lambda g=g: g(ttft_prompt, 1) for k, g in systems.items()}, max(3, repeats))
+    for label in systems:
+        out[label]["ttft_s"] = ttft[label]
     return out
 
 
-def llamacpp_figures(files: dict[str, Path], prompts: dict[int, np.ndarray], new_tokens: int,
-                     ttft_prompt: np.ndarray, threads: int, repeats: int, reference: np.ndarray) -> dict:
-    """llama.cpp on each of ``files`` ({label: GGUF}), measured as ``peer_figures`` measures maxjax;
-    ``reference`` is maxjax's float32 greedy tokens of the smallest batch, compared with each file's (the F32
-    copy must agree; 4-bit blocks may drift)."""
-    seq_len = max(prompts[max(prompts)].shape[1] + new_tokens, ttft_prompt.shape[1] + 1)
-    result = {"threads": threads}
-    for label, path in files.items():
-        runner = LlamaCppRunner(path, threads, max(prompts), 1 << (seq_len - 1).bit_length())
-        try:
-            figures = peer_figures(runner.generate, prompts, new_tokens, ttft_prompt, repeats)
-            ours = runner.generate(prompts[min(prompts)], reference.shape[1])
-            figures["greedy_same_tokens_as_maxjax"] = same_tokens(ours, reference)
-        finally:
-            runner.close()
-        result[label] = dict(figures, file=str(path), file_bytes=path.stat().st_size)
-    return result
+def alternating_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call over ``repeats`` rounds, every round calling each once in turn."""
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(repeats):
+        for label, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def llamacpp_comparison(gguf: Path, maxjax: Callable, maxjax_blocks: Callable[[], Callable],
@@ -157,8 +161,10 @@ def llamacpp_comparison(gguf: Path, maxjax: Callable, maxjax_blocks: Callable[[]
                         threads: int, cache_dir: Path, float32_single_device: bool) -> dict:
     """bench_generate's ``--llamacpp``: llama.cpp on the file and on its F32 copy (written once under
     ``cache_dir``), maxjax float32 (``maxjax``: its greedy ``generate``) and maxjax on the file's blocks
-    (``maxjax_blocks()`` loads it), measured alike in this run at batch 1 and 8 of ``prompts``. Without
-    llama.cpp, or where maxjax does not run float32 on one device from a GGUF file, says why instead."""
+    (``maxjax_blocks()`` loads it), measured alike and alternating (`peer_figures`) at batch 1 and 8 of
+    ``prompts``; each llama.cpp file's greedy tokens beside maxjax float32's (the F32 copy must agree; 4-bit
+    blocks may drift). Without llama.cpp, or where maxjax does not run float32 on one device from a GGUF file,
+    says why instead."""
     if not llamacpp_available():
         print(INSTALL_HINT, file=sys.stderr, flush=True)
         return {"missing": INSTALL_HINT}
@@ -166,18 +172,29 @@ def llamacpp_comparison(gguf: Path, maxjax: Callable, maxjax_blocks: Callable[[]
         return {"skipped": "llama.cpp runs a float32 single-device comparison on a GGUF --model"}
     peer = {b: p for b, p in prompts.items() if b in (1, 8)} or {min(prompts): prompts[min(prompts)]}
     reference = np.array(list(maxjax(peer[min(peer)], new_tokens).values()))
-    rows = {"maxjax float32": peer_figures(maxjax, peer, new_tokens, ttft_prompt, repeats)}
-    blocks = maxjax_blocks()
-    rows["maxjax quantize=gguf (blocks kept)"] = peer_figures(blocks, peer, new_tokens, ttft_prompt, repeats)
-    del blocks
     files = {"f32": f32_copy(Path(gguf), Path(cache_dir) / "f32"), "q4": Path(gguf)}
-    cpp = llamacpp_figures(files, peer, new_tokens, ttft_prompt, threads, repeats, reference)
-    rows["llama.cpp F32 copy"] = cpp["f32"]
-    rows[f"llama.cpp {Path(gguf).name}"] = cpp["q4"]
+    seq_len = max(peer[max(peer)].shape[1] + new_tokens, ttft_prompt.shape[1] + 1)
+    labels = {"f32": "llama.cpp F32 copy", "q4": f"llama.cpp {Path(gguf).name}"}
+    runners = {}
+    try:
+        for key, path in files.items():
+            runners[key] = LlamaCppRunner(path, threads, max(peer), 1 << (seq_len - 1).bit_length())
+        systems = {"maxjax float32": maxjax, "maxjax quantize=gguf (blocks kept)": maxjax_blocks(),
+                   **{labels[key]: runner.generate for key, runner in runners.items()}}
+        rows = peer_figures(systems, peer, new_tokens, ttft_prompt, repeats)
+        cpp = {"threads": threads}
+        for key, runner in runners.items():
+            same = same_tokens(runner.generate(peer[min(peer)], reference.shape[1]), reference)
+            cpp[key] = dict(rows[labels[key]], file=str(files[key]), file_bytes=files[key].stat().st_size,
+                            greedy_same_tokens_as_maxjax=same)
+            rows[labels[key]] = cpp[key]
+    finally:
+        for runner in runners.values():
+            runner.close()
     return {"llamacpp": cpp, "rows": rows, "ttft_len": int(ttft_prompt.shape[1]),
-            "ratios_of": {"maxjax float32 / llama.cpp F32": ("maxjax float32", "llama.cpp F32 copy"),
+            "ratios_of": {"maxjax float32 / llama.cpp F32": ("maxjax float32", labels["f32"]),
                           "maxjax gguf blocks / llama.cpp file": ("maxjax quantize=gguf (blocks kept)",
-                                                                  f"llama.cpp {Path(gguf).name}")}}
+                                                                  labels["q4"])}}
 
 
 def f32_read_rate(comparison: dict) -> float | None:

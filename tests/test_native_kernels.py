@@ -41,7 +41,7 @@ def test_panel_matmul_matches_float64(kernel, k, n):
 
 @pytest.mark.parametrize("k, f", [(576, 1536), (37, 32)])
 def test_silu_glu_matmul_matches_float64(kernel, k, f):
-    """The fused gate|up product with SwiGLU's activation in its epilogue (what ``llama._mlp`` runs)."""
+    """The fused gate|up product with SwiGLU's activation in its epilogue (what ``llama_blocks.gated_mlp`` runs)."""
     rng = np.random.default_rng(k + f)
     gate, up = ((rng.standard_normal((k, f)) / np.sqrt(k)).astype(np.float64) for _ in range(2))
     packed = panels.pack(np.concatenate([gate, up], axis=1).astype(np.float32))

@@ -37,15 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.architectures import moe
 from maxjax.architectures.attention import (attention, attention_mask, decode_attention_in_place, hide_current,
                                             reads_cache_in_place, softcap, visible_keys,
                                             with_new_key, write_cache, write_cache_layers)
+from maxjax.architectures.llama_blocks import (ACTIVATIONS, feed_forward, joined_qkv, mlp,  # noqa: F401
+                                               project, rms_norm, rotated_qkv)
 from maxjax.architectures.llama_layout import (LINEAR_WEIGHTS, fuse_projections, runtime_params,  # noqa: F401
                                                unstack_layers, untie_output)
-from maxjax.architectures.lora import lora_delta
-from maxjax.architectures.panels import is_panels, panel_matmul, silu_glu_fusable
-from maxjax.architectures.quantized import embed_lookup, embed_matmul, is_blocks, is_quantized, linear
+from maxjax.architectures.quantized import embed_lookup, embed_matmul, linear
 from maxjax.architectures.rope import apply_rope, rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
 from maxjax.architectures.rope import rope_type as _rope_type
 
@@ -185,8 +184,6 @@ _LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                  "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
                  "tie_word_embeddings", "sliding_window", "attention_bias")
 
-ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Parameters and cache
@@ -235,18 +232,6 @@ def init_kv_cache(cfg: LlamaConfig, num_slots: int, max_seq_len: int, dtype=jnp.
 # Math
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
-    """RMSNorm computed in at least float32, result cast back to x's dtype before the weight (as HF does).
-
-    `offset`: the scale is (offset + weight), Gemma's convention (its checkpoints store weight - 1).
-    """
-    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64 (parity checks)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    if offset:
-        return ((offset + weight.astype(x32.dtype)) * normed).astype(x.dtype)
-    return weight * normed.astype(x.dtype)
-
-
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     """Inverse frequencies [Dh/2] in float32 of the global layers (see `maxjax.architectures.rope`)."""
     return _rope_inv_freq(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling)
@@ -262,172 +247,79 @@ def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, local: bool = False) ->
 rope = apply_rope
 
 
-def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, act=jax.nn.silu) -> jax.Array:
-    """Gated MLP: (act(x @ W_gate) * (x @ W_up)) @ W_down (SwiGLU with silu, GeGLU with gelu).
-    x [..., D] -> [..., D]."""
-    return (act(x @ w_gate) * (x @ w_up)) @ w_down  # [..., F] -> [..., D]
-
-
-def _normed(x: jax.Array, norm: tuple | None) -> jax.Array:
-    """x RMSNormed by ``norm`` = (weight, eps, offset), or x when None."""
-    return x if norm is None else rms_norm(x, *norm)
-
-
-def _plus(residual: jax.Array | None, out: jax.Array) -> jax.Array:
-    return out if residual is None else residual + out
-
-
-def _runs_natively(layer: Params, key: str, lora_index: jax.Array | None) -> bool:
-    """Whether ``layer[key]``'s product is one native call with its norm, residual or SwiGLU fused: a packed
-    weight with no adapter update to add."""
-    return is_panels(layer[key]) and (lora_index is None or key not in layer.get("lora", {}))
-
-
-def _project(h: jax.Array, layer: Params, key: str, lora_index: jax.Array | None, norm: tuple | None = None,
-             residual: jax.Array | None = None) -> jax.Array:
-    """``h @ layer[key]``, plus each row's LoRA update when the layer carries adapters for it
-    (``layer["lora"][key]``, see ``maxjax.architectures.lora``; ``lora_index`` [B] picks each row's slot);
-    h RMSNormed first with ``norm`` = (weight, eps, offset), ``residual`` added after. A panel-packed weight
-    without adapters runs all of it as one native kernel (``panels.panel_matmul``)."""
-    if _runs_natively(layer, key, lora_index):
-        return panel_matmul(h, layer[key], norm, residual)
-    h = _normed(h, norm)
-    out = linear(h, layer[key])
-    lora = layer.get("lora", {}).get(key)
-    if lora is not None and lora_index is not None:
-        out = out + lora_delta(h, lora, lora_index).astype(out.dtype)
-    return _plus(residual, out)
-
-
-def _joined_qkv(x: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | None,
-                norm: tuple | None) -> jax.Array | None:
-    """The fused projection q | k | v [B, T, (H + 2 KVH) * Dh] of x RMSNormed by ``norm`` (weights fused by
-    `fuse_projections`), None for separate weights."""
-    if "wqkv" not in layer:
-        return None
-    qkv = _project(x, layer, "wqkv", lora_index, norm)
-    return qkv + layer["bqkv"] if cfg.attention_bias else qkv
-
-
-def _qkv(x: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | None = None,
-         norm: tuple | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Q, K, V projections [B, T, H*Dh], [B, T, KVH*Dh] x2 of x RMSNormed by ``norm``, from separate or fused
-    (`fuse_projections`) weights."""
-    qkv = _joined_qkv(x, layer, cfg, lora_index, norm)
-    if qkv is not None:
-        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return qkv[..., :q_dim], qkv[..., q_dim:q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
-    h = _normed(x, norm)
-    q, k, v = (_project(h, layer, key, lora_index) for key in ("wq", "wk", "wv"))
-    if cfg.attention_bias:
-        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
-    return q, k, v
-
-
-def _rotated_qkv(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
-                 lora_index: jax.Array | None, norm: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q [B, T, H, Dh], k and v [B, T, KVH, Dh]: the projections, q and k normed (qk_norm) and rotated."""
-    B, T, _ = x.shape
-    H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q, k, v = _qkv(x, layer, cfg, lora_index, norm)
-    q, k = q.reshape(B, T, H, Dh), k.reshape(B, T, KVH, Dh)
-    if cfg.qk_norm:
-        q, k = rms_norm(q, layer["q_norm"], *norm[1:]), rms_norm(k, layer["k_norm"], *norm[1:])
-    return rope(q, cos, sin), rope(k, cos, sin), v.reshape(B, T, KVH, Dh)
-
-
 def _decode_attention(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
                       mask: jax.Array, cache: KVCache, layer_index: int, slots: jax.Array, positions: jax.Array,
                       lora_index: jax.Array | None, norm: tuple, scale: float | None):
     """A deferred-write decode step's attention by the native kernel, from the fused projection as it comes
     (rotated in the kernel), or from the rotated projections joined (separate weights, or q/k norms, which come
     before the rotation). -> (attention [B, 1, H, Dh], the new k and v [B, 1, KVH, Dh])."""
-    qkv = None if cfg.qk_norm else _joined_qkv(x, layer, cfg, lora_index, norm)
+    qkv = None if cfg.qk_norm else joined_qkv(x, layer, cfg, lora_index, norm)
     rotation = (cos, sin)
     if qkv is None:
-        q, k, v = _rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm)
+        q, k, v = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm)
         qkv, rotation = jnp.concatenate([a.reshape(*x.shape[:2], -1) for a in (q, k, v)], axis=-1), None
     return decode_attention_in_place(qkv, cache, layer_index, slots, positions, mask, rotation, scale,
                                      cfg.attn_logit_softcap)
 
 
-def _mlp(x: jax.Array, layer: Params, act=jax.nn.silu, lora_index: jax.Array | None = None,
-         norm: tuple | None = None, residual: jax.Array | None = None) -> jax.Array:
-    """Gated MLP of x RMSNormed by ``norm``, from separate or fused gate/up weights, ``residual`` added:
-    [B, T, D] -> [B, T, D]. SwiGLU over a packed gate|up weight runs in the native product's epilogue."""
-    if "w_gate_up" in layer:
-        if act is jax.nn.silu and _runs_natively(layer, "w_gate_up", lora_index) and silu_glu_fusable(
-                layer["w_gate_up"]):
-            hidden = panel_matmul(x, layer["w_gate_up"], norm, silu_glu=True)  # [B, T, F]
-        else:
-            gate_up = _project(x, layer, "w_gate_up", lora_index, norm)  # [B, T, 2F]
-            half = gate_up.shape[-1] // 2
-            hidden = act(gate_up[..., :half]) * gate_up[..., half:]
-        return _project(hidden, layer, "w_down", lora_index, residual=residual)
-    h = _normed(x, norm)
-    if "lora" in layer or any(is_quantized(layer[name]) or is_blocks(layer[name])
-                              for name in ("w_gate", "w_up", "w_down")):
-        gate, up = _project(h, layer, "w_gate", lora_index), _project(h, layer, "w_up", lora_index)
-        return _project(act(gate) * up, layer, "w_down", lora_index, residual=residual)
-    out = mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], act)
-    return _plus(residual, out)
-
-
-def _ffn(x: jax.Array, layer: Params, cfg: LlamaConfig, lora_index: jax.Array | None = None,
-         norm: tuple | None = None, residual: jax.Array | None = None) -> jax.Array:
-    """The layer's feed-forward of x RMSNormed by ``norm``, ``residual`` added: the dense gated MLP, or the
-    routed experts (`maxjax.architectures.moe`)."""
-    act = ACTIVATIONS[cfg.hidden_act]
-    if not cfg.num_experts:
-        return _mlp(x, layer, act, lora_index, norm, residual)
-    h = _normed(x, norm)
-    out = moe.sparse_moe(h, layer["router"], layer["e_gate"], layer["e_up"], layer["e_down"],
-                         cfg.num_experts_per_tok, cfg.norm_topk_prob, act)
-    return _plus(residual, out)
-
-
 def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array, cache: KVCache, layer_index: jax.Array, slots: jax.Array,
                   positions: jax.Array, kv_len: int, lora_index: jax.Array | None = None,
-                  defer_write: bool = False,
-                  end_aligned: bool = False) -> tuple[jax.Array, KVCache, tuple[jax.Array, jax.Array] | None]:
+                  defer_write: bool = False, end_aligned: bool = False, every_query: jax.Array | None = None
+                  ) -> tuple[jax.Array, KVCache, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block: x [B, T, D] -> [B, T, D]; writes this layer's K/V into the cache, then attends.
     ``lora_index`` [B]: each row's LoRA adapter slot, when the layer carries adapters (0: the base model).
     ``defer_write`` (decode, T = 1; ``mask`` from `hide_current`): the cache is left as it is, the new key is
-    attended to beside it, and (k, v) [B, T, KVH, Dh] are returned for the caller to write; otherwise None."""
+    attended to beside it, and (k, v) [B, T, KVH, Dh] are returned for the caller to write; otherwise None.
+    ``every_query`` (a bool []): when false, attention and the MLP run for each row's last position only (the
+    other positions keep x), while every position's K/V is still written: see `forward_hidden`."""
     B, T, _ = x.shape
-    H, Dh = cfg.num_heads, cfg.head_dim
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
     norm = (layer["attn_norm"], eps, offset)
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     if defer_write and isinstance(layer_index, int) and reads_cache_in_place(cache, x.dtype):
         attn, k, v = _decode_attention(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions,
                                        lora_index, norm, scale)  # [B, 1, H, Dh], [B, 1, KVH, Dh] x2
+        return _block_output(x, attn.reshape(B, T, -1), layer, cfg, lora_index), cache, (k, v)
+    q, k, v = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm)  # [B, T, H, Dh], [B, T, KVH, Dh] x2
+    if not defer_write:
+        cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
+                        v=write_cache(cache.v, layer_index, v, slots, positions))
+    keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
+    if defer_write:
+        keys, values, mask = with_new_key(keys, values, mask, positions, k, v)  # [B, KVH, S + 1, Dh]
+    keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
+    causal = end_aligned and not defer_write and keys.shape[2] == kv_len  # not a window's gathered keys
+
+    def attend(x, q, mask):  # [B, t, D], [B, t, H, Dh], [B, t, S] -> [B, t, D]
+        attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap, end_aligned=causal)
+        return _block_output(x, attn.reshape(*x.shape[:2], -1), layer, cfg, lora_index)
+
+    if every_query is None:
+        x = attend(x, q, mask)
     else:
-        q, k, v = _rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm)  # [B, T, H, Dh], [B, T, KVH, Dh] x2
-        if not defer_write:
-            cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
-                            v=write_cache(cache.v, layer_index, v, slots, positions))
-        keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
-        if defer_write:
-            keys, values, mask = with_new_key(keys, values, mask, positions, k, v)  # [B, KVH, S + 1, Dh]
-        keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
-        causal = end_aligned and not defer_write and keys.shape[2] == kv_len  # not a window's gathered keys
-        attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap, end_aligned=causal)  # [B, T, H, Dh]
-    attn = attn.reshape(B, T, H * Dh)
+        x = jax.lax.cond(every_query, attend,
+                         lambda x, q, mask: x.at[:, -1:].set(attend(x[:, -1:], q[:, -1:], mask[:, -1:])), x, q, mask)
+    return x, cache, ((k, v) if defer_write else None)
+
+
+def _block_output(x: jax.Array, attn: jax.Array, layer: Params, cfg: LlamaConfig,
+                  lora_index: jax.Array | None) -> jax.Array:
+    """x [B, T, D] after its attention output attn [B, T, H * Dh]: the output projection and the MLP, each with
+    its residual add (fused into the products when they run natively)."""
+    eps, offset = cfg.rms_norm_eps, cfg.norm_offset
     mlp_norm = (layer["mlp_norm"], eps, offset)
     if cfg.post_norms:  # Gemma: the block's output normed before the residual add
-        x = x + rms_norm(_project(attn, layer, "wo", lora_index), layer["post_attn_norm"], eps, offset)
-        x = x + rms_norm(_ffn(x, layer, cfg, lora_index, mlp_norm), layer["post_mlp_norm"], eps, offset)
-    else:  # [B, T, D]; the residual adds fused into the products when they run natively
-        x = _project(attn, layer, "wo", lora_index, residual=x)
-        x = _ffn(x, layer, cfg, lora_index, mlp_norm, residual=x)
-    return x, cache, ((k, v) if defer_write else None)
+        x = x + rms_norm(project(attn, layer, "wo", lora_index), layer["post_attn_norm"], eps, offset)
+        return x + rms_norm(feed_forward(x, layer, cfg, lora_index, mlp_norm), layer["post_mlp_norm"], eps, offset)
+    x = project(attn, layer, "wo", lora_index, residual=x)
+    return feed_forward(x, layer, cfg, lora_index, mlp_norm, residual=x)
 
 
 def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                    slots: jax.Array, *, kv_len: int, scan: bool | None = None,
-                   lora_index: jax.Array | None = None, defer_write: bool = False, end_aligned: bool = False):
+                   lora_index: jax.Array | None = None, defer_write: bool = False, end_aligned: bool = False,
+                   every_query: jax.Array | None = None):
     """Final-normed hidden states [B, T, D] for tokens/positions [B, T] (int32), and the updated cache.
 
     Every real token's K/V is written to `cache[:, slots[b], :, positions[b, t]]` before attention, so a prefill
@@ -442,6 +334,10 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
     come before the next step's reads, so XLA updates the donated cache in place.
     `end_aligned` (prefill): each row's real tokens end the row (padding first) at consecutive positions below
     kv_len, so token t's position is <= kv_len - T + t: attention skips keys no query of a block sees.
+    `every_query` (prefill, unrolled; a bool []): when false, the last layer attends and runs its MLP for each
+    row's last position only (its K/V are still written for all), and only `hidden[:, -1]` is the model's: a
+    prefill samples from the last position alone, and the rest of that layer was ~3% of a 512-token prefill.
+    Pass true where every position's hidden state is read (an echo of the prompt's log-probabilities).
     """
     if kv_len > cache.k.shape[3]:
         raise ValueError(f"kv_len ({kv_len}) exceeds the cache's max_seq_len ({cache.k.shape[3]})")
@@ -470,8 +366,10 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
             layer = layers[layer_index] if unstacked else jax.tree.map(lambda a, i=layer_index: a[i], layers)
             local = local_layers[layer_index]
             (cos, sin), mask = (rope_local, mask_local) if local else (rope_global, mask_global)
+            last = layer_index == cfg.num_layers - 1
             x, cache, kv = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions,
-                                         kv_len, lora_index, defer_write=defer_write, end_aligned=end_aligned)
+                                         kv_len, lora_index, defer_write=defer_write, end_aligned=end_aligned,
+                                         every_query=every_query if last else None)
             new_kv.append(kv)
         hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         if defer_write:  # [L, B, T, KVH, Dh] each

@@ -84,14 +84,14 @@ def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: j
     The slots' token counts are reset: penalties count the tokens generated since the prompt was encoded.
     Rows are end-aligned (padding first), so attention skips the keys no query of a block can see.
     """
+    echo_wanted = jnp.any(rows.echo_targets >= 0)
     hidden, cache = arch.forward_hidden(params, cfg, rows.tokens, rows.positions, cache, rows.slots,
                                         kv_len=kv_len, scan=scan_layers, lora_index=rows.lora_index,
-                                        end_aligned=True)  # [B, T, D]
+                                        end_aligned=True, every_query=echo_wanted)  # [B, T, D]
     logits = arch.lm_head(params, cfg, hidden[:, -1])  # [B, V]: every row's chunk ends the row
     row_counts = jnp.zeros((rows.tokens.shape[0], counts.shape[1]), counts.dtype)  # [B, V]
     first = sample(logits, row_counts, rows.num_generated, sampling)  # [B]
     first_lp = maybe_logprobs(rows.logprobs & rows.samples, logits, first, k)
-    echo_wanted = jnp.any(rows.echo_targets >= 0)
     echo_lp = jax.lax.cond(
         echo_wanted,
         lambda: _logprobs(arch.lm_head(params, cfg, hidden), rows.echo_targets, k),  # [B, T, V] only here

@@ -189,10 +189,13 @@ def processed_logits(logits: jax.Array, counts: jax.Array, num_generated: jax.Ar
 
 
 def greedy_tokens(logits: jax.Array, counts: jax.Array, num_generated: jax.Array, s: SamplingBatch) -> jax.Array:
-    """int32 [B]: the argmax of ``processed_logits``. A batch where no row sets a penalty, a min-tokens stop mask
-    or a grammar bitmask (`changes_logits`) skips those passes over [B, V]: on the CPU they took longer than the
+    """int32 [B]: the argmax of ``processed_logits``. On the CPU a batch where no row sets a penalty, a min-tokens
+    stop mask or a grammar bitmask (`changes_logits`) skips those passes over [B, V]: they took longer than the
     argmax itself (~2 ms of a batch-32 step). (The branches return tokens, not logits: a branch returning its
-    operand costs XLA two copies of [B, V].)"""
+    operand costs XLA two copies of [B, V].) Elsewhere the passes are one fused kernel, cheaper than a
+    conditional the host may wait on."""
+    if jax.default_backend() != "cpu":
+        return argmax(processed_logits(logits, counts, num_generated, s))
     return jax.lax.cond(changes_logits(num_generated, s),
                         lambda logits: argmax(processed_logits(logits, counts, num_generated, s)), argmax, logits)
 

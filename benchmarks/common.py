@@ -21,12 +21,19 @@ def make_prompts(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls."""
-    times = []
+    return alternating_medians({"fn": fn}, repeats)["fn"]
+
+
+def alternating_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call over ``repeats`` rounds, every round calling each once in turn (systems
+    compared this way share any drift in the machine's speed)."""
+    times: dict[str, list[float]] = {label: [] for label in calls}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for label, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def decode_rate(batch: int, new_tokens: int, t_full: float, t_first: float) -> float:

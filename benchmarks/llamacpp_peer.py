@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from common import decode_rate, same_tokens
+from common import alternating_medians, decode_rate, same_tokens
 
 INSTALL_HINT = ("llama.cpp is not installed: pip install llama-cpp-python (builds llama.cpp from source, several "
                 "minutes), or pip install -e \".[bench-llamacpp]\"; then rerun with --llamacpp")
@@ -143,17 +141,6 @@ def peer_figures(systems: dict[str, Callable], prompts: dict[int, np.ndarray], n
     for label in systems:
         out[label]["ttft_s"] = ttft[label]
     return out
-
-
-def alternating_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each call over ``repeats`` rounds, every round calling each once in turn."""
-    times: dict[str, list[float]] = {label: [] for label in calls}
-    for _ in range(repeats):
-        for label, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[label].append(time.perf_counter() - t0)
-    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def llamacpp_comparison(gguf: Path, maxjax: Callable, maxjax_blocks: Callable[[], Callable],

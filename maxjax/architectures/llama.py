@@ -45,7 +45,7 @@ from maxjax.architectures.llama_blocks import (ACTIVATIONS, feed_forward, joined
 from maxjax.architectures.llama_layout import (LINEAR_WEIGHTS, fuse_projections, runtime_params,  # noqa: F401
                                                unstack_layers, untie_output)
 from maxjax.architectures.quantized import embed_lookup, embed_matmul, linear
-from maxjax.architectures.rope import apply_rope, rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
+from maxjax.architectures.rope import rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
 from maxjax.architectures.rope import rope_type as _rope_type
 
 Params = dict[str, Any]
@@ -243,8 +243,6 @@ def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, local: bool = False) ->
         return _rope_cos_sin(cfg.rope_local_theta, cfg.head_dim, None, positions)
     return _rope_cos_sin(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling, positions)
 
-
-rope = apply_rope
 
 
 def _decode_attention(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,

@@ -60,9 +60,8 @@ ffi::Error ArgmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out) 
   const int64_t rows = xd[0], n = xd[1];
   const float* xs = x.typed_data();
   int32_t* os = out->typed_data();
-  const int64_t chunks = maxjax::ChunkCount(rows);
-  maxjax::ParallelFor(chunks, [&](int64_t c) {
-    for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) os[r] = RowArgmax(xs + r * n, n);
+  maxjax::ForRanges(rows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) os[r] = RowArgmax(xs + r * n, n);
   });
   return ffi::Error::Success();
 }

@@ -143,10 +143,9 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> 
   const int32_t* sl = slots.typed_data();
   const bool* ms = reinterpret_cast<const bool*>(mask.typed_data());
   float *os = out->typed_data(), *kn = k_out->typed_data(), *vn = v_out->typed_data();
-  const int64_t tasks = s.B * s.KVH, chunks = maxjax::ChunkCount(tasks);
-  maxjax::ParallelFor(chunks, [&](int64_t c) {
+  maxjax::ForRanges(s.B * s.KVH, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> scores, q;
-    for (int64_t t = tasks * c / chunks; t < tasks * (c + 1) / chunks; ++t) {
+    for (int64_t t = t0; t < t1; ++t) {
       Task(s, ps, cs, ss, ks, vs, sl, ms, os, kn, vn, t / s.KVH, t % s.KVH, scores, q);
     }
   });

@@ -118,8 +118,7 @@ void NormRows(const float* x, int64_t K, const Fusion& f, float* xn, int64_t m0,
     Vec16 sums{};
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-      Vec16 v;
-      std::memcpy(&v, row + k, sizeof(Vec16));
+      const Vec16 v = maxjax::Load(row + k);
       sums += v * v;
     }
     float squares = maxjax::LaneSum(sums);

@@ -144,6 +144,14 @@ inline int64_t ChunkCount(int64_t units) {
   return std::min<int64_t>(units, 4 * (Workers::Get().size() + 1));
 }
 
+// fn(first, end) over `units` cut into `ChunkCount(units)` ranges, on the caller and maxjax's workers: a short
+// call's work (a decode step's tasks or rows).
+template <typename F>
+void ForRanges(int64_t units, const F& fn) {
+  const int64_t chunks = ChunkCount(units);
+  ParallelFor(chunks, [&](int64_t c) { fn(units * c / chunks, units * (c + 1) / chunks); });
+}
+
 // A kernel call is long from this many rows (or queries): a prefill chunk's, not a decode step's.
 constexpr int64_t kLongCallRows = 64;
 
@@ -162,9 +170,8 @@ void ParallelFor(Pool& pool, bool long_call, int64_t chunks, const F& fn) {
 // threads finish together (a few chunks per thread left one idle for up to a chunk, ~5% of a prefill product).
 template <typename Pool, typename F>
 void ForUnits(Pool& pool, int64_t rows, int64_t units, const F& fn) {
-  const bool long_call = rows >= kLongCallRows;
-  const int64_t chunks = long_call ? units : ChunkCount(units);
-  ParallelFor(pool, long_call, chunks, [&](int64_t c) { fn(units * c / chunks, units * (c + 1) / chunks); });
+  if (rows < kLongCallRows) return ForRanges(units, fn);
+  ParallelFor(pool, true, units, [&](int64_t unit) { fn(unit, unit + 1); });
 }
 
 }  // namespace maxjax

@@ -156,6 +156,37 @@ def test_chunk_attention_matches_the_xla_form(kernel, heads, kv_heads, head_dim,
         q, k, v, jnp.asarray(mask), scale, None, True).as_text()
 
 
+@pytest.mark.parametrize("heads, kv_heads, head_dim, max_len, chunk, scale", [
+    (9, 3, 64, 96, 40, None),  # SmolLM2's heads, a chunk after earlier positions in the cache
+    (4, 2, 16, 50, 7, 0.3),    # a span and a chunk that are not whole tiles
+])
+def test_chunk_attention_in_place_reads_the_cache_and_rotates_q(kernel, heads, kv_heads, head_dim, max_len, chunk,
+                                                                 scale):
+    """From a fused q | k | v projection and the cache itself (scattered slots, a traced layer index, one row
+    with padding queries): the output of `apply_rope` and XLA's attention over the keys copied out; and from q
+    rotated beforehand (rotation None) the same."""
+    layers, num_slots, B, span = 3, 4, 3, max_len - 8
+    rng = np.random.default_rng(chunk)
+    cache_k, cache_v = (jnp.asarray(rng.standard_normal((layers, num_slots, kv_heads, max_len, head_dim)),
+                                    jnp.float32) for _ in range(2))
+    qkv = jnp.asarray(rng.standard_normal((B, chunk, (heads + 2 * kv_heads) * head_dim)), jnp.float32)
+    slots = jnp.array([2, 0, 3], jnp.int32)
+    positions = np.broadcast_to(np.arange(span - chunk, span, dtype=np.int32), (B, chunk)).copy()
+    positions[1, :chunk // 2] = -1  # a row whose prompt is shorter than the chunk: padding first
+    positions = jnp.asarray(positions)
+    mask = attention.attention_mask(positions, span, None)
+    cos, sin = rope_cos_sin(10000.0, head_dim, None, positions)  # [B, T, Dh]
+    q = apply_rope(qkv[..., :heads * head_dim].reshape(B, chunk, heads, head_dim), cos, sin)
+    with native.disabled():
+        expected = attention.attention(q, cache_k[1, slots, :, :span], cache_v[1, slots, :, :span], mask, scale)
+    in_place = jax.jit(attention.chunk_attention_in_place, static_argnums=(7, 8))
+    from_projection = in_place(qkv, cache_k, cache_v, jnp.int32(1), slots, mask, (cos, sin), scale, heads)
+    from_rotated = in_place(q.reshape(B, chunk, -1), cache_k, cache_v, jnp.int32(1), slots, mask, None, scale,
+                            heads)
+    for got in (from_projection, from_rotated):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)  # summation order
+
+
 def test_soft_capped_attention_keeps_the_xla_form(kernel):
     q = jnp.zeros((1, 4, 2, 16), jnp.float32)
     k = v = jnp.zeros((1, 2, 8, 16), jnp.float32)

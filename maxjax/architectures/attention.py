@@ -31,17 +31,22 @@ def visible_keys(cache: Any, cfg: Any, layer_index: Any, slots: jax.Array, posit
     span = sliding_window + T - 1 cache entries ending at each row's last position, instead of all kv_len.
     """
     T = positions.shape[1]
-    span = None
-    if isinstance(layer_index, int) and cfg.is_sliding(layer_index):
-        span = cfg.sliding_window + T - 1
-    if span is None or span >= kv_len:
+    if not gathers_window(cfg, layer_index, T, kv_len):
         return cache.k[layer_index, slots, :, :kv_len], cache.v[layer_index, slots, :, :kv_len], mask
+    span = cfg.sliding_window + T - 1
     start = jnp.clip(jnp.max(positions, axis=1) - span + 1, 0, kv_len - span)  # [B]
     index = start[:, None] + jnp.arange(span, dtype=jnp.int32)  # [B, span]
     # Advanced indices split by the head slice: the result is [B, span, KVH, Dh].
     keys = cache.k[layer_index, slots[:, None], :, index].transpose(0, 2, 1, 3)
     values = cache.v[layer_index, slots[:, None], :, index].transpose(0, 2, 1, 3)
     return keys, values, jnp.take_along_axis(mask, index[:, None, :], axis=-1)
+
+
+def gathers_window(cfg: Any, layer_index: Any, T: int, kv_len: int) -> bool:
+    """Whether `visible_keys` gathers a sliding layer's window (a static layer index, a window shorter than the
+    kv_len span) rather than reading the span as it is."""
+    return (isinstance(layer_index, int) and cfg.is_sliding(layer_index)
+            and cfg.sliding_window + T - 1 < kv_len)
 
 
 def attention_mask(positions: jax.Array, kv_len: int, sliding_window: int | None) -> jax.Array:
@@ -79,10 +84,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     position <= S - T + t, so a block of queries ending at t never sees keys past S - T + t: each block
     attends over that causal prefix only (a 512-token chunk over its 512 span computes 5/8 of the scores).
     On the CPU with the native kernels (float32, no soft cap) one kernel computes it all instead, skipping each
-    query tile's invisible keys itself (`chunk_attention_native`).
+    query tile's invisible keys itself (`chunk_attention_in_place`).
     """
-    if logit_cap is None and _attends_natively(q, k, v):
-        return chunk_attention_native(q, k, v, mask, scale)
+    if logit_cap is None and _attends_natively(q, k, v):  # k, v as a one-layer cache of B slots
+        B, T, H, Dh = q.shape
+        return chunk_attention_in_place(q.reshape(B, T, H * Dh), k[None], v[None], 0,
+                                        jnp.arange(B, dtype=jnp.int32), mask, None, scale, H)
     T, S = q.shape[1], k.shape[2]
     block = CAUSAL_BLOCK if end_aligned else QUERY_BLOCK
     if T > block and T % block == 0 and (end_aligned or T * S > _BLOCKED_SCORES):
@@ -127,20 +134,39 @@ CHUNK_ATTENTION_TARGET = "maxjax_chunk_attention"  # FFI target (maxjax.runtime.
 
 
 def _attends_natively(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
-    """Whether `chunk_attention_native` can serve `attention`: float32 with the native kernels (CPU, one
+    """Whether `chunk_attention_in_place` can serve `attention`: float32 with the native kernels (CPU, one
     device: mesh programs are traced with them disabled) and a head size the kernel's vectors divide."""
     return (q.dtype == k.dtype == v.dtype == jnp.float32 and q.shape[-1] % 16 == 0
             and native.ffi_target(CHUNK_ATTENTION_TARGET) is not None)
 
 
-def chunk_attention_native(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                           scale: float | None) -> jax.Array:
-    """`attention` without a soft cap by the native kernel (``runtime/native/chunk_attention.cc``): each query
-    tile's scores stay in cache through the masked softmax and the product with v, and keys past a tile's last
-    visible one (the causal future of a prefill chunk) are skipped. -> [B, T, H, Dh]."""
-    native.ffi_target(CHUNK_ATTENTION_TARGET)  # registered by `_attends_natively`; a no-op then
-    return jax.ffi.ffi_call(CHUNK_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-        _scaled(q, scale), k.transpose(0, 1, 3, 2), v, mask)
+def chunk_reads_cache_in_place(cache: Any, dtype: Any, cfg: Any, layer_index: Any, T: int, kv_len: int,
+                               logit_cap: float | None) -> bool:
+    """Whether a chunk of T queries (a prefill chunk, a multi-token step) attends by `chunk_attention_in_place`
+    over the cache itself: float32 on the CPU with the native kernels, no soft cap, the span read as it is."""
+    return (cache.k.dtype == dtype == jnp.float32 and logit_cap is None and cfg.head_dim % 16 == 0
+            and not gathers_window(cfg, layer_index, T, kv_len)
+            and native.ffi_target(CHUNK_ATTENTION_TARGET) is not None)
+
+
+def chunk_attention_in_place(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer: Any, slots: jax.Array,
+                             mask: jax.Array, rotation: tuple[jax.Array, jax.Array] | None, scale: float | None,
+                             heads: int) -> jax.Array:
+    """`attention` without a soft cap by the native kernel (``runtime/native/chunk_attention.cc``) over keys
+    and values read where they are: key j of row b is cache[layer, slots[b], :, j] for j < S, mask [B, T, S].
+    ``q`` [B, T, C]: the ``heads`` query heads in its first heads * Dh columns (C wider: a fused q | k | v
+    projection as it comes), rotated by ``rotation`` = (cos, sin) [B, T, Dh] in the kernel (None: q comes
+    rotated); ``layer`` may be traced (a scanned layer body). Each query tile's scores stay in cache through
+    the masked softmax and the product with v, and keys past a tile's last visible one (the causal future of a
+    prefill chunk) are skipped. -> [B, T, heads, Dh]."""
+    native.ffi_target(CHUNK_ATTENTION_TARGET)  # registered by the check that chose this path; a no-op then
+    B, T = q.shape[:2]
+    Dh = cache_k.shape[-1]
+    none = jnp.zeros((0,), jnp.float32)
+    cos, sin = (none, none) if rotation is None else (r.astype(jnp.float32) for r in rotation)
+    return jax.ffi.ffi_call(CHUNK_ATTENTION_TARGET, jax.ShapeDtypeStruct((B, T, heads, Dh), jnp.float32))(
+        q, cache_k, cache_v, jnp.asarray(layer, jnp.int32), slots.astype(jnp.int32), mask, cos, sin,
+        scale=np.float32(Dh ** -0.5 if scale is None else scale))
 
 
 def write_cache(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, slots: jax.Array,

@@ -37,15 +37,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.architectures.attention import (attention, attention_mask, decode_attention_in_place, hide_current,
-                                            reads_cache_in_place, softcap, visible_keys,
-                                            with_new_key, write_cache, write_cache_layers)
+from maxjax.architectures.attention import (attention, attention_mask, chunk_attention_in_place,
+                                            chunk_reads_cache_in_place, decode_attention_in_place, hide_current,
+                                            reads_cache_in_place, softcap, visible_keys, with_new_key, write_cache,
+                                            write_cache_layers)
 from maxjax.architectures.llama_blocks import (ACTIVATIONS, feed_forward, joined_qkv, mlp,  # noqa: F401
                                                project, rms_norm, rotated_qkv)
 from maxjax.architectures.llama_layout import (LINEAR_WEIGHTS, fuse_projections, runtime_params,  # noqa: F401
                                                unstack_layers, untie_output)
 from maxjax.architectures.quantized import embed_lookup, embed_matmul, linear
-from maxjax.architectures.rope import rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
+from maxjax.architectures.rope import apply_rope, rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
 from maxjax.architectures.rope import rope_type as _rope_type
 
 Params = dict[str, Any]
@@ -279,26 +280,58 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
         attn, k, v = _decode_attention(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions,
                                        lora_index, norm, scale)  # [B, 1, H, Dh], [B, 1, KVH, Dh] x2
         return _block_output(x, attn.reshape(B, T, -1), layer, cfg, lora_index), cache, (k, v)
-    q, k, v = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm)  # [B, T, H, Dh], [B, T, KVH, Dh] x2
+    in_place = not defer_write and chunk_reads_cache_in_place(cache, x.dtype, cfg, layer_index, T, kv_len,
+                                                              cfg.attn_logit_softcap)
+    if in_place:  # q [B, T, >= H * Dh] with its rotation, or rotated
+        q, rotation, k, v = _chunk_projections(x, layer, cfg, cos, sin, lora_index, norm)
+    else:
+        (q, k, v), rotation = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm), None
     if not defer_write:
         cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
                         v=write_cache(cache.v, layer_index, v, slots, positions))
-    keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
-    if defer_write:
-        keys, values, mask = with_new_key(keys, values, mask, positions, k, v)  # [B, KVH, S + 1, Dh]
-    keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
-    causal = end_aligned and not defer_write and keys.shape[2] == kv_len  # not a window's gathered keys
+    if in_place:
+        def attention_of(q, rotation, mask):
+            return chunk_attention_in_place(q, cache.k, cache.v, layer_index, slots, mask, rotation, scale,
+                                            cfg.num_heads)
+    else:
+        keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
+        if defer_write:
+            keys, values, mask = with_new_key(keys, values, mask, positions, k, v)  # [B, KVH, S + 1, Dh]
+        keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
+        causal = end_aligned and not defer_write and keys.shape[2] == kv_len  # not a window's gathered keys
 
-    def attend(x, q, mask):  # [B, t, D], [B, t, H, Dh], [B, t, S] -> [B, t, D]
-        attn = attention(q, keys, values, mask, scale, cfg.attn_logit_softcap, end_aligned=causal)
+        def attention_of(q, rotation, mask):
+            return attention(q, keys, values, mask, scale, cfg.attn_logit_softcap, end_aligned=causal)
+
+    def attend(x, q, rotation, mask):  # [B, t, D], [B, t, ...], ([B, t, Dh] x2 or None), [B, t, S] -> [B, t, D]
+        attn = attention_of(q, rotation, mask)
         return _block_output(x, attn.reshape(*x.shape[:2], -1), layer, cfg, lora_index)
 
     if every_query is None:
-        x = attend(x, q, mask)
+        x = attend(x, q, rotation, mask)
     else:
-        x = jax.lax.cond(every_query, attend,
-                         lambda x, q, mask: x.at[:, -1:].set(attend(x[:, -1:], q[:, -1:], mask[:, -1:])), x, q, mask)
+        def last_query(x, q, rotation, mask):
+            last = jax.tree.map(lambda a: a[:, -1:], (x, q, rotation, mask))
+            return x.at[:, -1:].set(attend(*last))
+
+        x = jax.lax.cond(every_query, attend, last_query, x, q, rotation, mask)
     return x, cache, ((k, v) if defer_write else None)
+
+
+def _chunk_projections(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
+                       lora_index: jax.Array | None, norm: tuple):
+    """A chunk's projections for `chunk_attention_in_place`: (q, its rotation, k rotated and v [B, T, KVH, Dh]
+    for the cache). q is the fused projection as it comes with rotation (cos, sin), which the kernel applies as
+    it reads q; or, from separate weights or with q/k norms (they come before the rotation), q rotated
+    [B, T, H * Dh] with rotation None."""
+    B, T, _ = x.shape
+    qkv = None if cfg.qk_norm else joined_qkv(x, layer, cfg, lora_index, norm)
+    if qkv is None:
+        q, k, v = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm)
+        return q.reshape(B, T, -1), None, k, v
+    H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    k = apply_rope(qkv[..., H * Dh:(H + KVH) * Dh].reshape(B, T, KVH, Dh), cos, sin)
+    return qkv, (cos, sin), k, qkv[..., (H + KVH) * Dh:].reshape(B, T, KVH, Dh)
 
 
 def _block_output(x: jax.Array, attn: jax.Array, layer: Params, cfg: LlamaConfig,

@@ -17,12 +17,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 #if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "vec_math.h"
 #include "workers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -33,8 +33,9 @@ namespace {
 constexpr int kPanel = 32;     // output channels per panel: two 16-float vectors
 constexpr int kBlock = 32;     // values per GGUF block along K
 constexpr int kRowBlock = 8;   // rows of x whose accumulators stay in registers (8 x 2 vectors)
-typedef float Vec16 __attribute__((vector_size(64)));
-typedef int32_t Int16 __attribute__((vector_size(64)));
+using maxjax::Int16;
+using maxjax::Vec16;
+using maxjax::Widen;
 
 float HalfToFloat(uint16_t h) {
   const int exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
@@ -62,32 +63,6 @@ inline Vec16 Halves(const uint16_t* h) {
   std::memcpy(reinterpret_cast<char*>(&out) + sizeof(lo), &hi, sizeof(hi));
 #else
   for (int i = 0; i < 16; ++i) out[i] = HalfToFloat(h[i]);
-#endif
-  return out;
-}
-
-// 16 bytes -> 16 int32 (zero- or sign-extended): one instruction with AVX-512 (GCC scalarizes the generic
-// conversion), two with AVX2.
-template <bool kSigned>
-inline Int16 Widen(const void* p) {
-  Int16 out;
-#if defined(__AVX512F__)
-  const __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(p));
-  const __m512i v = kSigned ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
-  std::memcpy(&out, &v, sizeof(out));
-#elif defined(__AVX2__)
-  const __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(p));
-  const __m128i b8 = _mm_unpackhi_epi64(b, b);
-  const __m256i lo = kSigned ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
-  const __m256i hi = kSigned ? _mm256_cvtepi8_epi32(b8) : _mm256_cvtepu8_epi32(b8);
-  std::memcpy(&out, &lo, sizeof(lo));
-  std::memcpy(reinterpret_cast<char*>(&out) + sizeof(lo), &hi, sizeof(hi));
-#else
-  typedef std::conditional_t<kSigned, int8_t, uint8_t> Byte;
-  typedef Byte Bytes16 __attribute__((vector_size(16)));
-  Bytes16 b;
-  std::memcpy(&b, p, sizeof(b));
-  out = __builtin_convertvector(b, Int16);
 #endif
   return out;
 }

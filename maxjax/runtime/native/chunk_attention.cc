@@ -1,16 +1,22 @@
-// Grouped-query attention of a chunk of queries over its keys: prefill chunks and multi-token steps.
+// Grouped-query attention of a chunk of queries over a sequence's keys: prefill chunks and multi-token steps.
 //
 // Why: XLA CPU runs this as about a dozen kernels per block of queries (the scores product, the mask's select,
 // max, exp, sum, the values product, transposes), each a pass over the [queries, keys] scores in memory; in a
 // 512-token SmolLM2 prefill they took ~25% of the program. Here one task (row, kv head, tile of queries) computes
 // its G heads' scores for the tile into a buffer that stays in cache, with the keys a query tile cannot see
 // (past its last visible key: the causal future) skipped, softmaxes them in place and multiplies by the values,
-// both products register-blocked like the panel matmul.
+// both products register-blocked like the panel matmul. Around it, XLA's form also rotated and scaled q, copied
+// the keys and values out of the cache and transposed the keys (~10 ms of kernels in that prefill): here q is
+// read from the projection as it comes and rotated while it is copied into the task's buffer, and keys and
+// values are read from the cache in place (each row's keys transposed once per call, by the first tasks).
 //
-// Semantics are `maxjax.architectures.attention._attention`'s without a soft cap: q [B, T, H, Dh] already
-// scaled, keys given transposed (kt [B, KVH, Dh, S]), values [B, KVH, S, Dh], mask [B, T, S]; masked scores are
-// -1e30, so a query that sees nothing averages all S values uniformly, as XLA's form does.
+// Semantics are `maxjax.architectures.attention._attention`'s without a soft cap, with q rotated as
+// `rope.apply_rope` does when cos/sin are given and multiplied by `scale`: q [B, T, C] holds the H query heads
+// in its first H Dh columns (C is wider for a fused q | k | v projection); key/value j of row b is
+// cache[layer, slots[b], kv head, j] for j < S; mask [B, T, S]; masked scores are -1e30, so a query that sees
+// nothing averages all S values uniformly, as XLA's form does.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -27,7 +33,6 @@ using maxjax::Int16;
 using maxjax::Load;
 using maxjax::Store;
 using maxjax::Vec16;
-typedef char Byte16 __attribute__((vector_size(16)));
 
 constexpr float kMasked = -1e30f;
 constexpr int64_t kQueryTile = 16;  // queries per task: G x 16 score rows
@@ -35,6 +40,16 @@ constexpr int64_t kKeyBlock = 32;   // keys per scores block (two vectors)
 
 struct Shapes {
   int64_t B, T, H, KVH, Dh, S;
+  int64_t C, slots_in_cache, max_len;  // q's row width; the cache's [L, slots_in_cache, KVH, max_len, Dh]
+};
+
+// What the tasks read: q [B, T, C], cos/sin [B, T, Dh] (null: q comes rotated), the keys transposed per (row, kv
+// head) [B KVH, Dh, S], the layer's values [slots_in_cache, KVH, max_len, Dh], slots [B], mask [B, T, S].
+struct Inputs {
+  const float *q, *cos, *sin, *kt, *values;
+  const int32_t* slots;
+  const bool* mask;
+  float scale;
 };
 
 // scores[r, j] = q[r] . key j for 8 rows of q ([8, Dh], rows Dh apart) and keys j0 .. j0 + 31 of kt.
@@ -75,11 +90,7 @@ void ValuesBlock(const float* p, int64_t ld, int64_t n, const float* v, int64_t 
 
 // Which of the 16 keys j .. j + 15 are visible (all-ones lanes), none at or past n.
 Int16 VisibleLanes(const bool* visible, int64_t j, int64_t n) {
-  if (j + 16 <= n) {
-    Byte16 bytes;
-    std::memcpy(&bytes, visible + j, sizeof(Byte16));
-    return __builtin_convertvector(bytes, Int16) != 0;
-  }
+  if (j + 16 <= n) return maxjax::Widen<false>(visible + j) != 0;
   Int16 lanes{};
   for (int i = 0; j + i < n; ++i) lanes[i] = visible[j + i] ? -1 : 0;
   return lanes;
@@ -112,30 +123,34 @@ float SoftmaxRow(float* p, const bool* visible, int64_t n, int64_t ld) {
 }
 
 // Row b, kv head kvh, queries t0 .. t0 + nq: score row r is head g = r / nq of query t0 + r % nq.
-void Task(const Shapes& s, const float* q, const float* kt, const float* v, const bool* mask, float* out, int64_t b,
-          int64_t kvh, int64_t t0, int64_t nq, std::vector<float>& buffer) {
+void Task(const Shapes& s, const Inputs& in, float* out, int64_t b, int64_t kvh, int64_t t0, int64_t nq,
+          maxjax::LineAlignedFloats& buffer) {
   const int64_t G = s.H / s.KVH, Dh = s.Dh, S = s.S;
   const int64_t rows = G * nq, padded = (rows + 7) / 8 * 8;
   // Keys any query of the tile may see: up to the last visible one (all S when a query sees none).
   int64_t n = 0;
   for (int64_t t = t0; t < t0 + nq; ++t) {
-    const bool* visible = mask + (b * s.T + t) * S;
+    const bool* visible = in.mask + (b * s.T + t) * S;
     int64_t last = S;
     while (last > 0 && !visible[last - 1]) --last;
     n = std::max(n, last == 0 ? S : last);
   }
   const int64_t ld = (n + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
   // Not cleared (a pass over ~400 KB per task at a 2048 span): every score read is written first.
-  if (buffer.size() < static_cast<size_t>(padded * (Dh + ld + 1))) buffer.resize(padded * (Dh + ld + 1));
-  float* qs = buffer.data();               // [padded, Dh], rows past `rows` zero
+  float* qs = buffer.Get(padded * (Dh + ld + 1));  // [padded, Dh], rows past `rows` zero
   float* scores = qs + padded * Dh;        // [padded, ld]
   float* inv_total = scores + padded * ld;  // [padded]
   std::fill(qs + rows * Dh, qs + padded * Dh, 0.f);
   for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(qs + r * Dh, q + ((b * s.T + t0 + r % nq) * s.H + kvh * G + r / nq) * Dh, Dh * sizeof(float));
+    const int64_t bt = b * s.T + t0 + r % nq;
+    const float* cos = in.cos == nullptr ? nullptr : in.cos + bt * Dh;
+    const float* sin = in.sin == nullptr ? nullptr : in.sin + bt * Dh;
+    float* row = qs + r * Dh;
+    maxjax::RotateHalf(in.q + bt * s.C + (kvh * G + r / nq) * Dh, cos, sin, Dh, row);
+    for (int64_t d = 0; d < Dh; ++d) row[d] *= in.scale;
   }
-  const float* keys = kt + (b * s.KVH + kvh) * Dh * S;
-  const float* values = v + (b * s.KVH + kvh) * S * Dh;
+  const float* keys = in.kt + (b * s.KVH + kvh) * Dh * S;
+  const float* values = in.values + (in.slots[b] * s.KVH + kvh) * s.max_len * Dh;
   const int64_t full = S >= ld ? ld : n / kKeyBlock * kKeyBlock;  // whole blocks inside kt's S columns
   for (int64_t j0 = 0; j0 < full; j0 += kKeyBlock) {
     for (int64_t r0 = 0; r0 < padded; r0 += 8) ScoresBlock(qs + r0 * Dh, Dh, keys, S, j0, scores + r0 * ld, ld);
@@ -148,7 +163,7 @@ void Task(const Shapes& s, const float* q, const float* kt, const float* v, cons
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    inv_total[r] = SoftmaxRow(scores + r * ld, mask + (b * s.T + t0 + r % nq) * S, n, ld);
+    inv_total[r] = SoftmaxRow(scores + r * ld, in.mask + (b * s.T + t0 + r % nq) * S, n, ld);
   }
   for (int64_t r0 = 0; r0 < padded; r0 += 8) {
     float* outs[8];
@@ -163,30 +178,68 @@ void Task(const Shapes& s, const float* q, const float* kt, const float* v, cons
   }
 }
 
-ffi::Error ChunkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kt,
-                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
-                              ffi::ResultBuffer<ffi::F32> out) {
-  const auto qd = q.dimensions(), kd = kt.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3 || qd[3] % 16 != 0 ||
-      kd[0] != qd[0] || kd[2] != qd[3] || qd[2] % kd[1] != 0 || vd[0] != qd[0] || vd[1] != kd[1] ||
-      vd[2] != kd[3] || vd[3] != qd[3] || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[3]) {
-    return ffi::Error::InvalidArgument(
-        "chunk_attention: q [B, T, H, Dh] (Dh % 16 == 0), kt [B, KVH, Dh, S], v [B, KVH, S, Dh], mask [B, T, S]");
+// Keys [S, Dh] of (row, kv head) bk, read from the layer's cache, into kt [Dh, S] (ScoresBlock reads 32 keys of
+// one dimension as two vectors).
+void TransposeKeys(const Shapes& s, const float* keys, const int32_t* slots, int64_t bk, float* kt) {
+  const float* from = keys + (slots[bk / s.KVH] * s.KVH + bk % s.KVH) * s.max_len * s.Dh;
+  float* to = kt + bk * s.Dh * s.S;
+  for (int64_t j0 = 0; j0 < s.S; j0 += 16) {
+    const int64_t j1 = std::min(s.S, j0 + 16);
+    for (int64_t d = 0; d < s.Dh; ++d) {
+      for (int64_t j = j0; j < j1; ++j) to[d * s.S + j] = from[j * s.Dh + d];
+    }
   }
-  const Shapes s{qd[0], qd[1], qd[2], kd[1], qd[3], kd[3]};
-  const float *qs = q.typed_data(), *ks = kt.typed_data(), *vs = v.typed_data();
-  const bool* ms = reinterpret_cast<const bool*>(mask.typed_data());
+}
+
+ffi::Error ChunkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> cache_k,
+                              ffi::Buffer<ffi::F32> cache_v, ffi::Buffer<ffi::S32> layer,
+                              ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> cos,
+                              ffi::Buffer<ffi::F32> sin, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const auto qd = q.dimensions(), cd = cache_k.dimensions(), md = mask.dimensions(), od = out->dimensions();
+  const bool rotate = cos.element_count() != 0;
+  if (qd.size() != 3 || cd.size() != 5 || md.size() != 3 || od.size() != 4 || od[3] % 16 != 0 ||
+      cd[4] != od[3] || od[2] % cd[2] != 0 || od[0] != qd[0] || od[1] != qd[1] || qd[2] < od[2] * od[3] ||
+      !std::equal(cd.begin(), cd.end(), cache_v.dimensions().begin(), cache_v.dimensions().end()) || slots.element_count() != qd[0] || layer.element_count() != 1 ||
+      md[0] != qd[0] || md[1] != qd[1] || md[2] > cd[3] ||
+      (rotate && (cos.element_count() != qd[0] * qd[1] * od[3] || sin.element_count() != cos.element_count()))) {
+    return ffi::Error::InvalidArgument(
+        "chunk_attention: q [B, T, >= H Dh], cache [L, N, KVH, M, Dh], layer [], slots [B], mask [B, T, <= M], "
+        "cos and sin [B, T, Dh] or [0], out [B, T, H, Dh] (Dh % 16 == 0) expected");
+  }
+  const int64_t l = layer.typed_data()[0];
+  const int32_t* sl = slots.typed_data();
+  for (int64_t b = 0; b < qd[0]; ++b) {
+    if (l < 0 || l >= cd[0] || sl[b] < 0 || sl[b] >= cd[1]) {
+      return ffi::Error::InvalidArgument("chunk_attention: layer or slot out of the cache's range");
+    }
+  }
+  const Shapes s{od[0], od[1], od[2], cd[2], od[3], md[2], qd[2], cd[1], cd[3]};
+  const int64_t layer_size = cd[1] * cd[2] * cd[3] * cd[4], rows = s.B * s.KVH;
+  thread_local maxjax::LineAlignedFloats transposed_keys;  // the caller's (a worker naming it gets its own)
+  float* kt = transposed_keys.Get(rows * s.Dh * s.S);
+  const Inputs in{q.typed_data(), rotate ? cos.typed_data() : nullptr, rotate ? sin.typed_data() : nullptr,
+                  kt, cache_v.typed_data() + l * layer_size, sl,
+                  reinterpret_cast<const bool*>(mask.typed_data()), scale};
+  const float* keys = cache_k.typed_data() + l * layer_size;
   float* os = out->typed_data();
-  // One task per (row, kv head, query tile), the last tiles (the most keys under a causal mask) first, each
-  // claimed on its own so that the uneven tasks balance over the threads.
-  const int64_t tiles = (s.T + kQueryTile - 1) / kQueryTile, tasks = s.B * s.KVH * tiles;
-  const auto run = [&](int64_t task) {
-    thread_local std::vector<float> buffer;
-    const int64_t tile = tiles - 1 - task / (s.B * s.KVH), bk = task % (s.B * s.KVH);
+  // The first `rows` chunks transpose each (row, kv head)'s keys; then one task per (row, kv head, query tile),
+  // the last tiles (the most keys under a causal mask) first, each claimed on its own so that the uneven tasks
+  // balance over the threads. A task waits for its keys: their chunk was claimed before it, so it is running.
+  const int64_t tiles = (s.T + kQueryTile - 1) / kQueryTile;
+  std::vector<std::atomic<bool>> transposed(rows);
+  const auto run = [&](int64_t chunk) {
+    if (chunk < rows) {
+      TransposeKeys(s, keys, sl, chunk, kt);
+      transposed[chunk].store(true, std::memory_order_release);
+      return;
+    }
+    thread_local maxjax::LineAlignedFloats buffer;
+    const int64_t task = chunk - rows, tile = tiles - 1 - task / rows, bk = task % rows;
+    while (!transposed[bk].load(std::memory_order_acquire)) maxjax::Pause();
     const int64_t t0 = tile * kQueryTile;
-    Task(s, qs, ks, vs, ms, os, bk / s.KVH, bk % s.KVH, t0, std::min(kQueryTile, s.T - t0), buffer);
+    Task(s, in, os, bk / s.KVH, bk % s.KVH, t0, std::min(kQueryTile, s.T - t0), buffer);
   };
-  maxjax::ParallelFor(pool, s.B * s.T >= maxjax::kLongCallRows, tasks, run);
+  maxjax::ParallelFor(pool, s.B * s.T >= maxjax::kLongCallRows, rows + rows * tiles, run);
   return ffi::Error::Success();
 }
 
@@ -195,8 +248,13 @@ ffi::Error ChunkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxChunkAttention, ChunkAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [B, T, H, Dh], scaled
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // keys transposed [B, KVH, Dh, S]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // values [B, KVH, S, Dh]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [B, T, C]: heads in the first H Dh columns
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cache keys [L, N, KVH, M, Dh]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cache values
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer []
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // slots [B]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask [B, T, S]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // [B, T, H, Dh]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos [B, T, Dh], or [0]: q comes rotated
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin [B, T, Dh], or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // [B, T, H, Dh]
+                                  .Attr<float>("scale"));

@@ -57,18 +57,6 @@ struct Shapes {
   float scale, softcap;
 };
 
-// x rotated by the angles in cos/sin (rotate-half: the first half pairs with the second), into out; a copy when
-// cos is null.
-void Rotate(const float* x, const float* cos, const float* sin, int64_t Dh, float* out) {
-  if (cos == nullptr) {
-    std::memcpy(out, x, Dh * sizeof(float));
-    return;
-  }
-  const int64_t half = Dh / 2;
-  for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos[i] - x[i + half] * sin[i];
-  for (int64_t i = half; i < Dh; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
-}
-
 // Row b, kv head kvh: its G = H / KVH query heads against span cache keys and the new key. qkv is the row's
 // projection [(H + 2 KVH) Dh]; the rotated new key and the value go to k_out, v_out [B, KVH, Dh].
 void Task(const Shapes& s, const float* qkv, const float* cos, const float* sin, const float* cache_k,
@@ -83,10 +71,12 @@ void Task(const Shapes& s, const float* qkv, const float* cos, const float* sin,
   const float* row_sin = sin == nullptr ? nullptr : sin + b * Dh;
   float* kn = k_out + (b * s.KVH + kvh) * Dh;
   float* vn = v_out + (b * s.KVH + kvh) * Dh;
-  Rotate(projection + (s.H + kvh) * Dh, row_cos, row_sin, Dh, kn);
+  maxjax::RotateHalf(projection + (s.H + kvh) * Dh, row_cos, row_sin, Dh, kn);
   std::memcpy(vn, projection + (s.H + s.KVH + kvh) * Dh, Dh * sizeof(float));
   q.resize(G * Dh);
-  for (int64_t g = 0; g < G; ++g) Rotate(projection + (kvh * G + g) * Dh, row_cos, row_sin, Dh, &q[g * Dh]);
+  for (int64_t g = 0; g < G; ++g) {
+    maxjax::RotateHalf(projection + (kvh * G + g) * Dh, row_cos, row_sin, Dh, &q[g * Dh]);
+  }
   const bool* visible = mask + b * keys;
   scores.assign(G * keys, kMasked);
   bool any = false;

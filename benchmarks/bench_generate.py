@@ -65,7 +65,8 @@ import numpy as np
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))  # sibling modules, also when run through runpy (maxjax bench, tests)
 
-from common import generation_rates, make_prompts, raw_read_seconds, same_tokens, timed, write_json  # noqa: E402
+from common import (alternating_medians, generation_rates, make_prompts, raw_read_seconds, same_tokens,  # noqa: E402
+                    write_json)
 # layer_split too: tests/test_decode_cost.py counts kernels as this bench does, through this module
 from decode_kernels import decode_step_ops, layer_split  # noqa: E402,F401
 from machine import load_average, read_bandwidth  # noqa: E402
@@ -388,11 +389,13 @@ def rates_against_hf(mx: MaxjaxRunner, hf: HFRunner | None, prompts: dict[int, n
 
 
 def time_to_first_token(mx: MaxjaxRunner, hf: HFRunner | None, prompt: np.ndarray, repeats: int) -> dict:
-    """Seconds to the first token of one long ``prompt`` [1, L] for maxjax and (given) HF: medians."""
-    out = {"prompt_len": int(prompt.shape[1]), "maxjax_s": timed(lambda: mx.generate(prompt, 1), repeats)}
+    """Seconds to the first token of one long ``prompt`` [1, L] for maxjax and (given) HF: medians of calls that
+    alternate between the two (the machine's drift, which moved HF's figure 800-1170 ms within a day, is then
+    shared)."""
+    calls = {"maxjax_s": lambda: mx.generate(prompt, 1)}
     if hf is not None:
-        out["hf_s"] = timed(lambda: hf.generate(prompt, 1), repeats)
-    return out
+        calls["hf_s"] = lambda: hf.generate(prompt, 1)
+    return {"prompt_len": int(prompt.shape[1]), **alternating_medians(calls, repeats)}
 
 
 def format_ttft(t: dict, ratio_key: str, ratio_format: str) -> str:

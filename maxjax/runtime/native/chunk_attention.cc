@@ -97,29 +97,44 @@ Int16 VisibleLanes(const bool* visible, int64_t j, int64_t n) {
 }
 
 // One score row p [ld] -> exp(score - max) where visible, 0 elsewhere (1 for keys < n when nothing is
-// visible); returns 1 / the row's sum.
+// visible); returns 1 / the row's sum. Two passes: the visible maximum, then the exponentials and their sum.
 float SoftmaxRow(float* p, const bool* visible, int64_t n, int64_t ld) {
   const Vec16 masked = Vec16{} + kMasked;
   Vec16 top = masked;
   for (int64_t j = 0; j < ld; j += 16) {
     const Vec16 x = VisibleLanes(visible, j, n) ? Load(p + j) : masked;
-    Store(p + j, x);
     top = top > x ? top : x;
   }
   float max = kMasked;
   for (int i = 0; i < 16; ++i) max = std::max(max, top[i]);
-  const bool none = max == kMasked;
   Vec16 total{};
-  Int16 lane{};
-  for (int i = 0; i < 16; ++i) lane[i] = i;
+  if (max == kMasked) {  // nothing visible: the uniform average of keys < n
+    Int16 lane{};
+    for (int i = 0; i < 16; ++i) lane[i] = i;
+    for (int64_t j = 0; j < ld; j += 16) {
+      const Vec16 e = (lane + static_cast<int32_t>(j)) < static_cast<int32_t>(n) ? Vec16{} + 1.f : Vec16{};
+      Store(p + j, e);
+      total += e;
+    }
+    return 1.f / maxjax::LaneSum(total);
+  }
   for (int64_t j = 0; j < ld; j += 16) {
-    const Vec16 x = Load(p + j);
-    const Vec16 e = none ? ((lane + static_cast<int32_t>(j)) < static_cast<int32_t>(n) ? Vec16{} + 1.f : Vec16{})
-                         : (x > kMasked ? maxjax::Exp(x - max) : Vec16{});
+    const Vec16 e = VisibleLanes(visible, j, n) ? maxjax::Exp(Load(p + j) - max) : Vec16{};
     Store(p + j, e);
     total += e;
   }
   return 1.f / maxjax::LaneSum(total);
+}
+
+// One past a mask row's last visible key (0: none), 8 keys at a time.
+int64_t VisibleEnd(const bool* visible, int64_t S) {
+  int64_t end = S;
+  for (uint64_t word; end >= 8; end -= 8) {
+    std::memcpy(&word, visible + end - 8, sizeof(word));
+    if (word != 0) break;
+  }
+  while (end > 0 && !visible[end - 1]) --end;
+  return end;
 }
 
 // Row b, kv head kvh, queries t0 .. t0 + nq: score row r is head g = r / nq of query t0 + r % nq.
@@ -130,10 +145,8 @@ void Task(const Shapes& s, const Inputs& in, float* out, int64_t b, int64_t kvh,
   // Keys any query of the tile may see: up to the last visible one (all S when a query sees none).
   int64_t n = 0;
   for (int64_t t = t0; t < t0 + nq; ++t) {
-    const bool* visible = in.mask + (b * s.T + t) * S;
-    int64_t last = S;
-    while (last > 0 && !visible[last - 1]) --last;
-    n = std::max(n, last == 0 ? S : last);
+    const int64_t end = VisibleEnd(in.mask + (b * s.T + t) * S, S);
+    n = std::max(n, end == 0 ? S : end);
   }
   const int64_t ld = (n + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
   // Not cleared (a pass over ~400 KB per task at a 2048 span): every score read is written first.

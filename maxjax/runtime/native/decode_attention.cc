@@ -52,6 +52,63 @@ void Axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// o = scale * sum_j w[j] value_j for rows of 16 NV floats: value j < span is row j of V, value span the new
+// one (vn). The sums stay in registers, two keys at a time in separate sums; accumulating into o in memory
+// instead chains every key's multiply-add through a store and a load (~10 cycles per key and head).
+template <int NV>
+void WeightedRows(const float* w, int64_t span, const float* V, const float* vn, float scale, float* o) {
+  Vec16 acc[2][NV] = {};
+  int64_t j = 0;
+  for (; j + 2 <= span; j += 2) {
+    for (int h = 0; h < 2; ++h) {
+      const float* row = V + (j + h) * 16 * NV;
+      for (int i = 0; i < NV; ++i) acc[h][i] += w[j + h] * maxjax::Load(row + 16 * i);
+    }
+  }
+  for (; j < span; ++j) {
+    for (int i = 0; i < NV; ++i) acc[0][i] += w[j] * maxjax::Load(V + j * 16 * NV + 16 * i);
+  }
+  for (int i = 0; i < NV; ++i) maxjax::Store(o + 16 * i, (acc[0][i] + acc[1][i] + w[span] * maxjax::Load(vn + 16 * i)) * scale);
+}
+
+// scores[j] = q . key j for keys [0, span] (key j < span is row j of K, key span the new one), rows of 16 NV
+// floats: q stays in registers, and the keys are scored without branches (masked afterwards).
+template <int NV>
+void ScoreRows(const float* q, int64_t span, const float* K, const float* kn, float* scores) {
+  Vec16 qv[NV];
+  for (int i = 0; i < NV; ++i) qv[i] = maxjax::Load(q + 16 * i);
+  for (int64_t j = 0; j <= span; ++j) {
+    const float* key = j < span ? K + j * 16 * NV : kn;
+    Vec16 sum = qv[0] * maxjax::Load(key);
+    for (int i = 1; i < NV; ++i) sum += qv[i] * maxjax::Load(key + 16 * i);
+    scores[j] = LaneSum(sum);
+  }
+}
+
+// ScoreRows for any head size Dh.
+void KeyScores(const float* q, int64_t span, const float* K, const float* kn, int64_t Dh, float* scores) {
+  switch (Dh) {
+    case 64: return ScoreRows<4>(q, span, K, kn, scores);
+    case 128: return ScoreRows<8>(q, span, K, kn, scores);
+    default: break;
+  }
+  for (int64_t j = 0; j <= span; ++j) scores[j] = Dot(q, j < span ? K + j * Dh : kn, Dh);
+}
+
+// WeightedRows for any head size Dh.
+void WeightedValues(const float* w, int64_t span, const float* V, const float* vn, int64_t Dh, float scale,
+                    float* o) {
+  switch (Dh) {
+    case 64: return WeightedRows<4>(w, span, V, vn, scale, o);
+    case 128: return WeightedRows<8>(w, span, V, vn, scale, o);
+    default: break;
+  }
+  std::fill(o, o + Dh, 0.f);
+  for (int64_t j = 0; j < span; ++j) Axpy(w[j], V + j * Dh, o, Dh);
+  Axpy(w[span], vn, o, Dh);
+  for (int64_t d = 0; d < Dh; ++d) o[d] *= scale;
+}
+
 struct Shapes {
   int64_t B, H, KVH, Dh, slots_in_cache, max_len, layer, span;
   float scale, softcap;
@@ -78,35 +135,34 @@ void Task(const Shapes& s, const float* qkv, const float* cos, const float* sin,
     maxjax::RotateHalf(projection + (kvh * G + g) * Dh, row_cos, row_sin, Dh, &q[g * Dh]);
   }
   const bool* visible = mask + b * keys;
-  scores.assign(G * keys, kMasked);
-  bool any = false;
-  for (int64_t j = 0; j < keys; ++j) {
-    if (!visible[j]) continue;
-    any = true;
-    const float* key = j < s.span ? K + j * Dh : kn;
-    for (int64_t g = 0; g < G; ++g) {
-      float score = Dot(&q[g * Dh], key, Dh) * s.scale;
+  const bool any = std::find(visible, visible + keys, true) != visible + keys;
+  scores.resize(G * keys);
+  for (int64_t g = 0; g < G; ++g) {
+    float* row = scores.data() + g * keys;
+    KeyScores(&q[g * Dh], s.span, K, kn, Dh, row);
+    for (int64_t j = 0; j < keys; ++j) {
+      float score = row[j] * s.scale;
       if (s.softcap > 0.f) score = std::tanh(score / s.softcap) * s.softcap;
-      scores[g * keys + j] = score;
+      row[j] = visible[j] ? score : kMasked;
     }
   }
   for (int64_t g = 0; g < G; ++g) {
     float* p = scores.data() + g * keys;
-    float* o = out + (b * s.H + kvh * G + g) * Dh;
-    std::fill(o, o + Dh, 0.f);
-    if (!any) {  // nothing visible (a padding row): the uniform average, finite like XLA's form
-      for (int64_t j = 0; j < keys; ++j) Axpy(1.f / keys, j < s.span ? V + j * Dh : vn, o, Dh);
-      continue;
+    float inv_total = 1.f / keys;
+    if (any) {
+      const float top = *std::max_element(p, p + keys);
+      for (int64_t j = 0; j < keys; ++j) p[j] -= top;
+      ExpInPlace(p, keys);
+      float total = 0.f;
+      for (int64_t j = 0; j < keys; ++j) {
+        p[j] = visible[j] ? p[j] : 0.f;
+        total += p[j];
+      }
+      inv_total = 1.f / total;
+    } else {  // nothing visible (a padding row): the uniform average, finite like XLA's form
+      std::fill(p, p + keys, 1.f);
     }
-    const float top = *std::max_element(p, p + keys);
-    for (int64_t j = 0; j < keys; ++j) p[j] -= top;
-    ExpInPlace(p, keys);
-    float total = 0.f;
-    for (int64_t j = 0; j < keys; ++j) total += visible[j] ? p[j] : 0.f;
-    const float inv = 1.f / total;
-    for (int64_t j = 0; j < keys; ++j) {
-      if (visible[j]) Axpy(p[j] * inv, j < s.span ? V + j * Dh : vn, o, Dh);
-    }
+    WeightedValues(p, s.span, V, vn, Dh, inv_total, out + (b * s.H + kvh * G + g) * Dh);
   }
 }
 

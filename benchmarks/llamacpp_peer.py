@@ -126,18 +126,20 @@ def peer_figures(systems: dict[str, Callable], prompts: dict[int, np.ndarray], n
     """Decode tokens/s per batch size and the time to first token of ``ttft_prompt`` for each of ``systems``
     ({label: generate}, each ``generate(prompts, n)`` greedy to n new tokens; the first call of each shape is not
     timed). The systems' timed calls alternate, one call each in turn, so that a drift in the machine's speed
-    during the run (its memory bandwidth moves by 10-30% over minutes on a shared VM) falls on all of them alike."""
+    during the run (its memory bandwidth moves by 10-30% over minutes on a shared VM) falls on all of them alike;
+    at least 3 rounds (medians): one call of each is a single sample of a drifting machine."""
+    rounds = max(3, repeats)
     out = {label: {"decode_tok_s": {}} for label in systems}
     for batch, rows in prompts.items():
         for generate in systems.values():
             generate(rows, 2)
-        full = alternating_medians({k: lambda g=g: g(rows, new_tokens) for k, g in systems.items()}, repeats)
-        first = alternating_medians({k: lambda g=g: g(rows, 1) for k, g in systems.items()}, repeats)
+        full = alternating_medians({k: lambda g=g: g(rows, new_tokens) for k, g in systems.items()}, rounds)
+        first = alternating_medians({k: lambda g=g: g(rows, 1) for k, g in systems.items()}, rounds)
         for label in systems:
             out[label]["decode_tok_s"][batch] = decode_rate(len(rows), new_tokens, full[label], first[label])
     for generate in systems.values():
         generate(ttft_prompt, 1)
-    ttft = alternating_medians({k: lambda g=g: g(ttft_prompt, 1) for k, g in systems.items()}, max(3, repeats))
+    ttft = alternating_medians({k: lambda g=g: g(ttft_prompt, 1) for k, g in systems.items()}, rounds)
     for label in systems:
         out[label]["ttft_s"] = ttft[label]
     return out

@@ -212,8 +212,9 @@ ffi::Error ChunkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   const bool rotate = cos.element_count() != 0;
   if (qd.size() != 3 || cd.size() != 5 || md.size() != 3 || od.size() != 4 || od[3] % 16 != 0 ||
       cd[4] != od[3] || od[2] % cd[2] != 0 || od[0] != qd[0] || od[1] != qd[1] || qd[2] < od[2] * od[3] ||
-      !std::equal(cd.begin(), cd.end(), cache_v.dimensions().begin(), cache_v.dimensions().end()) || slots.element_count() != qd[0] || layer.element_count() != 1 ||
-      md[0] != qd[0] || md[1] != qd[1] || md[2] > cd[3] ||
+      !std::equal(cd.begin(), cd.end(), cache_v.dimensions().begin(), cache_v.dimensions().end()) ||
+      slots.element_count() != qd[0] || layer.element_count() != 1 || md[0] != qd[0] || md[1] != qd[1] ||
+      md[2] > cd[3] ||
       (rotate && (cos.element_count() != qd[0] * qd[1] * od[3] || sin.element_count() != cos.element_count()))) {
     return ffi::Error::InvalidArgument(
         "chunk_attention: q [B, T, >= H Dh], cache [L, N, KVH, M, Dh], layer [], slots [B], mask [B, T, <= M], "

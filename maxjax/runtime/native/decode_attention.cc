@@ -68,7 +68,9 @@ void WeightedRows(const float* w, int64_t span, const float* V, const float* vn,
   for (; j < span; ++j) {
     for (int i = 0; i < NV; ++i) acc[0][i] += w[j] * maxjax::Load(V + j * 16 * NV + 16 * i);
   }
-  for (int i = 0; i < NV; ++i) maxjax::Store(o + 16 * i, (acc[0][i] + acc[1][i] + w[span] * maxjax::Load(vn + 16 * i)) * scale);
+  for (int i = 0; i < NV; ++i) {
+    maxjax::Store(o + 16 * i, (acc[0][i] + acc[1][i] + w[span] * maxjax::Load(vn + 16 * i)) * scale);
+  }
 }
 
 // scores[j] = q . key j for keys [0, span] (key j < span is row j of K, key span the new one), rows of 16 NV

@@ -1,5 +1,6 @@
-// Vector math shared by maxjax's native kernels: 16-float vectors (one AVX-512 register, two AVX2 ones), a lane
-// sum in registers, and a vectorized exp for softmax.
+// Vector math shared by maxjax's native kernels: 16-float vectors (one AVX-512 register, two AVX2 ones), bytes
+// widened to 16 lanes, a lane sum in registers, a vectorized exp for softmax, the rotary embedding's rotation and
+// a cache-line-aligned scratch buffer.
 #ifndef MAXJAX_NATIVE_VEC_MATH_H_
 #define MAXJAX_NATIVE_VEC_MATH_H_
 

@@ -49,7 +49,7 @@ def end_to_end(args, gguf, runtime: dict) -> dict:
         rows.append(row)
         print(f"  batch {b}: {row}", file=sys.stderr, flush=True)
     results["end_to_end"] = rows
-    ttft = time_to_first_token(mx, hf, ttft_prompt, 1 if args.quick else 3)
+    ttft = time_to_first_token(mx, hf, ttft_prompt, 1 if args.quick else 5)
     if hf is not None:
         ttft["maxjax_over_hf"] = ttft["maxjax_s"] / ttft["hf_s"]
     results["ttft"] = ttft

@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(f"  batch {b}: {row}", file=sys.stderr, flush=True)
     results["decode"] = rows
-    ttft = time_to_first_token(mx, hf, ttft_prompt, max(3, args.repeats))
+    ttft = time_to_first_token(mx, hf, ttft_prompt, max(5, args.repeats))
     if hf is not None:
         ttft["ratio"] = ttft["hf_s"] / ttft["maxjax_s"]
     results["ttft"] = ttft

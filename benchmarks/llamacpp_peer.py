@@ -127,7 +127,8 @@ def peer_figures(systems: dict[str, Callable], prompts: dict[int, np.ndarray], n
     ({label: generate}, each ``generate(prompts, n)`` greedy to n new tokens; the first call of each shape is not
     timed). The systems' timed calls alternate, one call each in turn, so that a drift in the machine's speed
     during the run (its memory bandwidth moves by 10-30% over minutes on a shared VM) falls on all of them alike;
-    at least 3 rounds (medians): one call of each is a single sample of a drifting machine."""
+    at least 3 rounds (5 for the time to first token, the noisiest figure) of medians: one call of each is a
+    single sample of a drifting machine."""
     rounds = max(3, repeats)
     out = {label: {"decode_tok_s": {}} for label in systems}
     for batch, rows in prompts.items():
@@ -139,7 +140,7 @@ def peer_figures(systems: dict[str, Callable], prompts: dict[int, np.ndarray], n
             out[label]["decode_tok_s"][batch] = decode_rate(len(rows), new_tokens, full[label], first[label])
     for generate in systems.values():
         generate(ttft_prompt, 1)
-    ttft = alternating_medians({k: lambda g=g: g(ttft_prompt, 1) for k, g in systems.items()}, rounds)
+    ttft = alternating_medians({k: lambda g=g: g(ttft_prompt, 1) for k, g in systems.items()}, max(5, rounds))
     for label in systems:
         out[label]["ttft_s"] = ttft[label]
     return out

@@ -1,6 +1,6 @@
 """The decode step's fixed cost, read from the compiled program (``hlo_stats.decode_step_profile``): kernels per
 step per layer and outside the layers stay under bounds set from measured values, so a change that adds per-step
-kernels fails here; and the deferred cache write (one scatter per step for all layers) gives the same tokens and
+kernels fails here (and the same for a prefill's kernels per layer); and the deferred cache write (one scatter per step for all layers) gives the same tokens and
 the same cache as writing each layer's K/V before its attention (the scanned decode path)."""
 
 import dataclasses
@@ -35,6 +35,13 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
 # embedding, one custom call each) and 55 outside.
 MAX_KERNELS_PER_LAYER = {"0": 28, "1": 5}
 MAX_KERNELS_OUTSIDE_LAYERS = 55
+
+
+# A prefill of one 32-token row (the same model, 2 and 3 layers): with the native kernels 10 kernels per layer
+# (the four products and the attention, which rotates q from the projection and reads K/V from the cache in
+# place; k rotated and v laid out for the cache write, their two scatters, one concatenation); 14 when q's
+# rotation, the reads out of the cache and the keys' transposition were XLA kernels. XLA ops only: 31.
+MAX_PREFILL_KERNELS_PER_LAYER = {"0": 31, "1": 10}
 
 
 def _engine(num_layers: int, **runtime) -> Engine:
@@ -108,3 +115,16 @@ def test_deferred_cache_write_equals_writing_before_attention():
     assert [len(t) for t in deferred[0].values()] == [12, 5, 9]
     for a, b in zip(deferred[1], written[1]):  # every written position, and nothing else, holds the same K/V
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("native_kernels", ["0", "1"])
+def test_prefill_kernels_per_layer_stay_under_their_bounds(monkeypatch, native_kernels):
+    monkeypatch.setenv(native.ENABLE_ENV, native_kernels)
+    if native_kernels == "1" and native.ffi_target(panels.TARGET) is None:
+        pytest.skip("no C++ compiler: the native kernels are unavailable")
+    kernels = []
+    for layers in (2, 3):
+        engine = _engine(layers)
+        text = engine.compiled_text("prefill", engine.config.prefill_shapes()[-1])
+        kernels.append(sum(hlo_stats.program_ops(text).values()))
+    assert kernels[1] - kernels[0] <= MAX_PREFILL_KERNELS_PER_LAYER[native_kernels], kernels

@@ -117,6 +117,18 @@ def loop_body_ops(text: str, branches: str = "largest") -> Counter:
     return ops
 
 
+def program_ops(text: str, branches: str = "smallest") -> Counter:
+    """Device operations one run of a compiled program launches (a prefill: every layer, unrolled), opcode ->
+    count, loops counted once per iteration; ``branches`` as in ``loop_body_ops``."""
+    pick = {"largest": max, "smallest": min}[branches]
+    comps, entry = _computations(text)
+    ops: Counter = Counter()
+    for _, opcode, times in _kernel_lines(comps, entry, set(), pick) if entry else []:
+        if opcode != "while":
+            ops[opcode] += times
+    return ops
+
+
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
                 "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _ARRAY_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")

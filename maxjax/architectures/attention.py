@@ -133,20 +133,24 @@ def _scaled(q: jax.Array, scale: float | None) -> jax.Array:
 CHUNK_ATTENTION_TARGET = "maxjax_chunk_attention"  # FFI target (maxjax.runtime.native.KERNELS)
 
 
-def _attends_natively(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
-    """Whether `chunk_attention_in_place` can serve `attention`: float32 with the native kernels (CPU, one
+def _chunk_kernel_serves(head_dim: int, *dtypes: Any) -> bool:
+    """Whether the native chunk attention can run: float32 operands on the CPU with the native kernels (one
     device: mesh programs are traced with them disabled) and a head size the kernel's vectors divide."""
-    return (q.dtype == k.dtype == v.dtype == jnp.float32 and q.shape[-1] % 16 == 0
+    return (all(d == jnp.float32 for d in dtypes) and head_dim % 16 == 0
             and native.ffi_target(CHUNK_ATTENTION_TARGET) is not None)
+
+
+def _attends_natively(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Whether `chunk_attention_in_place` can serve `attention`."""
+    return _chunk_kernel_serves(q.shape[-1], q.dtype, k.dtype, v.dtype)
 
 
 def chunk_reads_cache_in_place(cache: Any, dtype: Any, cfg: Any, layer_index: Any, T: int, kv_len: int,
                                logit_cap: float | None) -> bool:
     """Whether a chunk of T queries (a prefill chunk, a multi-token step) attends by `chunk_attention_in_place`
-    over the cache itself: float32 on the CPU with the native kernels, no soft cap, the span read as it is."""
-    return (cache.k.dtype == dtype == jnp.float32 and logit_cap is None and cfg.head_dim % 16 == 0
-            and not gathers_window(cfg, layer_index, T, kv_len)
-            and native.ffi_target(CHUNK_ATTENTION_TARGET) is not None)
+    over the cache itself: the kernel can run, no soft cap, the span read as it is (not a gathered window)."""
+    return (logit_cap is None and not gathers_window(cfg, layer_index, T, kv_len)
+            and _chunk_kernel_serves(cfg.head_dim, cache.k.dtype, dtype))
 
 
 def chunk_attention_in_place(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer: Any, slots: jax.Array,

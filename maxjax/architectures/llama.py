@@ -250,13 +250,11 @@ def _decode_attention(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Ar
                       mask: jax.Array, cache: KVCache, layer_index: int, slots: jax.Array, positions: jax.Array,
                       lora_index: jax.Array | None, norm: tuple, scale: float | None):
     """A deferred-write decode step's attention by the native kernel, from the fused projection as it comes
-    (rotated in the kernel), or from the rotated projections joined (separate weights, or q/k norms, which come
-    before the rotation). -> (attention [B, 1, H, Dh], the new k and v [B, 1, KVH, Dh])."""
-    qkv = None if cfg.qk_norm else joined_qkv(x, layer, cfg, lora_index, norm)
-    rotation = (cos, sin)
-    if qkv is None:
-        q, k, v = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm)
-        qkv, rotation = jnp.concatenate([a.reshape(*x.shape[:2], -1) for a in (q, k, v)], axis=-1), None
+    (rotated in the kernel), or from the rotated projections joined (`_native_projections`: the kernel reads
+    the new k and v from the row too). -> (attention [B, 1, H, Dh], the new k and v [B, 1, KVH, Dh])."""
+    qkv, rotation, k, v = _native_projections(x, layer, cfg, cos, sin, lora_index, norm)
+    if rotation is None:
+        qkv = jnp.concatenate([a.reshape(*x.shape[:2], -1) for a in (qkv, k, v)], axis=-1)
     return decode_attention_in_place(qkv, cache, layer_index, slots, positions, mask, rotation, scale,
                                      cfg.attn_logit_softcap)
 
@@ -283,7 +281,7 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     in_place = not defer_write and chunk_reads_cache_in_place(cache, x.dtype, cfg, layer_index, T, kv_len,
                                                               cfg.attn_logit_softcap)
     if in_place:  # q [B, T, >= H * Dh] with its rotation, or rotated
-        q, rotation, k, v = _chunk_projections(x, layer, cfg, cos, sin, lora_index, norm)
+        q, rotation, k, v = _native_projections(x, layer, cfg, cos, sin, lora_index, norm)
     else:
         (q, k, v), rotation = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm), None
     if not defer_write:
@@ -318,12 +316,13 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     return x, cache, ((k, v) if defer_write else None)
 
 
-def _chunk_projections(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
-                       lora_index: jax.Array | None, norm: tuple):
-    """A chunk's projections for `chunk_attention_in_place`: (q, its rotation, k rotated and v [B, T, KVH, Dh]
-    for the cache). q is the fused projection as it comes with rotation (cos, sin), which the kernel applies as
-    it reads q; or, from separate weights or with q/k norms (they come before the rotation), q rotated
-    [B, T, H * Dh] with rotation None."""
+def _native_projections(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
+                        lora_index: jax.Array | None, norm: tuple):
+    """The projections the native attention kernels take: (q, its rotation, k rotated and v [B, T, KVH, Dh]).
+    q is the fused projection as it comes [B, T, (H + 2 KVH) Dh] with rotation (cos, sin), which the kernels
+    apply as they read q; or, from separate weights or with q/k norms (they come before the rotation), q rotated
+    [B, T, H * Dh] with rotation None. (k is for a cache write; a caller that does not use it leaves it to XLA
+    to drop.)"""
     B, T, _ = x.shape
     qkv = None if cfg.qk_norm else joined_qkv(x, layer, cfg, lora_index, norm)
     if qkv is None:

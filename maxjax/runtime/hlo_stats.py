@@ -107,23 +107,22 @@ def loop_body_ops(text: str, branches: str = "largest") -> Counter:
     """Device operations per iteration of the entry computation's outermost while loop (the decode step):
     opcode -> count. Empty when the program has no loop. ``branches``: "largest" counts the costlier side of
     every conditional (e.g. sampling, log-probabilities), "smallest" the cheaper one (greedy, none asked)."""
-    pick = {"largest": max, "smallest": min}[branches]
     comps, entry = _computations(text)
-    body = _loop_body(comps, entry)
-    ops: Counter = Counter()
-    for _, opcode, times in (_kernel_lines(comps, body, set(), pick) if body else []):
-        if opcode != "while":
-            ops[opcode] += times
-    return ops
+    return _ops_of(comps, _loop_body(comps, entry), branches)
 
 
 def program_ops(text: str, branches: str = "smallest") -> Counter:
     """Device operations one run of a compiled program launches (a prefill: every layer, unrolled), opcode ->
     count, loops counted once per iteration; ``branches`` as in ``loop_body_ops``."""
-    pick = {"largest": max, "smallest": min}[branches]
     comps, entry = _computations(text)
+    return _ops_of(comps, entry, branches)
+
+
+def _ops_of(comps: dict[str, list[str]], name: str | None, branches: str) -> Counter:
+    """Opcode -> count of the device operations one run of computation ``name`` launches (none for None)."""
+    pick = {"largest": max, "smallest": min}[branches]
     ops: Counter = Counter()
-    for _, opcode, times in _kernel_lines(comps, entry, set(), pick) if entry else []:
+    for _, opcode, times in (_kernel_lines(comps, name, set(), pick) if name else []):
         if opcode != "while":
             ops[opcode] += times
     return ops

@@ -88,8 +88,8 @@ inline Vec16 Exp(Vec16 x) {
 }
 
 // A growable float buffer whose data starts on a 64-byte cache line: a vector loaded from it at a multiple of
-// 16 floats stays within one line (a std::vector's 16-byte alignment made such loads straddle two, ~15% slower
-// attention products).
+// 16 floats stays within one line (a std::vector's data is only 16-byte aligned, so such loads could straddle
+// two).
 class LineAlignedFloats {
  public:
   float* Get(size_t n) {  // at least n floats; contents are not kept across calls that grow it

@@ -37,11 +37,12 @@ MAX_KERNELS_PER_LAYER = {"0": 28, "1": 5}
 MAX_KERNELS_OUTSIDE_LAYERS = 55
 
 
-# A prefill of one 32-token row (the same model, 2 and 3 layers): with the native kernels 10 kernels per layer
-# (the four products and the attention, which rotates q from the projection and reads K/V from the cache in
-# place; k rotated and v laid out for the cache write, their two scatters, one concatenation); 14 when q's
-# rotation, the reads out of the cache and the keys' transposition were XLA kernels. XLA ops only: 31.
-MAX_PREFILL_KERNELS_PER_LAYER = {"0": 31, "1": 10}
+# A prefill of one 32-token row (the same model, 2 and 3 layers): with the native kernels 6 kernels per layer
+# (the four products, the cache write from the fused projection, and the attention, which rotates q from the
+# projection and reads K/V from the cache in place); 10 when k's rotation, v's layout and their two scatters
+# were XLA kernels, 14 when q's rotation, the reads out of the cache and the keys' transposition were too.
+# XLA ops only: 31.
+MAX_PREFILL_KERNELS_PER_LAYER = {"0": 31, "1": 6}
 
 
 def _engine(num_layers: int, **runtime) -> Engine:

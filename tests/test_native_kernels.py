@@ -187,6 +187,34 @@ def test_chunk_attention_in_place_reads_the_cache_and_rotates_q(kernel, heads, k
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)  # summation order
 
 
+@pytest.mark.parametrize("kv_heads, head_dim, chunk", [(3, 64, 70), (2, 16, 5)])
+def test_cache_write_from_the_projection_matches_the_scatter(kernel, kv_heads, head_dim, chunk):
+    """The native write of a chunk's k (rotated) and v from the fused projection, in place in the donated caches:
+    the caches XLA's `write_cache` of `apply_rope`'s k and of v gives (scattered slots, a traced layer, padding
+    positions and one past the cache, which write nothing), with nothing else touched."""
+    layers, num_slots, B, max_len, heads = 3, 4, 3, 80, 2 * kv_heads
+    rng = np.random.default_rng(chunk)
+    caches = [rng.standard_normal((layers, num_slots, kv_heads, max_len, head_dim)).astype(np.float32)
+              for _ in range(2)]
+    qkv = jnp.asarray(rng.standard_normal((B, chunk, (heads + 2 * kv_heads) * head_dim)), jnp.float32)
+    slots = jnp.array([2, 0, 3], jnp.int32)
+    positions = np.broadcast_to(np.arange(max_len - chunk, max_len, dtype=np.int32), (B, chunk)).copy()
+    positions[1, :chunk // 2] = -1
+    positions[2, -1] = max_len
+    positions = jnp.asarray(positions)
+    cos, sin = rope_cos_sin(10000.0, head_dim, None, positions)
+    k_col, v_col = heads * head_dim, (heads + kv_heads) * head_dim
+    k = apply_rope(qkv[..., k_col:v_col].reshape(B, chunk, kv_heads, head_dim), cos, sin)
+    v = qkv[..., v_col:].reshape(B, chunk, kv_heads, head_dim)
+    expected = [attention.write_cache(jnp.asarray(c), jnp.int32(1), new, slots, positions)
+                for c, new in zip(caches, (k, v))]
+    write = jax.jit(attention.write_projection_in_place, static_argnums=(7, 8), donate_argnums=(0, 1))
+    got = write(jnp.asarray(caches[0]), jnp.asarray(caches[1]), jnp.int32(1), qkv, (cos, sin), slots, positions,
+                k_col, v_col)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-6, rtol=0)  # the rotation's rounding
+
+
 def test_soft_capped_attention_keeps_the_xla_form(kernel):
     q = jnp.zeros((1, 4, 2, 16), jnp.float32)
     k = v = jnp.zeros((1, 2, 8, 16), jnp.float32)

@@ -185,6 +185,26 @@ def write_cache(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, slots: ja
     return cache_kv.at[layer, slots[:, None], :, write_pos].set(new.astype(cache_kv.dtype), mode="drop")
 
 
+CACHE_WRITE_TARGET = "maxjax_cache_write"  # FFI target (maxjax.runtime.native.KERNELS)
+
+
+def write_projection_in_place(cache_k: jax.Array, cache_v: jax.Array, layer: Any, projection: jax.Array,
+                              rotation: tuple[jax.Array, jax.Array], slots: jax.Array, positions: jax.Array,
+                              k_col: int, v_col: int) -> tuple[jax.Array, jax.Array]:
+    """`write_cache` of both caches by the native kernel (``runtime/native/cache_write.cc``), from a fused
+    projection [B, T, C] as it comes: k is its columns [k_col, k_col + KVH Dh) rotated by ``rotation`` (cos, sin)
+    [B, T, Dh], v its columns [v_col, v_col + KVH Dh). The caches are updated in place (their buffers alias the
+    results), so this replaces XLA's rotation, layout and scatter kernels for a chunk's keys and values. Only
+    where `chunk_reads_cache_in_place` holds (float32 caches, the kernels available)."""
+    native.ffi_target(CACHE_WRITE_TARGET)  # registered with the library; a no-op then
+    cos, sin = (r.astype(jnp.float32) for r in rotation)
+    return jax.ffi.ffi_call(CACHE_WRITE_TARGET, (jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
+                                                 jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)),
+                            input_output_aliases={3: 0, 4: 1})(
+        projection, cos, sin, cache_k, cache_v, jnp.asarray(layer, jnp.int32), slots.astype(jnp.int32),
+        positions.astype(jnp.int32), k_col=np.int64(k_col), v_col=np.int64(v_col))
+
+
 def hide_current(mask: jax.Array, positions: jax.Array) -> jax.Array:
     """A mask [B, T, kv_len] that also hides each query's own position (and any later one): the cache entries a
     query sees when its own key is not written yet but appended (`with_new_key`)."""

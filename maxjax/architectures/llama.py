@@ -40,7 +40,7 @@ import numpy as np
 from maxjax.architectures.attention import (attention, attention_mask, chunk_attention_in_place,
                                             chunk_reads_cache_in_place, decode_attention_in_place, hide_current,
                                             reads_cache_in_place, softcap, visible_keys, with_new_key, write_cache,
-                                            write_cache_layers)
+                                            write_cache_layers, write_projection_in_place)
 from maxjax.architectures.llama_blocks import (ACTIVATIONS, feed_forward, joined_qkv, mlp,  # noqa: F401
                                                project, rms_norm, rotated_qkv)
 from maxjax.architectures.llama_layout import (LINEAR_WEIGHTS, fuse_projections, runtime_params,  # noqa: F401
@@ -284,7 +284,11 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
         q, rotation, k, v = _native_projections(x, layer, cfg, cos, sin, lora_index, norm)
     else:
         (q, k, v), rotation = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm), None
-    if not defer_write:
+    if not defer_write and in_place and rotation is not None:  # k and v straight from the fused projection
+        H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cache = KVCache(*write_projection_in_place(cache.k, cache.v, layer_index, q, rotation, slots, positions,
+                                                   k_col=H * Dh, v_col=(H + KVH) * Dh))
+    elif not defer_write:
         cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
                         v=write_cache(cache.v, layer_index, v, slots, positions))
     if in_place:

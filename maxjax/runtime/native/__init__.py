@@ -93,6 +93,7 @@ KERNELS = {
     "maxjax_panel_matmul": "MaxjaxPanelMatmul",
     "maxjax_decode_attention": "MaxjaxDecodeAttention",
     "maxjax_chunk_attention": "MaxjaxChunkAttention",
+    "maxjax_cache_write": "MaxjaxCacheWrite",
     "maxjax_q4_matmul": "MaxjaxQ4Matmul",
     "maxjax_q8_matmul": "MaxjaxQ8Matmul",
     "maxjax_argmax": "MaxjaxArgmax",

@@ -63,28 +63,43 @@ inline float LaneSum(Vec16 v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-// exp(x) for 16 lanes (Cephes' expf: x = n ln2 + r, a degree-5 polynomial for e^r, 2^n from the exponent bits),
-// within ~2 ulp. Inputs below -87 give ~1e-38 (the softmax's masked scores, whose weight is dropped anyway).
+// exp(x) for 16 lanes (Cephes' expf: x = n ln2 + r with n the nearest integer, a degree-5 polynomial for e^r
+// on |r| <= ln2 / 2, then 2^n), within ~1.3 ulp. Inputs below -87 give ~1e-38 (the softmax's masked scores,
+// whose weight is dropped anyway). With AVX-512, rounding and the 2^n scaling are one instruction each.
 inline Vec16 Exp(Vec16 x) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+#if defined(__AVX512F__)
+  __m512 v;
+  std::memcpy(&v, &x, sizeof(v));
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), v));
+  __m512 p = _mm512_set1_ps(kPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kPoly[i]));
+  p = _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f))), n);
+  Vec16 out;
+  std::memcpy(&out, &p, sizeof(out));
+  return out;
+#else
   const Vec16 lo = Vec16{} - 87.3f, hi = Vec16{} + 88.3f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const Vec16 y = x * 1.44269504088896341f;
-  Int16 n = __builtin_convertvector(y, Int16);  // truncated toward zero; floor below
+  const Vec16 y = x * kLog2e + 0.5f;
+  Int16 n = __builtin_convertvector(y, Int16);  // truncated toward zero; floor(y) below: the nearest to x log2e
   n += (__builtin_convertvector(n, Vec16) > y);  // a comparison is -1 where true
   const Vec16 fn = __builtin_convertvector(n, Vec16);
-  const Vec16 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  Vec16 p = Vec16{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  const Vec16 r = x - fn * kLn2Hi - fn * kLn2Lo;
+  Vec16 p = Vec16{} + kPoly[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kPoly[i];
   p = p * r * r + r + 1.f;
   const Int16 bits = (n + 127) << 23;
   Vec16 scale;
   std::memcpy(&scale, &bits, sizeof(Vec16));
   return p * scale;
+#endif
 }
 
 // A growable float buffer whose data starts on a 64-byte cache line: a vector loaded from it at a multiple of

@@ -3,7 +3,7 @@
 //
 // Why: XLA wrote them with two kernels per cache: a fusion that rotates k (or lays v out) into [B, T, KVH, Dh]
 // and a scatter into the cache, ~0.27 ms per layer of a 512-token SmolLM2 prefill for ~0.4 MB of values (8 ms
-// of the prefill). Here one pass reads each projection row once and writes its heads where they belong.
+// of the prefill). Here one pass reads each projection row once and writes its heads where they belong (~4 ms).
 //
 // Semantics are `maxjax.architectures.attention.write_cache`'s for both caches, with k = the columns
 // [k_col, k_col + KVH Dh) of the projection rotated as `rope.apply_rope` does and v = [v_col, v_col + KVH Dh);
@@ -20,8 +20,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-ffi::Error CacheWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projection, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
-                          ffi::Buffer<ffi::F32> cache_k_in, ffi::Buffer<ffi::F32> cache_v_in,
+ffi::Error CacheWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projection, ffi::Buffer<ffi::F32> cos,
+                          ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> cache_k_in, ffi::Buffer<ffi::F32> cache_v_in,
                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> slots,
                           ffi::Buffer<ffi::S32> positions, ffi::ResultBuffer<ffi::F32> cache_k,
                           ffi::ResultBuffer<ffi::F32> cache_v, int64_t k_col, int64_t v_col) {
@@ -45,9 +45,9 @@ ffi::Error CacheWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projection
   const float* p = projection.typed_data();
   const int32_t* pos = positions.typed_data();
   float *ks = cache_k->typed_data() + l * N * KVH * M * Dh, *vs = cache_v->typed_data() + l * N * KVH * M * Dh;
-  // Rows of the chunk in ranges over the threads: the writes miss the caches (a pass at the memory's speed).
-  maxjax::ParallelFor(pool, B * T >= maxjax::kLongCallRows, maxjax::ChunkCount(B * T), [&](int64_t chunk) {
-    const int64_t chunks = maxjax::ChunkCount(B * T);
+  // The chunk's rows in ranges over the threads: the writes miss the CPU caches, a pass at the memory's speed.
+  const int64_t chunks = maxjax::ChunkCount(B * T);
+  maxjax::ParallelFor(pool, B * T >= maxjax::kLongCallRows, chunks, [&](int64_t chunk) {
     for (int64_t bt = B * T * chunk / chunks; bt < B * T * (chunk + 1) / chunks; ++bt) {
       const int64_t b = bt / T, position = pos[bt];
       if (position < 0 || position >= M) continue;

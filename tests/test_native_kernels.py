@@ -1,7 +1,6 @@
 """The native CPU kernels (``maxjax/runtime/native``): the panel matmul against float64 numpy, the in-place
 decode attention, the chunk attention and the cache write against the XLA form, and how maxjax falls back to XLA's
-ops without them. The serving layout
-that packs weights for the matmul: tests/test_llama.py."""
+ops without them. The serving layout that packs weights for the matmul: tests/test_llama.py."""
 
 import os
 import subprocess

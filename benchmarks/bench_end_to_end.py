@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from bench_generate import HFRunner, MaxjaxRunner, format_ttft, rates_against_hf, start_child, time_to_first_token
-from common import make_prompts, write_json
+from common import TTFT_ROUNDS, make_prompts, write_json
 from machine import load_average
 
 
@@ -49,7 +49,7 @@ def end_to_end(args, gguf, runtime: dict) -> dict:
         rows.append(row)
         print(f"  batch {b}: {row}", file=sys.stderr, flush=True)
     results["end_to_end"] = rows
-    ttft = time_to_first_token(mx, hf, ttft_prompt, 1 if args.quick else 5)
+    ttft = time_to_first_token(mx, hf, ttft_prompt, 1 if args.quick else TTFT_ROUNDS)
     if hf is not None:
         ttft["maxjax_over_hf"] = ttft["maxjax_s"] / ttft["hf_s"]
     results["ttft"] = ttft

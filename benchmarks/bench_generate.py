@@ -65,8 +65,8 @@ import numpy as np
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))  # sibling modules, also when run through runpy (maxjax bench, tests)
 
-from common import (alternating_medians, generation_rates, make_prompts, raw_read_seconds, same_tokens,  # noqa: E402
-                    write_json)
+from common import (TTFT_ROUNDS, alternating_medians, generation_rates, make_prompts,  # noqa: E402
+                    raw_read_seconds, same_tokens, write_json)
 # layer_split too: tests/test_decode_cost.py counts kernels as this bench does, through this module
 from decode_kernels import decode_step_ops, layer_split  # noqa: E402,F401
 from machine import load_average, read_bandwidth  # noqa: E402
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(f"  batch {b}: {row}", file=sys.stderr, flush=True)
     results["decode"] = rows
-    ttft = time_to_first_token(mx, hf, ttft_prompt, max(5, args.repeats))
+    ttft = time_to_first_token(mx, hf, ttft_prompt, max(TTFT_ROUNDS, args.repeats))
     if hf is not None:
         ttft["ratio"] = ttft["hf_s"] / ttft["maxjax_s"]
     results["ttft"] = ttft

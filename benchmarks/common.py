@@ -24,6 +24,10 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return alternating_medians({"fn": fn}, repeats)["fn"]
 
 
+# Rounds of alternating calls behind a time-to-first-token figure, the noisiest one (at least this many).
+TTFT_ROUNDS = 5
+
+
 def alternating_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds of each call over ``repeats`` rounds, every round calling each once in turn (systems
     compared this way share any drift in the machine's speed)."""

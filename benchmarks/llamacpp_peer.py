@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from common import alternating_medians, decode_rate, same_tokens
+from common import TTFT_ROUNDS, alternating_medians, decode_rate, same_tokens
 
 INSTALL_HINT = ("llama.cpp is not installed: pip install llama-cpp-python (builds llama.cpp from source, several "
                 "minutes), or pip install -e \".[bench-llamacpp]\"; then rerun with --llamacpp")
@@ -140,7 +140,7 @@ def peer_figures(systems: dict[str, Callable], prompts: dict[int, np.ndarray], n
             out[label]["decode_tok_s"][batch] = decode_rate(len(rows), new_tokens, full[label], first[label])
     for generate in systems.values():
         generate(ttft_prompt, 1)
-    ttft = alternating_medians({k: lambda g=g: g(ttft_prompt, 1) for k, g in systems.items()}, max(5, rounds))
+    ttft = alternating_medians({k: lambda g=g: g(ttft_prompt, 1) for k, g in systems.items()}, max(TTFT_ROUNDS, rounds))
     for label in systems:
         out[label]["ttft_s"] = ttft[label]
     return out

@@ -1,7 +1,8 @@
 """The decode step's fixed cost, read from the compiled program (``hlo_stats.decode_step_profile``): kernels per
 step per layer and outside the layers stay under bounds set from measured values, so a change that adds per-step
-kernels fails here (and the same for a prefill's kernels per layer); and the deferred cache write (one scatter per step for all layers) gives the same tokens and
-the same cache as writing each layer's K/V before its attention (the scanned decode path)."""
+kernels fails here (and the same for a prefill's kernels per layer); and the deferred cache write (one scatter
+per step for all layers) gives the same tokens and the same cache as writing each layer's K/V before its
+attention (the scanned decode path)."""
 
 import dataclasses
 import runpy

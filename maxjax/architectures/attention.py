@@ -189,14 +189,16 @@ CACHE_WRITE_TARGET = "maxjax_cache_write"  # FFI target (maxjax.runtime.native.K
 
 
 def write_projection_in_place(cache_k: jax.Array, cache_v: jax.Array, layer: Any, projection: jax.Array,
-                              rotation: tuple[jax.Array, jax.Array], slots: jax.Array, positions: jax.Array,
-                              k_col: int, v_col: int) -> tuple[jax.Array, jax.Array]:
+                              rotation: tuple[jax.Array, jax.Array], slots: jax.Array,
+                              positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`write_cache` of both caches by the native kernel (``runtime/native/cache_write.cc``), from a fused
-    projection [B, T, C] as it comes: k is its columns [k_col, k_col + KVH Dh) rotated by ``rotation`` (cos, sin)
-    [B, T, Dh], v its columns [v_col, v_col + KVH Dh). The caches are updated in place (their buffers alias the
-    results), so this replaces XLA's rotation, layout and scatter kernels for a chunk's keys and values. Only
-    where `chunk_reads_cache_in_place` holds (float32 caches, the kernels available)."""
+    q | k | v projection [B, T, C] as it comes: k is its KVH Dh columns before the last KVH Dh (v), rotated by
+    ``rotation`` (cos, sin) [B, T, Dh]. The caches are updated in place (their buffers alias the results), so
+    this replaces XLA's rotation, layout and scatter kernels for a chunk's keys and values. Only where
+    `chunk_reads_cache_in_place` holds (float32 caches, the kernels available)."""
     native.ffi_target(CACHE_WRITE_TARGET)  # registered with the library; a no-op then
+    width = cache_k.shape[2] * cache_k.shape[4]  # KVH Dh
+    k_col, v_col = projection.shape[-1] - 2 * width, projection.shape[-1] - width
     cos, sin = (r.astype(jnp.float32) for r in rotation)
     return jax.ffi.ffi_call(CACHE_WRITE_TARGET, (jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
                                                  jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)),

@@ -46,7 +46,7 @@ from maxjax.architectures.llama_blocks import (ACTIVATIONS, feed_forward, joined
 from maxjax.architectures.llama_layout import (LINEAR_WEIGHTS, fuse_projections, runtime_params,  # noqa: F401
                                                unstack_layers, untie_output)
 from maxjax.architectures.quantized import embed_lookup, embed_matmul, linear
-from maxjax.architectures.rope import apply_rope, rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
+from maxjax.architectures.rope import rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
 from maxjax.architectures.rope import rope_type as _rope_type
 
 Params = dict[str, Any]
@@ -284,10 +284,8 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
         q, rotation, k, v = _native_projections(x, layer, cfg, cos, sin, lora_index, norm)
     else:
         (q, k, v), rotation = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm), None
-    if not defer_write and in_place and rotation is not None:  # k and v straight from the fused projection
-        H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        cache = KVCache(*write_projection_in_place(cache.k, cache.v, layer_index, q, rotation, slots, positions,
-                                                   k_col=H * Dh, v_col=(H + KVH) * Dh))
+    if not defer_write and rotation is not None:  # the fused projection: k and v go from it into the cache
+        cache = KVCache(*write_projection_in_place(cache.k, cache.v, layer_index, q, rotation, slots, positions))
     elif not defer_write:
         cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
                         v=write_cache(cache.v, layer_index, v, slots, positions))
@@ -322,19 +320,16 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
 
 def _native_projections(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
                         lora_index: jax.Array | None, norm: tuple):
-    """The projections the native attention kernels take: (q, its rotation, k rotated and v [B, T, KVH, Dh]).
-    q is the fused projection as it comes [B, T, (H + 2 KVH) Dh] with rotation (cos, sin), which the kernels
-    apply as they read q; or, from separate weights or with q/k norms (they come before the rotation), q rotated
-    [B, T, H * Dh] with rotation None. (k is for a cache write; a caller that does not use it leaves it to XLA
-    to drop.)"""
+    """The projections the native kernels take: (q, its rotation, k, v). Either the fused projection as it
+    comes [B, T, (H + 2 KVH) Dh] with rotation (cos, sin), which the kernels apply as they read it (k and v are
+    None: the kernels read them from it too); or, from separate weights or with q/k norms (they come before the
+    rotation), q rotated [B, T, H * Dh] with rotation None, and k rotated and v [B, T, KVH, Dh]."""
     B, T, _ = x.shape
     qkv = None if cfg.qk_norm else joined_qkv(x, layer, cfg, lora_index, norm)
     if qkv is None:
         q, k, v = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm)
         return q.reshape(B, T, -1), None, k, v
-    H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    k = apply_rope(qkv[..., H * Dh:(H + KVH) * Dh].reshape(B, T, KVH, Dh), cos, sin)
-    return qkv, (cos, sin), k, qkv[..., (H + KVH) * Dh:].reshape(B, T, KVH, Dh)
+    return qkv, (cos, sin), None, None
 
 
 def _block_output(x: jax.Array, attn: jax.Array, layer: Params, cfg: LlamaConfig,

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  max_num_steps=args.steps, max_logprobs=1)
     engine = pipe.engine
     from maxjax.architectures import panels
-    from maxjax.runtime import native
+    from maxjax.kernels import native
 
     xla_dots = jax.tree.map(lambda w: panels.unpack(w) if panels.is_panels(w) else w, engine.params,
                             is_leaf=panels.is_panels)

@@ -100,7 +100,7 @@ def bench_matmul(batches: list[int], repeats: int, quick: bool) -> list[dict]:
 
 
 def bench_decode(args) -> None:
-    from maxjax.runtime import native
+    from maxjax.kernels import native
     from maxjax.weights.sources import default_gguf
 
     gguf = Path(args.model) if args.model else default_gguf()

@@ -1,4 +1,4 @@
-"""The native kernel for GGUF Q4_0/Q4_1/Q8_0 blocks (``maxjax/runtime/native/block_matmul.cc``) against float64
+"""The native kernel for GGUF Q4_0/Q4_1/Q8_0 blocks (``maxjax/kernels/native/block_matmul.cc``) against float64
 numpy of the gguf package's dequantized weights, and the serving layout that packs kept blocks for it. The real
 SmolLM2 Q4_1 file through that layout: tests/test_gguf_blocks.py."""
 

@@ -148,7 +148,7 @@ def test_serving_runtime_on_kept_blocks_matches_float_and_never_recompiles(tiny_
     from maxjax.pipelines.text import TextGenerationPipeline
     from maxjax.runtime.compile_cache import compile_count
     from maxjax.runtime.config import RuntimeConfig
-    from maxjax.runtime import native
+    from maxjax.kernels import native
     from maxjax.runtime.engine import Engine
     from maxjax.models import load_model
 

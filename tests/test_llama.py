@@ -198,7 +198,7 @@ def test_runtime_layout_of_a_tied_model_reads_a_transposed_output_projection(mon
     """The serving layout keeps the tied embedding for lookups and adds its [D, V] transpose for the logits (a
     faster XLA CPU dot); logits stay those of the tied model, and quantized embeddings are left tied. (Without
     the native kernels, whose panel packing of the same copy `tests/test_native_kernels.py` covers.)"""
-    from maxjax.runtime import native
+    from maxjax.kernels import native
     from maxjax.weights.quantize import quantize_params, weight_bytes
 
     monkeypatch.setenv(native.ENABLE_ENV, "0")

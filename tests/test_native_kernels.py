@@ -1,4 +1,4 @@
-"""The native CPU kernels (``maxjax/runtime/native``): the panel matmul against float64 numpy, the in-place
+"""The native CPU kernels (``maxjax/kernels/native``): the panel matmul against float64 numpy, the in-place
 decode attention, the chunk attention and the cache write against the XLA form, and how maxjax falls back to XLA's
 ops without them. The serving layout that packs weights for the matmul: tests/test_llama.py."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from maxjax.architectures import attention, llama, panels
 from maxjax.architectures.rope import apply_rope, rope_cos_sin
-from maxjax.runtime import native
+from maxjax.kernels import native
 
 
 @pytest.fixture(scope="module")

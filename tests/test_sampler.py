@@ -177,7 +177,7 @@ def test_argmax_is_jnp_argmax_with_ties_and_infinities(native_kernel, vocab):
     """The native kernel (CPU) and the XLA form: the first index of the maximum, over a vocabulary that fills
     whole vectors or not; a row holding a NaN gives its first NaN's index (the native kernel; the XLA form's
     answer there is unspecified)."""
-    from maxjax.runtime import native
+    from maxjax.kernels import native
     from maxjax.runtime.sampler import argmax
 
     x = np.round(np.random.default_rng(vocab).normal(0, 1, (6, vocab)), 1).astype(np.float32)  # many ties

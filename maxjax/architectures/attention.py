@@ -14,31 +14,34 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from maxjax.runtime import native
+from maxjax.kernels.native_attention import (chunk_attention_in_place, chunk_kernel_serves,  # noqa: F401
+                                             decode_attention_in_place, decode_kernel_serves,
+                                             write_projection_in_place)
+from maxjax.kernels.paged import gather_pages, gather_positions, write_pages, write_pages_layers  # noqa: F401
 
 # A large finite negative instead of -inf: a fully masked (padding) query row then gets a uniform softmax
 # rather than NaN, so garbage in padding rows stays finite.
 _MASK_VALUE = -1e30
 
 
-def visible_keys(cache: Any, cfg: Any, layer_index: Any, slots: jax.Array, positions: jax.Array,
+def visible_keys(cache: Any, cfg: Any, layer_index: Any, pages: jax.Array, positions: jax.Array,
                  mask: jax.Array, kv_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Keys and values [B, KVH, span, Dh] a layer's queries may see, and the mask [B, T, span] over them.
+    """Keys and values [B, KVH, span, Dh] a layer's queries may see, and the mask [B, T, span] over them, read
+    through the rows' block tables ``pages`` [B, P] (``maxjax.kernels.paged``).
 
     A sliding layer (known when layers are unrolled, as in decode) reads only the window's positions:
     span = sliding_window + T - 1 cache entries ending at each row's last position, instead of all kv_len.
     """
     T = positions.shape[1]
     if not gathers_window(cfg, layer_index, T, kv_len):
-        return cache.k[layer_index, slots, :, :kv_len], cache.v[layer_index, slots, :, :kv_len], mask
+        return (gather_pages(cache.k, layer_index, pages, kv_len), gather_pages(cache.v, layer_index, pages, kv_len),
+                mask)
     span = cfg.sliding_window + T - 1
     start = jnp.clip(jnp.max(positions, axis=1) - span + 1, 0, kv_len - span)  # [B]
     index = start[:, None] + jnp.arange(span, dtype=jnp.int32)  # [B, span]
-    # Advanced indices split by the head slice: the result is [B, span, KVH, Dh].
-    keys = cache.k[layer_index, slots[:, None], :, index].transpose(0, 2, 1, 3)
-    values = cache.v[layer_index, slots[:, None], :, index].transpose(0, 2, 1, 3)
+    keys = gather_positions(cache.k, layer_index, pages, index)
+    values = gather_positions(cache.v, layer_index, pages, index)
     return keys, values, jnp.take_along_axis(mask, index[:, None, :], axis=-1)
 
 
@@ -130,81 +133,12 @@ def _scaled(q: jax.Array, scale: float | None) -> jax.Array:
     return (q * jnp.asarray(1 / math.sqrt(q.shape[-1]) if scale is None else scale, score_dtype)).astype(q.dtype)
 
 
-CHUNK_ATTENTION_TARGET = "maxjax_chunk_attention"  # FFI target (maxjax.runtime.native.KERNELS)
-
-
-def _chunk_kernel_serves(head_dim: int, *dtypes: Any) -> bool:
-    """Whether the native chunk attention can run: float32 operands on the CPU with the native kernels (one
-    device: mesh programs are traced with them disabled) and a head size the kernel's vectors divide."""
-    return (all(d == jnp.float32 for d in dtypes) and head_dim % 16 == 0
-            and native.ffi_target(CHUNK_ATTENTION_TARGET) is not None)
-
-
-def _attends_natively(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
-    """Whether `chunk_attention_in_place` can serve `attention`."""
-    return _chunk_kernel_serves(q.shape[-1], q.dtype, k.dtype, v.dtype)
-
-
 def chunk_reads_cache_in_place(cache: Any, dtype: Any, cfg: Any, layer_index: Any, T: int, kv_len: int,
                                logit_cap: float | None) -> bool:
     """Whether a chunk of T queries (a prefill chunk, a multi-token step) attends by `chunk_attention_in_place`
     over the cache itself: the kernel can run, no soft cap, the span read as it is (not a gathered window)."""
     return (logit_cap is None and not gathers_window(cfg, layer_index, T, kv_len)
-            and _chunk_kernel_serves(cfg.head_dim, cache.k.dtype, dtype))
-
-
-def chunk_attention_in_place(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer: Any, slots: jax.Array,
-                             mask: jax.Array, rotation: tuple[jax.Array, jax.Array] | None, scale: float | None,
-                             heads: int) -> jax.Array:
-    """`attention` without a soft cap by the native kernel (``runtime/native/chunk_attention.cc``) over keys
-    and values read where they are: key j of row b is cache[layer, slots[b], :, j] for j < S, mask [B, T, S].
-    ``q`` [B, T, C]: the ``heads`` query heads in its first heads * Dh columns (C wider: a fused q | k | v
-    projection as it comes), rotated by ``rotation`` = (cos, sin) [B, T, Dh] in the kernel (None: q comes
-    rotated); ``layer`` may be traced (a scanned layer body). Each query tile's scores stay in cache through
-    the masked softmax and the product with v, and keys past a tile's last visible one (the causal future of a
-    prefill chunk) are skipped. -> [B, T, heads, Dh]."""
-    native.ffi_target(CHUNK_ATTENTION_TARGET)  # registered by the check that chose this path; a no-op then
-    B, T = q.shape[:2]
-    Dh = cache_k.shape[-1]
-    none = jnp.zeros((0,), jnp.float32)
-    cos, sin = (none, none) if rotation is None else (r.astype(jnp.float32) for r in rotation)
-    return jax.ffi.ffi_call(CHUNK_ATTENTION_TARGET, jax.ShapeDtypeStruct((B, T, heads, Dh), jnp.float32))(
-        q, cache_k, cache_v, jnp.asarray(layer, jnp.int32), slots.astype(jnp.int32), mask, cos, sin,
-        scale=np.float32(Dh ** -0.5 if scale is None else scale))
-
-
-def write_cache(cache_kv: jax.Array, layer: jax.Array, new: jax.Array, slots: jax.Array,
-                 positions: jax.Array) -> jax.Array:
-    """Scatter new [B, T, KVH, Dh] into cache [L, S, KVH, M, Dh] at (layer, slots[b], :, positions[b, t]).
-
-    Padding positions (< 0) are sent out of range and dropped.
-    """
-    max_seq_len = cache_kv.shape[3]
-    write_pos = jnp.where(positions >= 0, positions, max_seq_len)  # [B, T]
-    # Advanced indices split by the head slice: the update is indexed [B, T, KVH, Dh].
-    return cache_kv.at[layer, slots[:, None], :, write_pos].set(new.astype(cache_kv.dtype), mode="drop")
-
-
-CACHE_WRITE_TARGET = "maxjax_cache_write"  # FFI target (maxjax.runtime.native.KERNELS)
-
-
-def write_projection_in_place(cache_k: jax.Array, cache_v: jax.Array, layer: Any, projection: jax.Array,
-                              rotation: tuple[jax.Array, jax.Array], slots: jax.Array,
-                              positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`write_cache` of both caches by the native kernel (``runtime/native/cache_write.cc``), from a fused
-    q | k | v projection [B, T, C] as it comes: k is its KVH Dh columns before the last KVH Dh (v), rotated by
-    ``rotation`` (cos, sin) [B, T, Dh]. The caches are updated in place (their buffers alias the results), so
-    this replaces XLA's rotation, layout and scatter kernels for a chunk's keys and values. Only where
-    `chunk_reads_cache_in_place` holds (float32 caches, the kernels available)."""
-    native.ffi_target(CACHE_WRITE_TARGET)  # registered with the library; a no-op then
-    width = cache_k.shape[2] * cache_k.shape[4]  # KVH Dh
-    k_col, v_col = projection.shape[-1] - 2 * width, projection.shape[-1] - width
-    cos, sin = (r.astype(jnp.float32) for r in rotation)
-    return jax.ffi.ffi_call(CACHE_WRITE_TARGET, (jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
-                                                 jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)),
-                            input_output_aliases={3: 0, 4: 1})(
-        projection, cos, sin, cache_k, cache_v, jnp.asarray(layer, jnp.int32), slots.astype(jnp.int32),
-        positions.astype(jnp.int32), k_col=np.int64(k_col), v_col=np.int64(v_col))
+            and chunk_kernel_serves(cfg.head_dim, cache.k.dtype, dtype))
 
 
 def hide_current(mask: jax.Array, positions: jax.Array) -> jax.Array:
@@ -227,44 +161,6 @@ def with_new_key(keys: jax.Array, values: jax.Array, mask: jax.Array, positions:
     return keys, values, jnp.concatenate([mask, (positions >= 0)[:, :, None]], axis=-1)  # [B, 1, S + 1]
 
 
-DECODE_ATTENTION_TARGET = "maxjax_decode_attention"  # FFI target (maxjax.runtime.native.KERNELS)
-
-
 def reads_cache_in_place(cache: Any, dtype: Any) -> bool:
     """Whether `decode_attention_in_place` can serve a decode step: float32 on the CPU with the native kernels."""
-    return (cache.k.dtype == jnp.float32 and dtype == jnp.float32
-            and native.ffi_target(DECODE_ATTENTION_TARGET) is not None)
-
-
-def decode_attention_in_place(qkv: jax.Array, cache: Any, layer: int, slots: jax.Array, positions: jax.Array,
-                              mask: jax.Array, rotation: tuple[jax.Array, jax.Array] | None, scale: float | None,
-                              logit_cap: float | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`attention` of one decode step over the cache entries `mask` [B, 1, S] shows (from `hide_current`) and
-    each row's new key, as `with_new_key` + `attention` compute it, by the native kernel
-    (``runtime/native/decode_attention.cc``) that reads the cache where it is: the XLA form first copies every
-    row's keys and values out of it. ``qkv`` [B, 1, (H + 2 KVH) Dh] is the new token's q | k | v, q and k
-    rotated by ``rotation`` = (cos, sin) [B, 1, Dh] inside the kernel (None: they come rotated).
-    -> (attention [B, 1, H, Dh], the new k (rotated) and v [B, 1, KVH, Dh] for the deferred cache write)."""
-    native.ffi_target(DECODE_ATTENTION_TARGET)  # registered by `reads_cache_in_place`; a no-op then
-    B = qkv.shape[0]
-    KVH, Dh = cache.k.shape[2], cache.k.shape[4]
-    H = qkv.shape[-1] // Dh - 2 * KVH
-    visible = jnp.concatenate([mask[:, 0], positions >= 0], axis=-1)  # [B, S + 1]: the new key last
-    none = jnp.zeros((0,), jnp.float32)
-    cos, sin = (none, none) if rotation is None else (r.reshape(B, Dh).astype(jnp.float32) for r in rotation)
-    out, k, v = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET, (jax.ShapeDtypeStruct((B, H, Dh), jnp.float32),
-                                                           jax.ShapeDtypeStruct((B, KVH, Dh), jnp.float32),
-                                                           jax.ShapeDtypeStruct((B, KVH, Dh), jnp.float32)))(
-        qkv.reshape(B, -1), cache.k, cache.v, slots.astype(jnp.int32), visible, cos, sin, layer=np.int64(layer),
-        scale=np.float32(Dh ** -0.5 if scale is None else scale), softcap=np.float32(logit_cap or 0.0))
-    return out.reshape(B, 1, H, Dh), k.reshape(B, 1, KVH, Dh), v.reshape(B, 1, KVH, Dh)
-
-
-def write_cache_layers(cache_kv: jax.Array, new: jax.Array, slots: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter every layer's new [L, B, T, KVH, Dh] into cache [L, S, KVH, M, Dh] at (l, slots[b], :,
-    positions[b, t]) in one operation; padding positions (< 0) are dropped."""
-    max_seq_len = cache_kv.shape[3]
-    write_pos = jnp.where(positions >= 0, positions, max_seq_len)  # [B, T]
-    layers = jnp.arange(cache_kv.shape[0], dtype=jnp.int32)[:, None, None]  # [L, 1, 1]
-    return cache_kv.at[layers, slots[None, :, None], :, write_pos[None]].set(new.astype(cache_kv.dtype),
-                                                                              mode="drop")
+    return decode_kernel_serves(cache.k.dtype, dtype)

@@ -1,5 +1,5 @@
 """GGUF block weights (Q4_0, Q4_1, Q8_0; see the format comment in ``quantized.py``) repacked for the native CPU
-kernel (``runtime/native/block_matmul.cc``): panels of 32 output channels, each value's 32 channels contiguous.
+kernel (``kernels/native/block_matmul.cc``): panels of 32 output channels, each value's 32 channels contiguous.
 
 A packed weight is ``{"block_panels": q, "scale": s, "min": m}`` (no "min" for Q8_0), P = O / 32, B = D / 32:
   4-bit: q uint8 [P, B, 16, 32] = the file's byte j of block b of output 32p + i at [p, b, j, i] (low nibble:
@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxjax.architectures import panels
-from maxjax.runtime import native
+from maxjax.kernels import native
 
 PANEL = 32  # output channels per panel
 BLOCK = 32  # values per GGUF block
-Q4_TARGET = "maxjax_q4_matmul"  # FFI targets (maxjax.runtime.native.KERNELS)
+Q4_TARGET = "maxjax_q4_matmul"  # FFI targets (maxjax.kernels.native.KERNELS)
 Q8_TARGET = "maxjax_q8_matmul"
 _F16_MAX_SCALE = 8191.0  # Q4_0: -8 * scale must stay finite in float16
 

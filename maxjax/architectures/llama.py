@@ -16,10 +16,12 @@ Params (plain nested dicts; layers stacked on a leading axis L so the forward is
 
 Matmuls are `x @ W` with W as [in, out] (HF's weight transposed). Q and K use HF's rotate-half rope layout.
 
-KV cache: `KVCache(k, v)`, each [L, num_slots, KVH, max_seq_len, Dh] (heads before positions, so a slot's
-keys for one head are contiguous and attention reads them without a transposing copy). Row b of a batch owns
-slot `slots[b]`; the token at position p writes cache index p; a position < 0 is padding and writes nothing.
-Attention reads only `cache[:, slot, :, :kv_len]` and masks by position (key j visible to a query at p
+KV cache: `KVCache(k, v)`, each a pool of pages [L, num_pages, KVH, page_size, Dh] (heads before positions, so a
+page's keys for one head are contiguous and attention reads them without a transposing copy). Row b of a batch
+has the block table `pages[b]` [P]: the token at position p lives on page `pages[b, p // page_size]` at offset
+`p % page_size` (`maxjax.kernels.paged`; a 1-D `pages` [B] is one page per row, the layout of one slot of
+max_seq_len per sequence); a position < 0 is padding and writes nothing.
+Attention reads only positions < kv_len of a row's pages and masks by position (key j visible to a query at p
 iff j <= p, and j > p - sliding_window on sliding layers), so the same program serves any mix of prompt lengths
 and decode steps. Sliding layers are every layer when `layer_types` is None (Mistral), else the ones it marks
 "sliding_attention" (Gemma 2/3 alternate local and global layers).
@@ -39,8 +41,9 @@ import numpy as np
 
 from maxjax.architectures.attention import (attention, attention_mask, chunk_attention_in_place,
                                             chunk_reads_cache_in_place, decode_attention_in_place, hide_current,
-                                            reads_cache_in_place, softcap, visible_keys, with_new_key, write_cache,
-                                            write_cache_layers, write_projection_in_place)
+                                            reads_cache_in_place, softcap, visible_keys, with_new_key, write_pages,
+                                            write_pages_layers, write_projection_in_place)
+from maxjax.kernels.paged import block_table
 from maxjax.architectures.llama_blocks import (ACTIVATIONS, feed_forward, joined_qkv, mlp,  # noqa: F401
                                                project, rms_norm, rotated_qkv)
 from maxjax.architectures.llama_layout import (LINEAR_WEIGHTS, fuse_projections, runtime_params,  # noqa: F401
@@ -52,7 +55,7 @@ from maxjax.architectures.rope import rope_type as _rope_type
 Params = dict[str, Any]
 
 class KVCache(NamedTuple):
-    """Per-layer keys and values, [L, num_slots, max_seq_len, KVH, Dh] each."""
+    """Per-layer keys and values, pages [L, num_pages, KVH, page_size, Dh] each."""
 
     k: jax.Array
     v: jax.Array
@@ -223,9 +226,10 @@ def param_shapes(cfg: LlamaConfig) -> Params:
     return jax.tree.map(lambda a: a.shape, jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
 
 
-def init_kv_cache(cfg: LlamaConfig, num_slots: int, max_seq_len: int, dtype=jnp.float32) -> KVCache:
-    """A zeroed cache of `num_slots` sequences of up to `max_seq_len` tokens."""
-    shape = (cfg.num_layers, num_slots, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
+def init_kv_cache(cfg: LlamaConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVCache:
+    """A zeroed pool of `num_pages` pages of `page_size` positions (`num_pages` slots of `max_seq_len` positions,
+    addressed by a 1-D `pages`, is the unpaged layout)."""
+    shape = (cfg.num_layers, num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
@@ -247,7 +251,7 @@ def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, local: bool = False) ->
 
 
 def _decode_attention(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
-                      mask: jax.Array, cache: KVCache, layer_index: int, slots: jax.Array, positions: jax.Array,
+                      mask: jax.Array, cache: KVCache, layer_index: int, pages: jax.Array, positions: jax.Array,
                       lora_index: jax.Array | None, norm: tuple, scale: float | None):
     """A deferred-write decode step's attention by the native kernel, from the fused projection as it comes
     (rotated in the kernel), or from the rotated projections joined (`_native_projections`: the kernel reads
@@ -255,12 +259,12 @@ def _decode_attention(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Ar
     qkv, rotation, k, v = _native_projections(x, layer, cfg, cos, sin, lora_index, norm)
     if rotation is None:
         qkv = jnp.concatenate([a.reshape(*x.shape[:2], -1) for a in (qkv, k, v)], axis=-1)
-    return decode_attention_in_place(qkv, cache, layer_index, slots, positions, mask, rotation, scale,
+    return decode_attention_in_place(qkv, cache.k, cache.v, layer_index, pages, positions, mask, rotation, scale,
                                      cfg.attn_logit_softcap)
 
 
 def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, cache: KVCache, layer_index: jax.Array, slots: jax.Array,
+                  mask: jax.Array, cache: KVCache, layer_index: jax.Array, pages: jax.Array,
                   positions: jax.Array, kv_len: int, lora_index: jax.Array | None = None,
                   defer_write: bool = False, end_aligned: bool = False, every_query: jax.Array | None = None
                   ) -> tuple[jax.Array, KVCache, tuple[jax.Array, jax.Array] | None]:
@@ -275,7 +279,7 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     norm = (layer["attn_norm"], eps, offset)
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     if defer_write and isinstance(layer_index, int) and reads_cache_in_place(cache, x.dtype):
-        attn, k, v = _decode_attention(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions,
+        attn, k, v = _decode_attention(x, layer, cfg, cos, sin, mask, cache, layer_index, pages, positions,
                                        lora_index, norm, scale)  # [B, 1, H, Dh], [B, 1, KVH, Dh] x2
         return _block_output(x, attn.reshape(B, T, -1), layer, cfg, lora_index), cache, (k, v)
     in_place = not defer_write and chunk_reads_cache_in_place(cache, x.dtype, cfg, layer_index, T, kv_len,
@@ -285,16 +289,16 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     else:
         (q, k, v), rotation = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm), None
     if not defer_write and rotation is not None:  # the fused projection: k and v go from it into the cache
-        cache = KVCache(*write_projection_in_place(cache.k, cache.v, layer_index, q, rotation, slots, positions))
+        cache = KVCache(*write_projection_in_place(cache.k, cache.v, layer_index, q, rotation, pages, positions))
     elif not defer_write:
-        cache = KVCache(k=write_cache(cache.k, layer_index, k, slots, positions),
-                        v=write_cache(cache.v, layer_index, v, slots, positions))
+        cache = KVCache(k=write_pages(cache.k, layer_index, k, pages, positions),
+                        v=write_pages(cache.v, layer_index, v, pages, positions))
     if in_place:
         def attention_of(q, rotation, mask):
-            return chunk_attention_in_place(q, cache.k, cache.v, layer_index, slots, mask, rotation, scale,
+            return chunk_attention_in_place(q, cache.k, cache.v, layer_index, pages, mask, rotation, scale,
                                             cfg.num_heads)
     else:
-        keys, values, mask = visible_keys(cache, cfg, layer_index, slots, positions, mask, kv_len)
+        keys, values, mask = visible_keys(cache, cfg, layer_index, pages, positions, mask, kv_len)
         if defer_write:
             keys, values, mask = with_new_key(keys, values, mask, positions, k, v)  # [B, KVH, S + 1, Dh]
         keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
@@ -346,12 +350,12 @@ def _block_output(x: jax.Array, attn: jax.Array, layer: Params, cfg: LlamaConfig
 
 
 def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-                   slots: jax.Array, *, kv_len: int, scan: bool | None = None,
+                   pages: jax.Array, *, kv_len: int, scan: bool | None = None,
                    lora_index: jax.Array | None = None, defer_write: bool = False, end_aligned: bool = False,
                    every_query: jax.Array | None = None):
     """Final-normed hidden states [B, T, D] for tokens/positions [B, T] (int32), and the updated cache.
 
-    Every real token's K/V is written to `cache[:, slots[b], :, positions[b, t]]` before attention, so a prefill
+    Every real token's K/V is written to its page (`pages` [B, P], or [B]: see the module docstring) before attention, so a prefill
     chunk sees earlier chunks. All positions must be < kv_len <= max_seq_len (kv_len is static).
     `scan`: one scanned layer body (True) or an unrolled program (False); None follows the params' layout
     (stacked: scan, a list from `unstack_layers`: unrolled). Unstacked layers are stacked inside the program
@@ -368,10 +372,12 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
     prefill samples from the last position alone, and the rest of that layer was ~3% of a 512-token prefill.
     Pass true where every position's hidden state is read (an echo of the prompt's log-probabilities).
     """
-    if kv_len > cache.k.shape[3]:
-        raise ValueError(f"kv_len ({kv_len}) exceeds the cache's max_seq_len ({cache.k.shape[3]})")
+    pages = block_table(pages)
+    if kv_len > pages.shape[1] * cache.k.shape[3]:
+        raise ValueError(f"kv_len ({kv_len}) exceeds the {pages.shape[1]} pages of {cache.k.shape[3]} positions "
+                         "each row's block table holds")
     dtype = params["final_norm"].dtype
-    tokens, positions, slots = tokens.astype(jnp.int32), positions.astype(jnp.int32), slots.astype(jnp.int32)
+    tokens, positions = tokens.astype(jnp.int32), positions.astype(jnp.int32)
     x = embed_lookup(params["embed"], tokens, dtype)  # [B, T, D]
     if cfg.embed_scale:  # HF rounds sqrt(D) to the activation dtype first
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
@@ -396,7 +402,7 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
             local = local_layers[layer_index]
             (cos, sin), mask = (rope_local, mask_local) if local else (rope_global, mask_global)
             last = layer_index == cfg.num_layers - 1
-            x, cache, kv = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions,
+            x, cache, kv = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, pages, positions,
                                          kv_len, lora_index, defer_write=defer_write, end_aligned=end_aligned,
                                          every_query=every_query if last else None)
             new_kv.append(kv)
@@ -413,7 +419,7 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
         layer, layer_index, local = scanned
         cos, sin, mask = (jnp.where(local, a, b) for a, b in zip((*rope_local, mask_local),
                                                                  (*rope_global, mask_global)))
-        x, cache, _ = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, slots, positions, kv_len,
+        x, cache, _ = decoder_layer(x, layer, cfg, cos, sin, mask, cache, layer_index, pages, positions, kv_len,
                                     lora_index, end_aligned=end_aligned)
         return (x.astype(dtype), cache), None
 
@@ -422,12 +428,12 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array, position
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), cache  # [B, T, D]
 
 
-def write_new_kv(cache: KVCache, new_kv: tuple[jax.Array, jax.Array], slots: jax.Array,
+def write_new_kv(cache: KVCache, new_kv: tuple[jax.Array, jax.Array], pages: jax.Array,
                  positions: jax.Array) -> KVCache:
     """Stores the (k, v) [L, B, T, KVH, Dh] that `forward_hidden(..., defer_write=True)` returned for
-    positions [B, T] of rows in `slots` [B] (positions < 0 write nothing)."""
-    return KVCache(k=write_cache_layers(cache.k, new_kv[0], slots, positions),
-                   v=write_cache_layers(cache.v, new_kv[1], slots, positions))
+    positions [B, T] of rows with block tables `pages` (positions < 0 write nothing)."""
+    return KVCache(k=write_pages_layers(cache.k, new_kv[0], pages, positions),
+                   v=write_pages_layers(cache.v, new_kv[1], pages, positions))
 
 
 def lm_head(params: Params, cfg: LlamaConfig, hidden: jax.Array) -> jax.Array:
@@ -441,7 +447,7 @@ def lm_head(params: Params, cfg: LlamaConfig, hidden: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-            slots: jax.Array, *, kv_len: int) -> tuple[jax.Array, KVCache]:
+            pages: jax.Array, *, kv_len: int) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] float32 and the updated cache (see `forward_hidden`)."""
-    hidden, cache = forward_hidden(params, cfg, tokens, positions, cache, slots, kv_len=kv_len)
+    hidden, cache = forward_hidden(params, cfg, tokens, positions, cache, pages, kv_len=kv_len)
     return lm_head(params, cfg, hidden), cache

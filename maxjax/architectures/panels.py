@@ -1,4 +1,4 @@
-"""Float32 weights packed into column panels for the native CPU matmul (``runtime/native/panel_matmul.cc``).
+"""Float32 weights packed into column panels for the native CPU matmul (``kernels/native/panel_matmul.cc``).
 
 A packed weight is ``{"panels": p}`` with p float32 ``[N / 32, K, 32]``: panel j holds columns 32j .. 32j + 31
 of the ``[K, N]`` weight, its K rows contiguous. Why: a decode step on the CPU is bound by reading the weights
@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.runtime import native
+from maxjax.kernels import native
 
 PANEL = 32
-TARGET = "maxjax_panel_matmul"  # FFI target (maxjax.runtime.native.KERNELS)
+TARGET = "maxjax_panel_matmul"  # FFI target (maxjax.kernels.native.KERNELS)
 
 
 def is_panels(w: Any) -> bool:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from maxjax.kernels.native import default_compile_cache_dir  # noqa: F401  (re-exported)
 from maxjax.runtime.precision import resolve_dtype, resolve_matmul_precision
 
 
@@ -24,13 +25,6 @@ def bucket_for(n: int, buckets: tuple[int, ...], what: str) -> int:
         if n <= b:
             return b
     raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
-
-
-def default_compile_cache_dir() -> Path:
-    env = os.environ.get("MAXJAX_COMPILE_CACHE")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "compile_cache"
 
 
 @dataclasses.dataclass(frozen=True)

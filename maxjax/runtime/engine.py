@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxjax.runtime import native
+from maxjax.kernels import native
 from maxjax.runtime.compile_cache import cache_hit_count, compile_noting_cache_hit
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.lora import LoraSlots

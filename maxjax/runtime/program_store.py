@@ -27,7 +27,7 @@ import jax
 import jaxlib
 from jax.experimental import serialize_executable
 
-from maxjax.runtime import native
+from maxjax.kernels import native
 from maxjax.runtime.compile_cache import count_program_load
 
 log = logging.getLogger(__name__)

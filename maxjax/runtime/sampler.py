@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from maxjax.runtime import native
+from maxjax.kernels import native
 
 NEG_INF = -jnp.inf
 
@@ -151,12 +151,12 @@ def _kth_largest(keys: jax.Array, k: jax.Array) -> jax.Array:
     return lo
 
 
-ARGMAX_TARGET = "maxjax_argmax"  # FFI target (maxjax.runtime.native.KERNELS)
+ARGMAX_TARGET = "maxjax_argmax"  # FFI target (maxjax.kernels.native.KERNELS)
 
 
 def argmax(x: jax.Array) -> jax.Array:
     """``jnp.argmax(x, axis=-1)`` as int32 (the first index of the maximum). On the CPU by the native kernel
-    (``runtime/native/argmax.cc``) or from two plain reductions (the max, then the smallest index holding it, as
+    (``kernels/native/argmax.cc``) or from two plain reductions (the max, then the smallest index holding it, as
     float32: exact below 2**24): XLA CPU runs the (value, index) pair reduction of argmax element by element, 7x
     slower over a batch of 8 rows of 49152, and even the plain reductions read ~1 GB/s. Elsewhere the pair
     reduction is one kernel. A row holding a NaN gives its first NaN's index, except in the two-reduction form

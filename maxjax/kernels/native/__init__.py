@@ -24,7 +24,6 @@ from pathlib import Path
 
 import jax
 
-from maxjax.runtime.config import default_compile_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,13 @@ def disabled():
         yield
     finally:
         _this_thread.disabled = before
+
+
+def default_compile_cache_dir() -> Path:
+    env = os.environ.get("MAXJAX_COMPILE_CACHE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "compile_cache"
 
 
 def _compiler() -> str | None:

@@ -89,7 +89,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     On the CPU with the native kernels (float32, no soft cap) one kernel computes it all instead, skipping each
     query tile's invisible keys itself (`chunk_attention_in_place`).
     """
-    if logit_cap is None and _attends_natively(q, k, v):  # k, v as a one-layer cache of B slots
+    if logit_cap is None and chunk_kernel_serves(q.shape[-1], q.dtype, k.dtype, v.dtype):  # k, v: B pages
         B, T, H, Dh = q.shape
         return chunk_attention_in_place(q.reshape(B, T, H * Dh), k[None], v[None], 0,
                                         jnp.arange(B, dtype=jnp.int32), mask, None, scale, H)

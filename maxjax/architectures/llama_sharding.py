@@ -129,7 +129,7 @@ def param_spec(key: str, ndim: int, cfg: LlamaConfig, mesh: Mesh) -> P:
 
 
 def cache_spec() -> P:
-    """KV cache [L, slots, KVH', positions, Dh]: slots over "data", kv heads over "model"."""
+    """KV cache pages [L, pages, KVH', page positions, Dh]: pages over "data", kv heads over "model"."""
     return P(None, DATA, MODEL, None, None)
 
 

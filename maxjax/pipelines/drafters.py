@@ -13,7 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from maxjax.context import TextContext
 from maxjax.runtime.config import bucket_for
 from maxjax.runtime.engine import Engine, empty_decode_rows, empty_prefill_rows, empty_sampling, place_prefill_row
-from maxjax.runtime.slots import SlotAllocator
+from maxjax.runtime.kv_pages import PageTable
 
 
 def ngram_draft(tokens: np.ndarray, k: int, max_ngram: int = 3, min_ngram: int = 2) -> np.ndarray:
@@ -66,22 +66,22 @@ class DraftModelDrafter:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.config = engine.config
-        self.slots = SlotAllocator(self.config.max_batch_size)
+        self.pages = PageTable(engine.pool)  # the draft model's KV cache pages (no prefix sharing)
         self._cached: dict[str, np.ndarray] = {}  # request id -> the tokens whose K/V the draft cache holds
 
     def warmup(self) -> int:
         return self.engine.warmup()
 
     def release(self, request_id: str) -> None:
-        if self.slots.slot_of(request_id) is not None:
-            self.slots.release(request_id)
+        if self.pages.holds(request_id):
+            self.pages.release(request_id)
         self._cached.pop(request_id, None)
 
     def propose(self, work: list[tuple[TextContext, int]]) -> list[np.ndarray]:
         rows = []  # (context, k, tokens, tokens already in the cache)
         for ctx, k in work:
-            if self.slots.slot_of(ctx.request_id) is None:
-                self.slots.assign(ctx.request_id)
+            if not self.pages.holds(ctx.request_id):
+                self.pages.admit(ctx.request_id, np.zeros(0, np.int32), use_cache=False)
                 self._cached[ctx.request_id] = np.zeros(0, np.int32)
             tokens = ctx.all_tokens
             cached = min(_common_prefix(self._cached[ctx.request_id], tokens), tokens.size - 1)
@@ -97,13 +97,13 @@ class DraftModelDrafter:
         cfg = self.config
         first = {}
         for ctx, _, tokens, cached in rows:
-            slot = self.slots.slot_of(ctx.request_id)
             while cached < tokens.size:
                 n = min(tokens.size - cached, cfg.max_prefill_len)
                 length, kv_len = cfg.prefill_shape(n, cached + n)
-                prefill = empty_prefill_rows(cfg.prefill_batch_buckets[0], length)
+                prefill = empty_prefill_rows(cfg.prefill_batch_buckets[0], length, cfg.pages_per_row(kv_len))
                 place_prefill_row(prefill, 0, tokens[cached:cached + n], cached)
-                prefill["slots"][0] = slot
+                self.pages.reserve(ctx.request_id, cached + n)
+                prefill["pages"][0] = self.pages.table([ctx.request_id], prefill["pages"].shape[1])[0]
                 prefill["samples"][0] = cached + n == tokens.size
                 sampling = empty_sampling(prefill["tokens"].shape[0], self.engine.vocab_size, cfg.max_stop_ids)
                 token, _, _ = self.engine.prefill(prefill, sampling, kv_len)
@@ -115,17 +115,18 @@ class DraftModelDrafter:
         """Greedy drafts: k decode steps from the last token, or k - 1 after a caught-up row's first draft."""
         cfg = self.config
         num_rows = bucket_for(len(rows), cfg.batch_buckets, "draft batch")
-        decode = empty_decode_rows(num_rows)
+        kv_len = bucket_for(max(tokens.size + k for _, k, tokens, _ in rows), cfg.length_buckets, "sequence length")
+        decode = empty_decode_rows(num_rows, cfg.pages_per_row(kv_len))
         for r, (ctx, k, tokens, _) in enumerate(rows):
             caught_up = ctx.request_id in first
             decode["tokens"][r] = first[ctx.request_id] if caught_up else tokens[-1]
             decode["positions"][r] = tokens.size - (0 if caught_up else 1)
-            decode["slots"][r] = self.slots.slot_of(ctx.request_id)
+            decode["slots"][r] = r  # greedy drafts: the generated-token counts are never read
             decode["steps"][r] = k - caught_up
+            self.pages.reserve(ctx.request_id, decode["positions"][r] + decode["steps"][r])
+            decode["pages"][r] = self.pages.table([ctx.request_id], decode["pages"].shape[1])[0]
         out = None
         if decode["steps"].any():
-            kv_len = bucket_for(max(tokens.size + k for _, k, tokens, _ in rows), cfg.length_buckets,
-                                "sequence length")
             sampling = empty_sampling(num_rows, self.engine.vocab_size, cfg.max_stop_ids)
             out, _ = self.engine.decode(decode, sampling, kv_len)
             out = np.asarray(out)  # [N, B]

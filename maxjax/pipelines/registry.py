@@ -63,9 +63,8 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     from maxjax.runtime.compile_cache import enable_compile_cache
     from maxjax.runtime.config import RuntimeConfig
     from maxjax.runtime.engine import Engine
-    from maxjax.runtime.memory import default_max_batch_size
+    from maxjax.runtime.memory import MAX_DEFAULT_SLOTS
     from maxjax.runtime.mesh import make_mesh
-    from maxjax.runtime.precision import jax_dtype
     from maxjax.runtime.sharded import restore_shardings
     from maxjax.weights import load_weights
 
@@ -87,10 +86,14 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     if config.max_seq_len > loaded.config.max_position_embeddings:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context length "
                          f"{loaded.config.max_position_embeddings}")
-    if "max_batch_size" not in runtime:  # as many KV cache slots as the memory holds (runtime/memory.py)
-        slots = default_max_batch_size(llama, loaded.config, loaded.params, config.max_seq_len,
-                                       jax_dtype(config.dtype), config.num_devices, config.data_parallel)
-        config = RuntimeConfig(**runtime, max_batch_size=slots)
+    defaults = {}  # sequences at once, and the model's own context length (pages hold only what is used)
+    if "max_batch_size" not in runtime:
+        defaults["max_batch_size"] = max(config.data_parallel, MAX_DEFAULT_SLOTS // config.data_parallel
+                                         * config.data_parallel)
+    if "max_seq_len" not in runtime:
+        defaults["max_seq_len"] = loaded.config.max_position_embeddings
+    if defaults:
+        config = RuntimeConfig(**runtime, **defaults)
     adapters = read_lora_adapters(lora_adapters, loaded.config)
     config = size_for_lora(config, adapters, runtime)
     tokenizer = loaded.tokenizer

@@ -101,7 +101,7 @@ class SpeculativeDecoding:
         counts = [drafts.get(ctx.request_id, np.zeros(0, np.int32)).size for ctx in live]
         kv_len = bucket_for(max(ctx.end_idx + n for ctx, n in zip(live, counts)), cfg.length_buckets,
                             "sequence length")
-        rows = empty_verify_rows(num_rows, self.k + 1)
+        rows = empty_verify_rows(num_rows, self.k + 1, cfg.pages_per_row(kv_len))
         sampling = empty_sampling(num_rows, self.engine.vocab_size, cfg.max_stop_ids)
         for r, (ctx, n) in enumerate(zip(live, counts)):
             rows["tokens"][r, 0] = ctx.all_tokens[-1]
@@ -109,7 +109,7 @@ class SpeculativeDecoding:
             rows["start"][r] = ctx.end_idx - 1
             rows["num_drafts"][r] = n
             rows["active"][r] = True
-            self.pipeline.pack_generating_row(rows, sampling, r, ctx)
+            self.pipeline.pack_generating_row(rows, sampling, r, ctx, ctx.end_idx + n)
         tokens, lp = self.engine.verify(rows, sampling, kv_len)
         tokens = np.asarray(tokens)  # [B, K + 1]
         # host arrays laid out [K + 1, B, ...] as decode's

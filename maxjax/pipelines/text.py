@@ -39,6 +39,7 @@ import numpy as np
 
 from maxjax.context import TextContext, check_lora_name
 from maxjax.interfaces import GenerationStatus, LogProbabilities, TextGenerationInputs, TextGenerationOutput
+from maxjax.pipelines.kv_admission import RequestPages
 from maxjax.pipelines.rows import check_context, decode_budget, echo_targets, fill_sampling_row, wants_echo
 from maxjax.pipelines.stops import StopChecker
 from maxjax.pipelines.structured import GrammarCompiler, fill_bitmask, matcher_finished
@@ -70,7 +71,8 @@ class TextGenerationPipeline:
         self.config = engine.config
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.slots = SlotAllocator(self.config.max_batch_size)
+        self.slots = SlotAllocator(self.config.max_batch_size)  # rows of the engine's generated-token counts
+        self.pages = RequestPages(engine)  # KV cache pages (maxjax.runtime.kv_pages)
         self._contexts: dict[str, TextContext] = {}
         self._stops: dict[str, tuple[TextContext, StopChecker]] = {}
         self._echo: dict[str, list[LogProbabilities]] = {}
@@ -98,10 +100,16 @@ class TextGenerationPipeline:
             check_lora_name(ctx.lora_name, self.lora_names, f"request {request_id!r}: lora_name")
         live = {rid: ctx for rid, ctx in batch.items() if not ctx.is_done}
         joining = [rid for rid in live if self.slots.slot_of(rid) is None]
+        self._check_slots(live)
+        self.pages.check(live, num_steps * self._tokens_per_step)
         try:
             self._prepare_features(live)
-            self._assign_slots(live)
-            prefilled = self._prefill([ctx for ctx in live.values() if ctx.is_ce])
+            now, later = self.pages.leaders_first([live[rid] for rid in joining])
+            self._assign_slots(now)
+            prefilled = self._prefill([ctx for ctx in live.values() if ctx.is_ce and self.pages.holds(ctx.request_id)])
+            if later:  # they share the pages the first wave just computed
+                self._assign_slots(later)
+                prefilled |= self._prefill(later)
             self._decode([ctx for ctx in live.values() if not ctx.is_done], num_steps, prefilled)
         except BaseException:
             self._forget(joining)
@@ -120,9 +128,15 @@ class TextGenerationPipeline:
             self._stops.pop(rid, None)
             self._echo.pop(rid, None)
 
+    @property
+    def _tokens_per_step(self) -> int:
+        """KV cache positions one decode step may add to a row: K + 1 with speculative verify rounds."""
+        return 1 if self.speculative is None else self.config.num_speculative_tokens + 1
+
     def release(self, request_id: str) -> None:
-        """Frees the request's KV cache slot and its stop checker. Unknown ids raise ValueError."""
+        """Frees the request's KV cache pages and slot, and its stop checker. Unknown ids raise ValueError."""
         self.slots.release(request_id)
+        self.pages.release(request_id)
         if self.speculative is not None:
             self.speculative.release(request_id)
         ctx = self._contexts.pop(request_id, None)
@@ -209,8 +223,9 @@ class TextGenerationPipeline:
             entry[1].finish()
         return out
 
-    # -- slots -----------------------------------------------------------------------------------------
-    def _assign_slots(self, live: dict[str, TextContext]) -> None:
+    # -- slots and pages -------------------------------------------------------------------------------
+    def _check_slots(self, live: dict[str, TextContext]) -> None:
+        """Every live request either holds a slot with this context or can take one now."""
         new = []
         for rid, ctx in live.items():
             slot = self.slots.slot_of(rid)
@@ -224,12 +239,15 @@ class TextGenerationPipeline:
         if len(new) > self.slots.num_free:
             raise ValueError(f"{len(new)} new requests but only {self.slots.num_free} free KV cache slots "
                              f"(max_batch_size={self.config.max_batch_size}); release finished requests first")
-        for rid in new:
-            ctx = live[rid]
+
+    def _assign_slots(self, joining: list[TextContext]) -> None:
+        """A slot and the cached prefix's pages for each joining request."""
+        for ctx in joining:
             if ctx.is_assigned_to_cache:
                 ctx.unassign_from_cache()
-            ctx.assign_to_cache(self.slots.assign(rid))
-            self._contexts[rid] = ctx
+            ctx.assign_to_cache(self.slots.assign(ctx.request_id))
+            self._contexts[ctx.request_id] = ctx
+            self.pages.admit(ctx)
 
     # -- prefill ---------------------------------------------------------------------------------------
     def _prefill(self, pending: list[TextContext]) -> set[str]:
@@ -238,7 +256,7 @@ class TextGenerationPipeline:
         while pending:
             group, num_rows, length, kv_len, pending = self._next_prefill_group(pending)
             chunks = [min(ctx.active_length, self.config.max_prefill_len) for ctx in group]
-            rows = empty_prefill_rows(num_rows, length)
+            rows = empty_prefill_rows(num_rows, length, self.config.pages_per_row(kv_len))
             sampling = empty_sampling(num_rows, self.engine.vocab_size, self.config.max_stop_ids)
             offsets = [self._pack_prefill_row(rows, sampling, r, ctx, n)
                        for r, (ctx, n) in enumerate(zip(group, chunks))]
@@ -253,12 +271,14 @@ class TextGenerationPipeline:
                         for i in offset + np.flatnonzero(rows["echo_targets"][r, offset:] >= 0))
                 if n < ctx.active_length:  # more prompt to come: move the window, keep the context pending
                     ctx.bump_token_indices(start_idx=n)
+                    self.pages.commit(ctx)
                     pending.append(ctx)
                     continue
                 lp = None
                 if first_lp is not None and ctx.log_probabilities:
                     lp = _log_probabilities(first_lp[0][r], first_lp[1][r], first_lp[2][r], ctx.log_probabilities)
                 self._accept(ctx, int(first[r]), lp)
+                self.pages.commit(ctx)
                 sampled.add(ctx.request_id)
         return sampled
 
@@ -285,6 +305,7 @@ class TextGenerationPipeline:
         """Fills row ``r`` with the next ``n`` prompt tokens of ``ctx``; returns the index of the first one."""
         offset = place_prefill_row(rows, r, ctx.next_tokens[:n], ctx.start_idx)
         rows["slots"][r] = ctx.cache_seq_id
+        self.pages.fill(rows, r, ctx, ctx.start_idx + n)
         rows["samples"][r] = n == ctx.active_length
         rows["num_generated"][r] = ctx.num_generated
         rows["logprobs"][r] = ctx.log_probabilities > 0
@@ -325,20 +346,22 @@ class TextGenerationPipeline:
         cfg = self.config
         num_rows = bucket_for(len(work), cfg.batch_buckets, "decode batch")
         kv_len = bucket_for(max(ctx.end_idx - 1 + b for ctx, b in work), cfg.length_buckets, "sequence length")
-        rows = empty_decode_rows(num_rows)
+        rows = empty_decode_rows(num_rows, cfg.pages_per_row(kv_len))
         sampling = empty_sampling(num_rows, self.engine.vocab_size, cfg.max_stop_ids)
         for r, (ctx, budget) in enumerate(work):
             rows["tokens"][r] = ctx.all_tokens[-1]
             rows["positions"][r] = ctx.end_idx - 1
             rows["steps"][r] = budget
-            self.pack_generating_row(rows, sampling, r, ctx)
+            self.pack_generating_row(rows, sampling, r, ctx, ctx.end_idx - 1 + budget)
         tokens, lp = self.engine.decode(rows, sampling, kv_len)
         self.apply_tokens([ctx for ctx, _ in work], np.asarray(tokens),  # the one device -> host copy
                            host_logprobs(lp) if rows["logprobs"].any() else None)
 
-    def pack_generating_row(self, rows: dict, sampling: dict, r: int, ctx: TextContext) -> None:
-        """The fields a decode and a verify row share: slot, counts, logprobs, adapter, sampling, grammar mask."""
+    def pack_generating_row(self, rows: dict, sampling: dict, r: int, ctx: TextContext, num_tokens: int) -> None:
+        """The fields a decode and a verify row share: slot, pages (grown to hold ``num_tokens`` positions),
+        counts, logprobs, adapter, sampling, grammar mask."""
         rows["slots"][r] = ctx.cache_seq_id
+        self.pages.fill(rows, r, ctx, num_tokens)
         rows["num_generated"][r] = ctx.num_generated
         rows["logprobs"][r] = ctx.log_probabilities > 0
         rows["lora_index"][r] = self.engine.lora_slot(ctx.lora_name)
@@ -359,3 +382,4 @@ class TextGenerationPipeline:
                 self._accept(ctx, token, row_lp)
                 if ctx.is_done:
                     break
+            self.pages.commit(ctx)

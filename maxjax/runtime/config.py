@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 from maxjax.kernels.native import default_compile_cache_dir  # noqa: F401  (re-exported)
 from maxjax.runtime.precision import resolve_dtype, resolve_matmul_precision
@@ -39,9 +37,13 @@ class RuntimeConfig:
     span only (the smallest length bucket that holds it); a chunk that must see further into the cache (the
     tail of a long prompt) runs as a ``max_prefill_len`` chunk. New prompts are prefilled several rows per call
     (``prefill_batch_buckets``) when the call holds at most ``max_prefill_len`` tokens.
-    ``max_batch_size`` (KV cache slots) is 8 here; ``load_pipeline`` / ``LLM`` / ``maxjax serve`` without one take
-    as many slots as the device memory holds, up to 32 (``maxjax.runtime.memory``), so a batch of 32 decodes at
-    once instead of queueing; batch buckets are then 1, 4, 8, 16, 32 (15 decode programs over the default spans).
+    ``max_batch_size`` (sequences held at once) is 8 here, 32 through ``load_pipeline`` / ``LLM`` /
+    ``maxjax serve``; batch buckets are then 1, 4, 8, 16, 32.
+
+    The KV cache is a pool of pages of ``page_size`` positions (``maxjax.runtime.kv_pages``): a sequence holds the
+    pages its tokens fill, so memory follows the tokens held, not ``max_seq_len``. The pool has ``num_pages``
+    pages, or as many as ``kv_cache_memory`` bytes hold, or by default what ``maxjax.runtime.memory`` gives.
+    ``prefix_caching``: full pages are shared between requests whose prompts start with the same tokens.
     """
 
     max_batch_size: int = 8
@@ -66,12 +68,22 @@ class RuntimeConfig:
     data_parallel: int = 1  # devices on the mesh's "data" axis (KV cache slots, batch rows)
     speculative: str | None = None  # "ngram" (prompt lookup) or "draft" (a draft model): see pipelines/speculative
     num_speculative_tokens: int = 4  # K: drafts verified per row in one verify program
+    page_size: int = 64  # KV cache positions per page
+    num_pages: int | None = None  # pages in the KV cache pool (None: from kv_cache_memory or the default budget)
+    kv_cache_memory: int | None = None  # bytes of KV cache when num_pages is None (None: runtime/memory.py)
+    prefix_caching: bool = True  # share the pages of common prompt prefixes between requests
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "max_num_steps", "max_stop_ids", "max_lora_rank",
                      "tensor_parallel", "data_parallel"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("page_size", "num_pages", "kv_cache_memory"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.prefix_caching, bool):
+            raise ValueError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
         if self.speculative not in (None, "ngram", "draft"):
             raise ValueError(f"speculative must be None, 'ngram' or 'draft', got {self.speculative!r}")
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 16:
@@ -120,6 +132,10 @@ class RuntimeConfig:
     def num_devices(self) -> int:
         """Devices on the mesh (tensor_parallel x data_parallel); 1 means no mesh at all."""
         return self.tensor_parallel * self.data_parallel
+
+    def pages_per_row(self, span: int) -> int:
+        """Block table width of a program attending over ``span`` positions."""
+        return -(-span // self.page_size)
 
     @property
     def prefill_lengths(self) -> tuple[int, ...]:

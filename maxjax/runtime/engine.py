@@ -24,7 +24,9 @@ import numpy as np
 from maxjax.kernels import native
 from maxjax.runtime.compile_cache import cache_hit_count, compile_noting_cache_hit
 from maxjax.runtime.config import RuntimeConfig
+from maxjax.runtime.kv_pages import PagePool
 from maxjax.runtime.lora import LoraSlots
+from maxjax.runtime.memory import num_pages_for
 from maxjax.runtime.mesh import make_mesh
 from maxjax.runtime.precision import jax_dtype, with_matmul_precision
 from maxjax.runtime.program_store import abstract_signature, default_store, program_key
@@ -57,11 +59,12 @@ def empty_sampling(num_rows: int, vocab_size: int, max_stop_ids: int) -> dict[st
     )
 
 
-def empty_prefill_rows(num_rows: int, length: int) -> dict[str, np.ndarray]:
+def empty_prefill_rows(num_rows: int, length: int, num_pages: int) -> dict[str, np.ndarray]:
     return dict(
         tokens=np.zeros((num_rows, length), np.int32),
         positions=np.full((num_rows, length), -1, np.int32),
         slots=np.zeros(num_rows, np.int32),
+        pages=np.zeros((num_rows, num_pages), np.int32),
         samples=np.zeros(num_rows, bool),
         num_generated=np.zeros(num_rows, np.int32),
         echo_targets=np.full((num_rows, length), -1, np.int32),
@@ -89,11 +92,12 @@ def check_end_aligned(positions: np.ndarray, kv_len: int) -> None:
         raise ValueError(f"prefill rows must be end-aligned within the span {kv_len} (place_prefill_row)")
 
 
-def empty_decode_rows(num_rows: int) -> dict[str, np.ndarray]:
+def empty_decode_rows(num_rows: int, num_pages: int) -> dict[str, np.ndarray]:
     return dict(
         tokens=np.zeros(num_rows, np.int32),
         positions=np.zeros(num_rows, np.int32),
         slots=np.zeros(num_rows, np.int32),
+        pages=np.zeros((num_rows, num_pages), np.int32),
         steps=np.zeros(num_rows, np.int32),
         num_generated=np.zeros(num_rows, np.int32),
         logprobs=np.zeros(num_rows, bool),
@@ -101,13 +105,14 @@ def empty_decode_rows(num_rows: int) -> dict[str, np.ndarray]:
     )
 
 
-def empty_verify_rows(num_rows: int, positions: int) -> dict[str, np.ndarray]:
+def empty_verify_rows(num_rows: int, positions: int, num_pages: int) -> dict[str, np.ndarray]:
     return dict(
         tokens=np.zeros((num_rows, positions), np.int32),
         start=np.zeros(num_rows, np.int32),
         num_drafts=np.zeros(num_rows, np.int32),
         active=np.zeros(num_rows, bool),
         slots=np.zeros(num_rows, np.int32),
+        pages=np.zeros((num_rows, num_pages), np.int32),
         num_generated=np.zeros(num_rows, np.int32),
         logprobs=np.zeros(num_rows, bool),
         lora_index=np.zeros(num_rows, np.int32),
@@ -117,6 +122,9 @@ def empty_verify_rows(num_rows: int, positions: int) -> dict[str, np.ndarray]:
 class Engine:
     """Owns the device state of one model and runs its prefill/decode programs.
 
+    The KV cache is ``num_pages`` pages of ``config.page_size`` positions; ``pool`` is its host-side bookkeeping
+    (``maxjax.runtime.kv_pages``), which the pipelines use to give rows their block tables.
+
     With ``config.num_devices > 1`` the state lives on a ("data", "model") mesh: ``layout`` is the
     architecture's sharding module (e.g. ``maxjax.architectures.llama_sharding``), which rewrites the params
     for tensor parallelism and names every array's PartitionSpec; see ``maxjax.runtime.sharded``.
@@ -124,20 +132,23 @@ class Engine:
 
     def __init__(self, arch: Any, model_config: Any, params: Any, config: RuntimeConfig, layout: Any = None):
         self.arch = arch
-        self.config = config
         self.vocab_size = model_config.vocab_size
         self.mesh = make_mesh(config)
         dtype = jax_dtype(config.dtype)
+        self.num_pages = num_pages_for(config, arch, model_config, params, dtype)
+        self.config = config = dataclasses.replace(config, num_pages=self.num_pages)
         if self.mesh is None:
             self.model_config = model_config
             # The serving layout (e.g. fused projections, unstacked layers: see llama.runtime_params).
             self.params = arch.runtime_params(params) if hasattr(arch, "runtime_params") else params
-            self.cache = arch.init_kv_cache(model_config, config.max_batch_size, config.max_seq_len, dtype)
+            self.cache = arch.init_kv_cache(model_config, self.num_pages, config.page_size, dtype)
             self.counts = jnp.zeros((config.max_batch_size, self.vocab_size), jnp.int32)  # generated-token counts
             self.state_shardings = None
         else:
             self.model_config, self.params, self.cache, self.counts, self.state_shardings = place_state(
                 arch, layout, model_config, params, config, self.mesh, dtype)
+        self.pool = PagePool(self.num_pages, config.page_size, config.prefix_caching)
+        self.kv_cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.cache))
         self.lora: LoraSlots | None = None  # resident LoRA adapters (max_loras > 0), in every layer's "lora"
         if config.max_loras:
             if not isinstance(self.params.get("layers"), list):
@@ -164,12 +175,13 @@ class Engine:
     # -- program table -------------------------------------------------------------------------------
     def _example(self, kind: str, shape: tuple[int, ...]):
         sampling = SamplingBatch(**empty_sampling(shape[0], self.vocab_size, self.config.max_stop_ids))
+        pages = self.config.pages_per_row(shape[-1])
         if kind == "prefill":
-            rows = PrefillRows(**empty_prefill_rows(shape[0], shape[1]))
+            rows = PrefillRows(**empty_prefill_rows(shape[0], shape[1], pages))
         elif kind == "verify":
-            rows = VerifyRows(**empty_verify_rows(shape[0], shape[1]))
+            rows = VerifyRows(**empty_verify_rows(shape[0], shape[1], pages))
         else:
-            rows = DecodeRows(**empty_decode_rows(shape[0]))
+            rows = DecodeRows(**empty_decode_rows(shape[0], pages))
         return rows, sampling
 
     def lower(self, kind: str, shape: tuple[int, ...]) -> jax.stages.Lowered:

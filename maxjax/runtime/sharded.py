@@ -4,7 +4,7 @@ The architecture's layout module (e.g. `maxjax.architectures.llama_sharding`) de
 model: ``tensor_parallel_config``, ``to_tensor_parallel`` (a param rewritten for it), ``param_spec``,
 ``cache_spec`` and ``counts_spec``; this module places the params with it. Params and KV cache carry the
 shardings the layout names (heads, MLP width and
-vocabulary over "model"; cache slots over "data"); per-row arrays are split over "data" when the batch
+vocabulary over "model"; cache pages over "data"); per-row arrays are split over "data" when the batch
 divides, else replicated; everything a program returns to the host is replicated, so every process of a
 multi-host run reads the same tokens. The partitioner (GSPMD) inserts the collectives.
 """
@@ -34,7 +34,7 @@ def place_state(arch: Any, layout: Any, model_config: Any, params: Any, config: 
         raise ValueError(f"quantize={config.quantize!r} is not supported with tensor_parallel / data_parallel > 1")
     cfg, device_params = place_params(arch, layout, params, model_config, mesh, dtype)
     param_shardings = jax.tree.map(lambda a: a.sharding, device_params)
-    new_cache = lambda: arch.init_kv_cache(cfg, config.max_batch_size, config.max_seq_len, dtype)  # noqa: E731
+    new_cache = lambda: arch.init_kv_cache(cfg, config.num_pages, config.page_size, dtype)  # noqa: E731
     cache_shardings = jax.tree.map(lambda _: NamedSharding(mesh, layout.cache_spec()), jax.eval_shape(new_cache))
     cache = jax.jit(new_cache, out_shardings=cache_shardings)()
     counts_sharding = NamedSharding(mesh, layout.counts_spec(cfg, mesh))

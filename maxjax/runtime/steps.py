@@ -23,7 +23,8 @@ from maxjax.runtime.sampler import SamplingBatch, sample
 class PrefillRows:
     tokens: jax.Array  # i32 [B, T]: each row's chunk ends at index T - 1 (``engine.place_prefill_row``)
     positions: jax.Array  # i32 [B, T], -1 for padding (before a row's tokens)
-    slots: jax.Array  # i32 [B]
+    slots: jax.Array  # i32 [B]: the row's slot (its row of generated-token counts)
+    pages: jax.Array  # i32 [B, P]: the row's block table (``maxjax.kernels.paged``)
     samples: jax.Array  # bool [B]: the chunk ends the prompt, so the row samples its first token
     num_generated: jax.Array  # i32 [B]: tokens generated before (non-zero only when re-encoding after reset())
     echo_targets: jax.Array  # i32 [B, T]: the prompt token that follows each position, -1 where none/not asked
@@ -35,7 +36,8 @@ class PrefillRows:
 class DecodeRows:
     tokens: jax.Array  # i32 [B]: the last token of each row (not yet in the cache)
     positions: jax.Array  # i32 [B]: its position
-    slots: jax.Array  # i32 [B]
+    slots: jax.Array  # i32 [B]: the row's slot (its row of generated-token counts)
+    pages: jax.Array  # i32 [B, P]: the row's block table
     steps: jax.Array  # i32 [B]: how many tokens the row may generate in this call (0 for padding rows)
     num_generated: jax.Array  # i32 [B]: tokens generated before this call
     logprobs: jax.Array  # bool [B]
@@ -75,7 +77,7 @@ def _add_counts(counts: jax.Array, tokens: jax.Array, where: jax.Array) -> jax.A
 
 def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: jax.Array,
                  rows: PrefillRows, sampling: SamplingBatch, *, kv_len: int, scan_layers: bool = False):
-    """Writes a chunk of each row's prompt into its cache slot; rows whose prompt ends here sample.
+    """Writes a chunk of each row's prompt into its pages; rows whose prompt ends here sample.
 
     Layers are unrolled by default over the engine's unstacked weights: a scan would first stack every
     layer's weights into new arrays inside the program, a full copy of the model on every call
@@ -85,7 +87,7 @@ def prefill_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: j
     Rows are end-aligned (padding first), so attention skips the keys no query of a block can see.
     """
     echo_wanted = jnp.any(rows.echo_targets >= 0)
-    hidden, cache = arch.forward_hidden(params, cfg, rows.tokens, rows.positions, cache, rows.slots,
+    hidden, cache = arch.forward_hidden(params, cfg, rows.tokens, rows.positions, cache, rows.pages,
                                         kv_len=kv_len, scan=scan_layers, lora_index=rows.lora_index,
                                         end_aligned=True, every_query=echo_wanted)  # [B, T, D]
     logits = arch.lm_head(params, cfg, hidden[:, -1])  # [B, V]: every row's chunk ends the row
@@ -138,13 +140,13 @@ def decode_step(arch: Any, cfg: Any, k: int, max_steps: int, params: Any, cache:
         i, active, cache, pending, row_counts, tokens, positions, num_generated, out_tokens, out_lp = carry
         step_positions = jnp.where(active, positions, -1)[:, None]  # [B, 1]
         if defer:
-            cache = arch.write_new_kv(cache, pending[:2], rows.slots, pending[2])
+            cache = arch.write_new_kv(cache, pending[:2], rows.pages, pending[2])
             hidden, cache, new_kv = arch.forward_hidden(params, cfg, tokens[:, None], step_positions, cache,
-                                                        rows.slots, kv_len=kv_len, scan=False,
+                                                        rows.pages, kv_len=kv_len, scan=False,
                                                         lora_index=rows.lora_index, defer_write=True)  # [B, 1, D]
             pending = (*new_kv, step_positions)
         else:
-            hidden, cache = arch.forward_hidden(params, cfg, tokens[:, None], step_positions, cache, rows.slots,
+            hidden, cache = arch.forward_hidden(params, cfg, tokens[:, None], step_positions, cache, rows.pages,
                                                 kv_len=kv_len, scan=True, lora_index=rows.lora_index)  # [B, 1, D]
         logits = arch.lm_head(params, cfg, hidden[:, 0])  # [B, V]
         new = sample(logits, row_counts, num_generated, sampling)  # [B]
@@ -163,6 +165,6 @@ def decode_step(arch: Any, cfg: Any, k: int, max_steps: int, params: Any, cache:
              rows.num_generated, out_tokens, out_lp)
     _, _, cache, pending, row_counts, _, _, _, out_tokens, out_lp = jax.lax.while_loop(cond, body, carry)
     if defer:
-        cache = arch.write_new_kv(cache, pending[:2], rows.slots, pending[2])
+        cache = arch.write_new_kv(cache, pending[:2], rows.pages, pending[2])
     counts = counts.at[slot_ids].set(row_counts, mode="drop")
     return cache, counts, out_tokens, out_lp

@@ -39,7 +39,8 @@ class VerifyRows:
     start: jax.Array  # i32 [B]: the position of tokens[:, 0]
     num_drafts: jax.Array  # i32 [B]: drafts in tokens[:, 1:] (0..K)
     active: jax.Array  # bool [B]: False for padding rows (they write and count nothing)
-    slots: jax.Array  # i32 [B]
+    slots: jax.Array  # i32 [B]: the row's slot (its row of generated-token counts)
+    pages: jax.Array  # i32 [B, P]: the row's block table
     num_generated: jax.Array  # i32 [B]: tokens generated before this call
     logprobs: jax.Array  # bool [B]
     lora_index: jax.Array  # i32 [B]
@@ -81,7 +82,7 @@ def verify_step(arch: Any, cfg: Any, k: int, params: Any, cache: Any, counts: ja
     j = jnp.arange(positions)
     fed = rows.active[:, None] & (j[None] <= rows.num_drafts[:, None])  # [B, T]
     hidden, cache = arch.forward_hidden(params, cfg, rows.tokens, jnp.where(fed, rows.start[:, None] + j, -1),
-                                        cache, rows.slots, kv_len=kv_len, scan=scan_layers,
+                                        cache, rows.pages, kv_len=kv_len, scan=scan_layers,
                                         lora_index=rows.lora_index)  # [B, T, D]
     logits = arch.lm_head(params, cfg, hidden)  # [B, T, V]
     vocab = logits.shape[-1]

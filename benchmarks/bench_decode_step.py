@@ -104,7 +104,8 @@ def prefill_main(args, command: str) -> dict:
     text = tokenizer.decode_tokens(prompt[:chunk])
     host = {"tokenize_ms": _median_ms(lambda: tokenizer.encode_text(text), args.repeats)[0]}
     length, span = pipe.config.prefill_shape(chunk, chunk)  # the program next_token runs for this prompt
-    rows = empty_prefill_rows(1, length)
+    rows = empty_prefill_rows(1, length, pipe.config.pages_per_row(span))
+    rows["pages"][0] = np.arange(rows["pages"].shape[1])
     place_prefill_row(rows, 0, prompt[:chunk], 0)
     rows["samples"][0] = True
     sampling = empty_sampling(1, engine.vocab_size, engine.config.max_stop_ids)
@@ -130,7 +131,8 @@ def prefill_main(args, command: str) -> dict:
           f"next_token {host['next_token_ms']:.1f} ms = program {host['program_ms']:.1f} + host {host['host_ms']:.1f}",
           flush=True)
     for chunk, span in shapes:
-        rows = empty_prefill_rows(1, chunk)
+        rows = empty_prefill_rows(1, chunk, pipe.config.pages_per_row(span))
+        rows["pages"][0] = np.arange(rows["pages"].shape[1])
         place_prefill_row(rows, 0, prompt[:chunk], span - chunk)  # the chunk that ends the span
         rows["samples"][0] = True
         sampling = empty_sampling(1, engine.vocab_size, engine.config.max_stop_ids)
@@ -183,9 +185,11 @@ def main(argv: list[str] | None = None) -> dict:
     from maxjax.runtime.steps import DecodeRows
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    page_size = 64
     _, pipe = load_text_pipeline(args.model, max_batch_size=max(batches), batch_buckets=tuple(sorted(batches)),
                                  max_seq_len=args.span, length_buckets=(args.span,), max_prefill_len=args.span,
-                                 max_num_steps=args.steps, max_logprobs=1)
+                                 max_num_steps=args.steps, max_logprobs=1, page_size=page_size,
+                                 num_pages=max(batches) * -(-args.span // page_size))
     engine = pipe.engine
     from maxjax.architectures import panels
     from maxjax.kernels import native
@@ -195,8 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {A: xla_dots, B: engine.params}
     results = {"command": command, "load_average_start": os.getloadavg(), "batches": {}}
     for batch in batches:
-        rows = empty_decode_rows(batch)
+        width = pipe.config.pages_per_row(args.span)
+        rows = empty_decode_rows(batch, width)
         rows["slots"][:], rows["steps"][:], rows["positions"][:] = np.arange(batch), args.steps, args.position
+        rows["pages"][:] = np.arange(batch * width).reshape(batch, width)  # each row its own pages
         rows["tokens"][:] = np.random.default_rng(batch).integers(100, engine.vocab_size, batch)
         inputs = (DecodeRows(**rows), SamplingBatch(**empty_sampling(batch, engine.vocab_size,
                                                                      engine.config.max_stop_ids)))

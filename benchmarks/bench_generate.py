@@ -129,7 +129,8 @@ class MaxjaxRunner:
         prompt = make_prompts(1, prompt_len, self.vocab, seed=99)
         (rid, ctx), = self.contexts(prompt, 1 + n * calls).items()
         self.pipe.next_token(TextGenerationInputs({rid: ctx}, 1))  # prefill + first token
-        rows = empty_decode_rows(cfg.batch_buckets[0])
+        width = cfg.pages_per_row(cfg.length_buckets[-1])
+        rows = empty_decode_rows(cfg.batch_buckets[0], width)
         rows["slots"][0], rows["steps"][0] = ctx.cache_seq_id, n
         sampling = empty_sampling(cfg.batch_buckets[0], engine.vocab_size, cfg.max_stop_ids)
         walls, devices = [], []
@@ -140,8 +141,10 @@ class MaxjaxRunner:
             walls.append(time.perf_counter() - t0)
             rows["tokens"][0], rows["positions"][0] = token, position
             kv_len = bucket_for(position + n, cfg.length_buckets, "sequence length")
+            table = self.pipe.pages.table.table([rid], width)  # the pages next_token gave the request
+            call_rows = dict(rows, pages=table[:, :cfg.pages_per_row(kv_len)].repeat(len(rows["tokens"]), 0))
             t0 = time.perf_counter()
-            tokens, _ = engine.decode(rows, sampling, kv_len)
+            tokens, _ = engine.decode(call_rows, sampling, kv_len)
             np.asarray(tokens)
             devices.append(time.perf_counter() - t0)
         self.pipe.release(rid)

@@ -92,9 +92,12 @@ def call_costs(pipeline, num_steps: int, k: int, repeats: int = 20) -> dict:
 
     engine, cfg = pipeline.engine, pipeline.config
     sampling = empty_sampling(1, engine.vocab_size, cfg.max_stop_ids)
-    verify = empty_verify_rows(1, k + 1)
+    width = cfg.pages_per_row(cfg.length_buckets[0])
+    verify = empty_verify_rows(1, k + 1, width)
+    verify["pages"][0] = np.arange(width)
     verify.update(start=np.array([100], np.int32), num_drafts=np.array([k], np.int32), active=np.ones(1, bool))
-    decode = empty_decode_rows(1)
+    decode = empty_decode_rows(1, width)
+    decode["pages"][0] = np.arange(width)
     decode.update(positions=np.array([100], np.int32), steps=np.array([num_steps], np.int32))
 
     def timed(fn):

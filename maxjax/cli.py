@@ -35,7 +35,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF file, HF folder or model-store name "
                                                       "(default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--max-seq-len", type=int, default=2048)
+    _kv_cache_args(parser)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
                         help="auto: bfloat16 on GPU/TPU, float32 on CPU")
     parser.add_argument("--matmul-precision", default=None, choices=["default", "high", "highest"],
@@ -51,6 +51,28 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="speculative decoding: n-gram prompt lookup, or a --draft-model")
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts verified per step (K)")
     parser.add_argument("--draft-model", default=None, help="draft model for --speculative draft (same vocabulary)")
+
+
+def _kv_cache_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("KV cache", "a pool of pages; a sequence holds the pages its tokens fill")
+    g.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's limit)")
+    g.add_argument("--page-size", type=int, default=None, help="positions per KV cache page (default 64)")
+    g.add_argument("--num-pages", type=int, default=None, help="pages in the pool (default: from the budget)")
+    g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GB",
+                   help="KV cache budget in GB (default: 32 sequences of 1k tokens on a CPU, half the free memory "
+                        "of a GPU/TPU)")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not share the KV pages of common prompt prefixes between requests")
+
+
+def _kv_runtime(args) -> dict:
+    """The RuntimeConfig fields the KV cache flags set (the rest keep their defaults)."""
+    runtime = {"max_seq_len": args.max_seq_len, "page_size": args.page_size, "num_pages": args.num_pages,
+               "kv_cache_memory": None if args.kv_cache_memory is None else int(args.kv_cache_memory * 1e9)}
+    runtime = {k: v for k, v in runtime.items() if v is not None}
+    if args.no_prefix_caching:
+        runtime["prefix_caching"] = False
+    return runtime
 
 
 def _lora_adapters(args) -> dict[str, str]:
@@ -81,7 +103,7 @@ def _load_llm(args, max_batch_size: int = 1):
 
     return LLM(args.model, chat=not getattr(args, "raw", False),
                max_batch_size=max(max_batch_size, args.data_parallel),  # every "data" shard holds a slot
-               max_seq_len=args.max_seq_len, dtype=args.dtype, matmul_precision=args.matmul_precision,
+               **_kv_runtime(args), dtype=args.dtype, matmul_precision=args.matmul_precision,
                quantize=args.quantize, lora_adapters=_lora_adapters(args), tensor_parallel=args.tensor_parallel,
                data_parallel=args.data_parallel, speculative=args.speculative,
                num_speculative_tokens=args.num_speculative_tokens,
@@ -151,7 +173,7 @@ def cmd_generate(args) -> int:
           file=sys.stderr)
     if status is GenerationStatus.MAXIMUM_LENGTH:
         print(f"[maxjax] stopped at the length limit after {count} tokens (--max-new-tokens {args.max_new_tokens}, "
-              f"--max-seq-len {args.max_seq_len}): the text may be cut short", file=sys.stderr)
+              f"--max-seq-len {llm.pipeline.config.max_seq_len}): the text may be cut short", file=sys.stderr)
     return 0
 
 
@@ -208,7 +230,7 @@ def cmd_serve(args) -> int:
         print(f"maxjax serve needs the serve extra (pip install 'maxjax[serve]'): {error}", file=sys.stderr)
         return 2
 
-    runtime = {"max_seq_len": args.max_seq_len, "max_num_steps": args.max_num_steps, "dtype": args.dtype}
+    runtime = {**_kv_runtime(args), "max_num_steps": args.max_num_steps, "dtype": args.dtype}
     if args.max_batch_size is not None:  # else the pipeline's default: as many slots as the memory holds
         runtime["max_batch_size"] = args.max_batch_size
     if args.length_buckets:
@@ -272,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=None,
-                   help="KV cache slots: requests decoded together (default: as many as memory holds, up to 32)")
-    p.add_argument("--max-seq-len", type=int, default=2048)
+                   help="sequences held and decoded together (default 32)")
+    _kv_cache_args(p)
     p.add_argument("--max-num-steps", type=int, default=8, help="decode steps per device call")
     p.add_argument("--length-buckets", default=None, help="comma-separated, e.g. 128,512,2048")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -31,6 +31,7 @@ class RequestPages:
         self.table = PageTable(engine.pool)
         self.pool = engine.pool
         self.page_size = self.table.page_size
+        self.preemptions = 0  # requests set aside to make room (``set_aside``)
 
     def holds(self, request_id: str) -> bool:
         return self.table.holds(request_id)
@@ -110,4 +111,23 @@ class RequestPages:
         pool = self.pool
         return {"kv_pages_total": pool.num_pages, "kv_pages_used": pool.num_used,
                 "kv_pages_free": pool.num_available, "kv_pages_cached": pool.num_cached,
-                "prefix_cache_hit_rate": pool.hit_tokens / pool.queried_tokens if pool.queried_tokens else 0.0}
+                "prefix_cache_hit_rate": pool.hit_tokens / pool.queried_tokens if pool.queried_tokens else 0.0,
+                "preemptions": self.preemptions}
+
+
+def set_aside(pipeline: Any, active: dict[str, TextContext]) -> str:
+    """After ``KVCacheFull``: the request of ``active`` (in admission order) to take out of the batch. The newest
+    one that holds no pages yet simply waits; otherwise the newest running one is preempted: its pages are
+    released (its full pages stay in the prefix cache) and its tokens so far become a prompt to encode again
+    when it comes back, so its output continues where it stopped. Returns its id; the caller re-queues it first.
+    A batch of one cannot make room: ``KVCacheFull`` again (the pool is smaller than that request)."""
+    if len(active) < 2:
+        raise KVCacheFull(f"request {next(iter(active), None)!r} alone needs more KV cache pages than the pool "
+                          f"has ({pipeline.engine.pool.num_pages}); load with more num_pages / kv_cache_memory")
+    waiting = [rid for rid in active if not pipeline.pages.holds(rid)]
+    rid = waiting[-1] if waiting else list(active)[-1]
+    if pipeline.pages.holds(rid):
+        pipeline.release(rid)
+        active[rid].reset()
+        pipeline.pages.preemptions += 1
+    return rid

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from maxjax.interfaces import SamplingParams, TextGenerationInputs, TextGenerationRequest
+from maxjax.pipelines.kv_admission import set_aside
+from maxjax.runtime.kv_pages import KVCacheFull
 
 Prompt = str | Sequence[dict]
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"stop"}  # stop: a request field
@@ -144,13 +146,20 @@ class LLM:
         status: dict[str, Any] = {}
         waiting = list(contexts)
         active: dict[str, Any] = {}
-        capacity = self.pipeline.config.max_batch_size
+        capacity = room = self.pipeline.config.max_batch_size  # room: fewer after a request was set aside
         try:
             while waiting or active:
-                while waiting and len(active) < capacity:
+                while waiting and len(active) < room:
                     rid = waiting.pop(0)
                     active[rid] = contexts[rid]
-                outputs = self.pipeline.next_token(TextGenerationInputs(dict(active), self.num_steps))
+                try:
+                    outputs = self.pipeline.next_token(TextGenerationInputs(dict(active), self.num_steps))
+                except KVCacheFull:  # too few free pages: the newest request waits (or is preempted)
+                    rid = set_aside(self.pipeline, active)
+                    del active[rid]
+                    waiting.insert(0, rid)
+                    room = len(active)  # until a request finishes and frees its pages
+                    continue
                 for rid, out in outputs.items():
                     tokens[rid] += out.tokens
                     logprobs[rid] += out.log_probabilities or []
@@ -159,6 +168,7 @@ class LLM:
                         texts[rid] = self._text(rid, tokens[rid])
                         self.pipeline.release(rid)
                         del active[rid]
+                        room = capacity
         finally:
             self._release_held(active)
         results = []
@@ -200,7 +210,7 @@ class LLM:
         """Frees the slots these requests still hold: a failed ``next_token`` already gave back the slots of the
         requests that joined in it, and releasing them again would replace the original error."""
         for rid in request_ids:
-            if self.pipeline.slots.slot_of(rid) is not None:
+            if self.pipeline.pages.holds(rid):
                 self.pipeline.release(rid)
 
     def _text(self, request_id: str, tokens: list[int]) -> str:

@@ -149,6 +149,9 @@ class Engine:
                 arch, layout, model_config, params, config, self.mesh, dtype)
         self.pool = PagePool(self.num_pages, config.page_size, config.prefix_caching)
         self.kv_cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.cache))
+        log.info("KV cache: %d pages of %d positions, %.2f GB (max_seq_len %d, prefix caching %s)", self.num_pages,
+                 config.page_size, self.kv_cache_bytes / 1e9, config.max_seq_len,
+                 "on" if config.prefix_caching else "off")
         self.lora: LoraSlots | None = None  # resident LoRA adapters (max_loras > 0), in every layer's "lora"
         if config.max_loras:
             if not isinstance(self.params.get("layers"), list):

@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI-compatible routes over the schedulers of the served models.
 
 Routes: ``/v1/completions``, ``/v1/chat/completions`` (SSE when ``stream``), ``/v1/embeddings``,
-``/v1/audio/speech`` (24 kHz WAV), ``/v1/models``, ``/health`` (slot occupancy per model), ``/metrics``.
+``/v1/audio/speech`` (24 kHz WAV), ``/v1/models``, ``/health`` (slot and KV page occupancy per model), ``/metrics``.
 A request is checked and turned into a context on the event loop; only the model's scheduler thread
 touches the device. Bad requests get HTTP 400 with an OpenAI error body whose ``param`` names the field.
 """
@@ -296,6 +296,9 @@ def _occupancy(served: ServedModel) -> dict[str, Any]:
     slots = getattr(served.pipeline, "slots", None) or getattr(getattr(served.pipeline, "speech", None), "slots", None)
     if slots is not None:
         out["free_slots"] = slots.num_free
+    pages = getattr(served.pipeline, "pages", None)
+    if pages is not None:  # KV cache pages used / free / cached, prefix-cache hit rate, preemptions
+        out.update(pages.stats())
     return out
 
 

@@ -9,7 +9,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 
 
 class Metrics:
-    """Requests by status, tokens, queue depth, batch occupancy, time to first token, inter-token latency."""
+    """Requests by status, tokens, queue depth, batch occupancy, KV cache pages and prefix hits, preemptions, time to
+    first token, inter-token latency."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -24,6 +25,12 @@ class Metrics:
         self._capacity = Gauge("maxjax_batch_capacity", "Batch slots (max_batch_size)", ["model"], registry=r)
         self._ttft = Histogram("maxjax_time_to_first_token_seconds", "From arrival to the first generated token",
                                ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self._preempted = Counter("maxjax_preemptions", "Requests set aside for lack of KV cache pages", ["model"],
+                                  registry=r)
+        self._pages = Gauge("maxjax_kv_cache_pages", "KV cache pages by state (total, used, free, cached)",
+                            ["model", "state"], registry=r)
+        self._hit_rate = Gauge("maxjax_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache, as a "
+                               "fraction of those looked up", ["model"], registry=r)
         self._itl = Histogram("maxjax_inter_token_latency_seconds", "Time per generated token after the first",
                               ["model"], buckets=_LATENCY_BUCKETS, registry=r)
 
@@ -41,6 +48,15 @@ class Metrics:
         self._queue.labels(model).set(waiting)
         self._active.labels(model).set(active)
         self._capacity.labels(model).set(capacity)
+
+    def preempted(self, model: str) -> None:
+        self._preempted.labels(model).inc()
+
+    def kv_pages(self, model: str, stats: dict[str, float]) -> None:
+        """``stats``: the text pipeline's ``pages.stats()``."""
+        for state in ("total", "used", "free", "cached"):
+            self._pages.labels(model, state).set(stats[f"kv_pages_{state}"])
+        self._hit_rate.labels(model).set(stats["prefix_cache_hit_rate"])
 
     def first_token(self, model: str, seconds: float) -> None:
         self._ttft.labels(model).observe(seconds)

@@ -4,7 +4,9 @@ The HTTP side (asyncio) builds a context (which validates the request: nothing b
 ``submit``s a ``Job`` and reads ``SchedulerResult``s from the job's asyncio queue. The thread loops:
 
   1. drop cancelled jobs (client gone) and free their KV cache slots;
-  2. admit waiting jobs while the pipeline has free slots (``max_batch_size``); the rest stay queued;
+  2. admit waiting jobs while the pipeline has free slots (``max_batch_size``); the rest stay queued (a text
+     pipeline short of KV cache pages sets the newest job aside: back to the queue's front, preempted if it
+     ran, and admits no more until a job finishes);
   3. one pipeline call over every active job (``next_token`` with the runtime's ``max_num_steps``, one
      step when it prefills a new job; ``encode``; ``next_chunk``): new jobs join running ones between
      calls (continuous batching);
@@ -25,6 +27,8 @@ from typing import Any
 
 from maxjax.interfaces import (GenerationStatus, LogProbabilities, SchedulerResult,
                                TextGenerationInputs)
+from maxjax.pipelines.kv_admission import set_aside
+from maxjax.runtime.kv_pages import KVCacheFull
 from maxjax.server.metrics import Metrics
 
 log = logging.getLogger("maxjax.server")
@@ -62,6 +66,7 @@ class Scheduler:
     def __init__(self, model: str, capacity: int, metrics: Metrics):
         self.model = model
         self.capacity = capacity
+        self.room = capacity  # admission limit: lowered while the pipeline is short of memory
         self.metrics = metrics
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -121,7 +126,7 @@ class Scheduler:
                 self._drop_cancelled()
                 if not self._running and not self._active:
                     return
-                while self._waiting and len(self._active) < self.capacity:
+                while self._waiting and len(self._active) < min(self.capacity, self.room):
                     job = self._waiting.popleft()
                     self._active[job.request_id] = job
                 batch = dict(self._active)
@@ -159,6 +164,8 @@ class Scheduler:
         with self._cond:
             for request_id in finished:
                 self._active.pop(request_id, None)
+            if finished:
+                self.room = self.capacity
 
     def _fail(self, job: Job) -> None:
         log.exception("request %s failed", job.request_id)
@@ -215,10 +222,17 @@ class TextScheduler(Scheduler):
 
     def step(self, batch: dict[str, Job]) -> list[str]:
         contexts = {rid: job.context for rid, job in batch.items()}
-        # A call that prefills new requests decodes one step only, so their first token leaves at once
-        # (time to first token) instead of after max_num_steps steps of the running requests.
-        starting = any(job.last_output is None for job in batch.values())
-        outputs = self.pipeline.next_token(TextGenerationInputs(contexts, 1 if starting else self.num_steps))
+        while True:
+            # A call that prefills new requests decodes one step only, so their first token leaves at once
+            # (time to first token) instead of after max_num_steps steps of the running requests.
+            starting = any(batch[rid].last_output is None or not self.pipeline.pages.holds(rid) for rid in contexts)
+            try:
+                outputs = self.pipeline.next_token(TextGenerationInputs(contexts, 1 if starting else self.num_steps))
+                break
+            except KVCacheFull:
+                self._requeue(batch[set_aside(self.pipeline, contexts)])
+                contexts = {rid: ctx for rid, ctx in contexts.items() if rid in self._active}
+        self.metrics.kv_pages(self.model, self.pipeline.pages.stats())
         now = time.perf_counter()
         finished = []
         for rid, out in outputs.items():
@@ -231,6 +245,14 @@ class TextScheduler(Scheduler):
             else:
                 job.emit(SchedulerResult.active(delta))
         return finished
+
+    def _requeue(self, job: Job) -> None:
+        """A job set aside for lack of KV cache pages goes back to the front of the queue."""
+        with self._cond:
+            self._active.pop(job.request_id, None)
+            self._waiting.appendleft(job)
+            self.room = len(self._active)
+        self.metrics.preempted(self.model)
 
     def _delta(self, job: Job, out: Any) -> TextDelta:
         ctx = job.context
@@ -260,7 +282,7 @@ class TextScheduler(Scheduler):
         job.last_output = now
 
     def free(self, job: Job) -> None:
-        if self.pipeline.slots.slot_of(job.request_id) is not None:
+        if self.pipeline.pages.holds(job.request_id):
             self.pipeline.release(job.request_id)
 
     @property

@@ -61,6 +61,8 @@ def _kv_cache_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GB",
                    help="KV cache budget in GB (default: 32 sequences of 1k tokens on a CPU, half the free memory "
                         "of a GPU/TPU)")
+    g.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16", "float8_e4m3fn"],
+                   help="KV cache dtype (default: the model's); bfloat16 / float8 hold 2x / 4x the tokens")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="do not share the KV pages of common prompt prefixes between requests")
 
@@ -68,7 +70,8 @@ def _kv_cache_args(parser: argparse.ArgumentParser) -> None:
 def _kv_runtime(args) -> dict:
     """The RuntimeConfig fields the KV cache flags set (the rest keep their defaults)."""
     runtime = {"max_seq_len": args.max_seq_len, "page_size": args.page_size, "num_pages": args.num_pages,
-               "kv_cache_memory": None if args.kv_cache_memory is None else int(args.kv_cache_memory * 1e9)}
+               "kv_cache_memory": None if args.kv_cache_memory is None else int(args.kv_cache_memory * 1e9),
+               "kv_cache_dtype": args.kv_cache_dtype}
     runtime = {k: v for k, v in runtime.items() if v is not None}
     if args.no_prefix_caching:
         runtime["prefix_caching"] = False

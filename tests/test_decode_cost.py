@@ -16,7 +16,8 @@ from maxjax.architectures import llama, panels
 from maxjax.context import TextContext
 from maxjax.interfaces import SamplingParams, TextGenerationInputs
 from maxjax.pipelines.text import TextGenerationPipeline
-from maxjax.runtime import hlo_stats, native
+from maxjax.kernels import native
+from maxjax.runtime import hlo_stats
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.engine import Engine
 

@@ -185,3 +185,13 @@ def test_prefix_hits_compile_nothing_after_warmup(pipeline):
     before = compile_count()
     run(pipeline, [list(range(5, 45)) + [3, 3], list(range(5, 45)) * 2])
     assert compile_count() == before
+
+
+def test_the_pallas_kernels_give_the_tokens_of_the_xla_path(params, pipeline, monkeypatch):
+    """The GPU path (Pallas paged attention), run in interpret mode on the CPU: prefill chunks and decode steps
+    attend by the Pallas kernels, sliding-window and soft-capped families included elsewhere (test_pallas_attention)."""
+    monkeypatch.setenv("MAXJAX_PALLAS_INTERPRET", "1")
+    monkeypatch.setenv("MAXJAX_NATIVE_KERNELS", "0")
+    pallas = make_pipeline(params)
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    assert run(pallas, prompts, max_new=6) == run(pipeline, prompts, max_new=6)

@@ -15,9 +15,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from maxjax.kernels import native
 from maxjax.kernels.native_attention import (chunk_attention_in_place, chunk_kernel_serves,  # noqa: F401
                                              decode_attention_in_place, decode_kernel_serves,
                                              write_projection_in_place)
+from maxjax.kernels.pallas_attention import (merge_new_key, paged_chunk_attention, paged_decode_attention,
+                                             pallas_backend)
 from maxjax.kernels.paged import gather_pages, gather_positions, write_pages, write_pages_layers  # noqa: F401
 
 # A large finite negative instead of -inf: a fully masked (padding) query row then gets a uniform softmax
@@ -164,3 +167,39 @@ def with_new_key(keys: jax.Array, values: jax.Array, mask: jax.Array, positions:
 def reads_cache_in_place(cache: Any, dtype: Any) -> bool:
     """Whether `decode_attention_in_place` can serve a decode step: float32 on the CPU with the native kernels."""
     return decode_kernel_serves(cache.k.dtype, dtype)
+
+
+def pallas_serves(layer_index: Any) -> bool:
+    """Whether a layer attends by the Pallas paged kernels (``maxjax.kernels.pallas_attention``): on a GPU (or
+    the CPU in interpret mode), one device (mesh programs trace with custom kernels off), a static layer index
+    (its sliding window is known)."""
+    return isinstance(layer_index, int) and pallas_backend() and native.enabled()
+
+
+def _scale_of(head_dim: int, scale: float | None) -> float:
+    return head_dim ** -0.5 if scale is None else scale
+
+
+def pallas_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: Any, cfg: Any, layer_index: int,
+                            pages: jax.Array, positions: jax.Array, scale: float | None) -> jax.Array:
+    """A decode step's attention (q [B, 1, H, Dh]) over the cache positions before each row's own (its k, v
+    [B, 1, KVH, Dh] not written yet: merged exactly by their log-sum-exp), within the layer's sliding window.
+    Reads only the pages a row's length reaches. -> [B, 1, H, Dh] in q's dtype."""
+    position = positions[:, 0]
+    window = cfg.sliding_window if cfg.is_sliding(layer_index) else None
+    starts = jnp.zeros_like(position) if window is None else jnp.maximum(position - window + 1, 0)
+    s, cap = _scale_of(q.shape[-1], scale), cfg.attn_logit_softcap
+    out, lse = paged_decode_attention(q[:, 0], cache.k, cache.v, layer_index, pages, starts,
+                                      jnp.maximum(position, 0), scale=s, softcap=cap)
+    out = merge_new_key(out, lse, q[:, 0], k[:, 0], v[:, 0], scale=s, softcap=cap)
+    return out[:, None].astype(q.dtype)
+
+
+def pallas_chunk_attention(q: jax.Array, cache: Any, cfg: Any, layer_index: int, pages: jax.Array,
+                           positions: jax.Array, scale: float | None) -> jax.Array:
+    """A chunk's attention (q [B, T, H, Dh], its keys already written) over the rows' pages, causal by position
+    and within the layer's sliding window. -> [B, T, H, Dh] in q's dtype."""
+    window = cfg.sliding_window if cfg.is_sliding(layer_index) else None
+    return paged_chunk_attention(q, cache.k, cache.v, layer_index, pages, positions,
+                                 scale=_scale_of(q.shape[-1], scale), softcap=cfg.attn_logit_softcap,
+                                 sliding_window=window).astype(q.dtype)

@@ -41,6 +41,7 @@ import numpy as np
 
 from maxjax.architectures.attention import (attention, attention_mask, chunk_attention_in_place,
                                             chunk_reads_cache_in_place, decode_attention_in_place, hide_current,
+                                            pallas_chunk_attention, pallas_decode_attention, pallas_serves,
                                             reads_cache_in_place, softcap, visible_keys, with_new_key, write_pages,
                                             write_pages_layers, write_projection_in_place)
 from maxjax.kernels.paged import block_table
@@ -278,6 +279,10 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
     norm = (layer["attn_norm"], eps, offset)
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+    if defer_write and pallas_serves(layer_index):  # GPU: the Pallas kernel reads the row's pages only
+        q, k, v = rotated_qkv(x, layer, cfg, cos, sin, lora_index, norm)
+        attn = pallas_decode_attention(q, k, v, cache, cfg, layer_index, pages, positions, scale)
+        return _block_output(x, attn.reshape(B, T, -1), layer, cfg, lora_index), cache, (k, v)
     if defer_write and isinstance(layer_index, int) and reads_cache_in_place(cache, x.dtype):
         attn, k, v = _decode_attention(x, layer, cfg, cos, sin, mask, cache, layer_index, pages, positions,
                                        lora_index, norm, scale)  # [B, 1, H, Dh], [B, 1, KVH, Dh] x2
@@ -294,9 +299,12 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
         cache = KVCache(k=write_pages(cache.k, layer_index, k, pages, positions),
                         v=write_pages(cache.v, layer_index, v, pages, positions))
     if in_place:
-        def attention_of(q, rotation, mask):
+        def attention_of(q, rotation, mask, positions):
             return chunk_attention_in_place(q, cache.k, cache.v, layer_index, pages, mask, rotation, scale,
                                             cfg.num_heads)
+    elif not defer_write and pallas_serves(layer_index):
+        def attention_of(q, rotation, mask, positions):
+            return pallas_chunk_attention(q, cache, cfg, layer_index, pages, positions, scale)
     else:
         keys, values, mask = visible_keys(cache, cfg, layer_index, pages, positions, mask, kv_len)
         if defer_write:
@@ -304,21 +312,21 @@ def decoder_layer(x: jax.Array, layer: Params, cfg: LlamaConfig, cos: jax.Array,
         keys, values = keys.astype(x.dtype), values.astype(x.dtype)  # [B, KVH, S or window span, Dh]
         causal = end_aligned and not defer_write and keys.shape[2] == kv_len  # not a window's gathered keys
 
-        def attention_of(q, rotation, mask):
+        def attention_of(q, rotation, mask, positions):
             return attention(q, keys, values, mask, scale, cfg.attn_logit_softcap, end_aligned=causal)
 
-    def attend(x, q, rotation, mask):  # [B, t, D], [B, t, ...], ([B, t, Dh] x2 or None), [B, t, S] -> [B, t, D]
-        attn = attention_of(q, rotation, mask)
-        return _block_output(x, attn.reshape(*x.shape[:2], -1), layer, cfg, lora_index)
+    def attend(x, q, rotation, mask, positions):  # [B, t, D], [B, t, ...], ([B, t, Dh] x2 or None), [B, t, S]
+        attn = attention_of(q, rotation, mask, positions)
+        return _block_output(x, attn.reshape(*x.shape[:2], -1), layer, cfg, lora_index)  # [B, t, D]
 
     if every_query is None:
-        x = attend(x, q, rotation, mask)
+        x = attend(x, q, rotation, mask, positions)
     else:
-        def last_query(x, q, rotation, mask):
-            last = jax.tree.map(lambda a: a[:, -1:], (x, q, rotation, mask))
+        def last_query(x, q, rotation, mask, positions):
+            last = jax.tree.map(lambda a: a[:, -1:], (x, q, rotation, mask, positions))
             return x.at[:, -1:].set(attend(*last))
 
-        x = jax.lax.cond(every_query, attend, last_query, x, q, rotation, mask)
+        x = jax.lax.cond(every_query, attend, last_query, x, q, rotation, mask, positions)
     return x, cache, ((k, v) if defer_write else None)
 
 

@@ -72,6 +72,7 @@ class RuntimeConfig:
     num_pages: int | None = None  # pages in the KV cache pool (None: from kv_cache_memory or the default budget)
     kv_cache_memory: int | None = None  # bytes of KV cache when num_pages is None (None: runtime/memory.py)
     prefix_caching: bool = True  # share the pages of common prompt prefixes between requests
+    kv_cache_dtype: str | None = None  # None: the model's dtype; "bfloat16" / "float8_e4m3fn": 2x / 4x the tokens
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "max_num_steps", "max_stop_ids", "max_lora_rank",
@@ -82,6 +83,8 @@ class RuntimeConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if not isinstance(self.prefix_caching, bool):
             raise ValueError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
         if self.speculative not in (None, "ngram", "draft"):
@@ -133,6 +136,11 @@ class RuntimeConfig:
         """Devices on the mesh (tensor_parallel x data_parallel); 1 means no mesh at all."""
         return self.tensor_parallel * self.data_parallel
 
+    @property
+    def cache_dtype(self) -> str:
+        """The KV cache's dtype name: ``kv_cache_dtype``, else the model's."""
+        return self.kv_cache_dtype or self.dtype
+
     def pages_per_row(self, span: int) -> int:
         """Block table width of a program attending over ``span`` positions."""
         return -(-span // self.page_size)
@@ -174,6 +182,9 @@ class RuntimeConfig:
     def prefill_rows_per_call(self, length: int, span: int) -> tuple[int, ...]:
         """The batch buckets a prefill call of this (chunk length, span) may use."""
         return tuple(b for b in self.prefill_batch_buckets if (b, length, span) in self.prefill_shapes())
+
+
+KV_CACHE_DTYPES = (None, "float32", "bfloat16", "float8_e4m3fn")
 
 
 def _default_length_buckets(max_seq_len: int) -> tuple[int, ...]:

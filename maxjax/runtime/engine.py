@@ -135,18 +135,19 @@ class Engine:
         self.vocab_size = model_config.vocab_size
         self.mesh = make_mesh(config)
         dtype = jax_dtype(config.dtype)
-        self.num_pages = num_pages_for(config, arch, model_config, params, dtype)
+        cache_dtype = jnp.dtype(config.cache_dtype)
+        self.num_pages = num_pages_for(config, arch, model_config, params, cache_dtype)
         self.config = config = dataclasses.replace(config, num_pages=self.num_pages)
         if self.mesh is None:
             self.model_config = model_config
             # The serving layout (e.g. fused projections, unstacked layers: see llama.runtime_params).
             self.params = arch.runtime_params(params) if hasattr(arch, "runtime_params") else params
-            self.cache = arch.init_kv_cache(model_config, self.num_pages, config.page_size, dtype)
+            self.cache = arch.init_kv_cache(model_config, self.num_pages, config.page_size, cache_dtype)
             self.counts = jnp.zeros((config.max_batch_size, self.vocab_size), jnp.int32)  # generated-token counts
             self.state_shardings = None
         else:
             self.model_config, self.params, self.cache, self.counts, self.state_shardings = place_state(
-                arch, layout, model_config, params, config, self.mesh, dtype)
+                arch, layout, model_config, params, config, self.mesh, dtype, cache_dtype)
         self.pool = PagePool(self.num_pages, config.page_size, config.prefix_caching)
         self.kv_cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.cache))
         log.info("KV cache: %d pages of %d positions, %.2f GB (max_seq_len %d, prefix caching %s)", self.num_pages,

@@ -28,6 +28,7 @@ import jaxlib
 from jax.experimental import serialize_executable
 
 from maxjax.kernels import native
+from maxjax.kernels.pallas_attention import pallas_backend
 from maxjax.runtime.compile_cache import count_program_load
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def environment() -> dict[str, Any]:
         platform_version=device.client.platform_version, device_kind=device.device_kind,
         devices=[d.id for d in jax.devices()], processes=jax.process_count(),
         xla_flags=os.environ.get("XLA_FLAGS", ""), source=source_digest(), native_kernels=native.enabled(),
+        pallas_kernels=pallas_backend(),
         flags={name: str(getattr(jax.config, name, None)) for name in _JAX_FLAGS},
     )
 

@@ -24,7 +24,7 @@ from maxjax.weights.llama_names import tree_reader
 
 
 def place_state(arch: Any, layout: Any, model_config: Any, params: Any, config: RuntimeConfig, mesh: Mesh,
-                dtype: Any) -> tuple[Any, Any, Any, jax.Array, tuple]:
+                dtype: Any, cache_dtype: Any) -> tuple[Any, Any, Any, jax.Array, tuple]:
     """(config of the laid-out model, params, KV cache, token counts, their shardings), all on ``mesh``.
 
     ``params``: a param tree, or a ``read(key, layer)`` function that loads one param at a time."""
@@ -34,7 +34,7 @@ def place_state(arch: Any, layout: Any, model_config: Any, params: Any, config: 
         raise ValueError(f"quantize={config.quantize!r} is not supported with tensor_parallel / data_parallel > 1")
     cfg, device_params = place_params(arch, layout, params, model_config, mesh, dtype)
     param_shardings = jax.tree.map(lambda a: a.sharding, device_params)
-    new_cache = lambda: arch.init_kv_cache(cfg, config.num_pages, config.page_size, dtype)  # noqa: E731
+    new_cache = lambda: arch.init_kv_cache(cfg, config.num_pages, config.page_size, cache_dtype)  # noqa: E731
     cache_shardings = jax.tree.map(lambda _: NamedSharding(mesh, layout.cache_spec()), jax.eval_shape(new_cache))
     cache = jax.jit(new_cache, out_shardings=cache_shardings)()
     counts_sharding = NamedSharding(mesh, layout.counts_spec(cfg, mesh))

@@ -392,12 +392,31 @@ def extreme_cases(tokenizer, pipeline) -> list[Case]:
     return [Case("extreme", f"{p}", lambda p=p: run(p), valid=True) for p in extremes]
 
 
+def page_pressure_cases(tokenizer, pipeline) -> list[Case]:
+    """Valid requests while the KV cache pool has almost no page left (held out of band): each call must be
+    refused with ``KVCacheFull`` (a ValueError) before anything changes, and leave no page behind."""
+    pool = pipeline.engine.pool
+
+    def run(left: int, batch: int):
+        held = pool.allocate(pool.num_available - left)
+        try:
+            contexts = {f"p{i}": tokenizer.build_context(request(f"p{i}", prompt="a page-pressure request " * 4))
+                        for i in range(batch)}
+            run_batch(pipeline, contexts, limit=3)
+        finally:
+            pool.release(held)
+
+    return [Case("pages", f"{left} pages left, {batch} requests", lambda a=left, b=batch: run(a, b))
+            for left, batch in ((0, 1), (0, 3), (1, 3), (2, 3))]  # one page holds one such request
+
+
 # ---- the driver --------------------------------------------------------------------------------------
 
 def all_cases(tokenizer, pipeline, tmp: Path, seed: int = 0) -> list[Case]:
     rng = np.random.default_rng(seed)
     return (sampling_cases(rng) + request_cases(tokenizer, rng) + context_cases(tokenizer, pipeline)
-            + template_cases(tokenizer) + weight_cases(tmp, rng) + extreme_cases(tokenizer, pipeline))
+            + template_cases(tokenizer) + weight_cases(tmp, rng) + extreme_cases(tokenizer, pipeline)
+            + page_pressure_cases(tokenizer, pipeline))
 
 
 def run_fuzz(tokenizer, pipeline, cases: list[Case], check_every: int = 25) -> dict[str, Any]:
@@ -415,6 +434,9 @@ def run_fuzz(tokenizer, pipeline, cases: list[Case], check_every: int = 25) -> d
             counts[outcome[0]] += 1
             if outcome[0] not in ("value_error", "valid_ok"):
                 failures.append((f"{case.category}: {case.name}", outcome[1]))
+            if pipeline.engine.pool.num_used:
+                counts["leaked_pages"] += pipeline.engine.pool.num_used
+                failures.append((f"{case.category}: {case.name}", "leaked KV cache pages"))
             if pipeline.slots.num_free != capacity or pipeline._contexts:
                 counts["leaked_slots"] += capacity - pipeline.slots.num_free
                 failures.append((f"{case.category}: {case.name}", "leaked a KV slot"))

@@ -65,7 +65,15 @@ def test_a_failure_inside_next_token_keeps_no_slot(tiny, monkeypatch):
     with pytest.raises(RuntimeError, match="device failure"):
         pipeline.next_token(TextGenerationInputs({"boom": ctx}, 4))  # prefill ran, decode failed
     assert pipeline.slots.num_free == free and pipeline.slots.slot_of("boom") is None
-    assert not ctx.is_assigned_to_cache
+    assert not ctx.is_assigned_to_cache and pipeline.engine.pool.num_used == 0  # its pages came back
+
+
+def test_page_pressure_is_refused_before_anything_changes_and_leaks_no_page(tiny):
+    tokenizer, pipeline = tiny
+    cases = fuzz_inputs.page_pressure_cases(tokenizer, pipeline)
+    result = fuzz_inputs.run_fuzz(tokenizer, pipeline, cases, check_every=len(cases))
+    assert result["failures"] == [] and result["counts"]["value_error"] == len(cases)
+    assert pipeline.engine.pool.num_used == 0 and "leaked_pages" not in result["counts"]
 
 
 def test_values_changed_behind_a_frozen_params_are_refused_before_a_slot(tiny):

@@ -13,8 +13,9 @@
 // Semantics are `maxjax.architectures.attention._attention`'s without a soft cap, with q rotated as
 // `rope.apply_rope` does when cos/sin are given and multiplied by `scale`: q [B, T, C] holds the H query heads
 // in its first H Dh columns (C is wider for a fused q | k | v projection); key/value j of row b is
-// cache[layer, slots[b], kv head, j] for j < S; mask [B, T, S]; masked scores are -1e30, so a query that sees
-// nothing averages all S values uniformly, as XLA's form does.
+// cache[layer, pages[b, j / page_size], kv head, j % page_size] for j < S (the paged layout of
+// `maxjax.kernels.paged`); mask [B, T, S]; masked scores are -1e30, so a query that sees nothing averages all S
+// values uniformly, as XLA's form does.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -40,16 +41,25 @@ constexpr int64_t kKeyBlock = 32;   // keys per scores block (two vectors)
 
 struct Shapes {
   int64_t B, T, H, KVH, Dh, S;
-  int64_t C, slots_in_cache, max_len;  // q's row width; the cache's [L, slots_in_cache, KVH, max_len, Dh]
+  int64_t C, page_size, pages_per_row;  // q's row width; the cache's [L, N, KVH, page_size, Dh]; P
 };
 
 // What the tasks read: q [B, T, C], cos/sin [B, T, Dh] (null: q comes rotated), the keys transposed per (row, kv
-// head) [B KVH, Dh, S], the layer's values [slots_in_cache, KVH, max_len, Dh], slots [B], mask [B, T, S].
+// head) [B KVH, Dh, S], the layer's values [N, KVH, page_size, Dh], the block tables pages [B, P], mask [B, T, S].
 struct Inputs {
   const float *q, *cos, *sin, *kt, *values;
-  const int32_t* slots;
+  const int32_t* pages;
   const bool* mask;
   float scale;
+};
+
+// Where the values of one (row, kv head) lie: key j's row is page(j / page_size) + (j % page_size) Dh.
+struct ValueRows {
+  const float* values;  // the layer's values [N, KVH, page_size, Dh]
+  const int32_t* pages;  // the row's block table [P]
+  int64_t KVH, kvh, page_size, Dh;
+
+  const float* page(int64_t index) const { return values + (pages[index] * KVH + kvh) * page_size * Dh; }
 };
 
 // scores[r, j] = q[r] . key j for 8 rows of q ([8, Dh], rows Dh apart) and keys j0 .. j0 + 31 of kt.
@@ -69,17 +79,24 @@ void ScoresBlock(const float* q, int64_t Dh, const float* kt, int64_t S, int64_t
   }
 }
 
-// out[r, d0 .. d0 + 16 NV) = sum_j p[r, j] v[j, d0 ..] / total[r] for 8 rows of p (ld apart) over n keys.
+// out[r, d0 .. d0 + 16 NV) = sum_j p[r, j] v[j, d0 ..] / total[r] for 8 rows of p (ld apart) over n keys, read
+// page by page (the sums stay in registers across the pages).
 template <int NV>
-void ValuesBlock(const float* p, int64_t ld, int64_t n, const float* v, int64_t Dh, int64_t d0,
+void ValuesBlock(const float* p, int64_t ld, int64_t n, const ValueRows& rows, int64_t d0,
                  const float* inv_total, float* const (&out)[8]) {
   Vec16 acc[8][NV] = {};  // local, so that the compiler keeps it in registers
-  for (int64_t j = 0; j < n; ++j) {
-    Vec16 vals[NV];
-    for (int i = 0; i < NV; ++i) vals[i] = Load(v + j * Dh + d0 + 16 * i);
-    for (int m = 0; m < 8; ++m) {
-      const float w = p[m * ld + j];
-      for (int i = 0; i < NV; ++i) acc[m][i] += w * vals[i];
+  const int64_t Dh = rows.Dh, PS = rows.page_size;
+  for (int64_t first = 0, index = 0; first < n; first += PS, ++index) {
+    const float* v = rows.page(index) + d0;  // key first's row
+    const float* w = p + first;
+    const int64_t count = std::min(PS, n - first);
+    for (int64_t j = 0; j < count; ++j) {
+      Vec16 vals[NV];
+      for (int i = 0; i < NV; ++i) vals[i] = Load(v + j * Dh + 16 * i);
+      for (int m = 0; m < 8; ++m) {
+        const float x = w[m * ld + j];
+        for (int i = 0; i < NV; ++i) acc[m][i] += x * vals[i];
+      }
     }
   }
   for (int m = 0; m < 8; ++m) {
@@ -163,7 +180,7 @@ void Task(const Shapes& s, const Inputs& in, float* out, int64_t b, int64_t kvh,
     for (int64_t d = 0; d < Dh; ++d) row[d] *= in.scale;
   }
   const float* keys = in.kt + (b * s.KVH + kvh) * Dh * S;
-  const float* values = in.values + (in.slots[b] * s.KVH + kvh) * s.max_len * Dh;
+  const ValueRows values{in.values, in.pages + b * s.pages_per_row, s.KVH, kvh, s.page_size, Dh};
   const int64_t full = S >= ld ? ld : n / kKeyBlock * kKeyBlock;  // whole blocks inside kt's S columns
   for (int64_t j0 = 0; j0 < full; j0 += kKeyBlock) {
     for (int64_t r0 = 0; r0 < padded; r0 += 8) ScoresBlock(qs + r0 * Dh, Dh, keys, S, j0, scores + r0 * ld, ld);
@@ -186,53 +203,59 @@ void Task(const Shapes& s, const Inputs& in, float* out, int64_t b, int64_t kvh,
     }
     const float* p = scores + r0 * ld;
     int64_t d0 = 0;
-    for (; d0 + 32 <= Dh; d0 += 32) ValuesBlock<2>(p, ld, n, values, Dh, d0, inv_total + r0, outs);
-    if (d0 < Dh) ValuesBlock<1>(p, ld, n, values, Dh, d0, inv_total + r0, outs);
+    for (; d0 + 32 <= Dh; d0 += 32) ValuesBlock<2>(p, ld, n, values, d0, inv_total + r0, outs);
+    if (d0 < Dh) ValuesBlock<1>(p, ld, n, values, d0, inv_total + r0, outs);
   }
 }
 
-// Keys [S, Dh] of (row, kv head) bk, read from the layer's cache, into kt [Dh, S] (ScoresBlock reads 32 keys of
-// one dimension as two vectors).
-void TransposeKeys(const Shapes& s, const float* keys, const int32_t* slots, int64_t bk, float* kt) {
-  const float* from = keys + (slots[bk / s.KVH] * s.KVH + bk % s.KVH) * s.max_len * s.Dh;
+// Keys [S, Dh] of (row, kv head) bk, read from the layer's cache through the row's block table, into kt [Dh, S]
+// (ScoresBlock reads 32 keys of one dimension as two vectors); 16 keys at a time, each from its page.
+void TransposeKeys(const Shapes& s, const float* keys, const int32_t* pages, int64_t bk, float* kt) {
+  const ValueRows rows{keys, pages + bk / s.KVH * s.pages_per_row, s.KVH, bk % s.KVH, s.page_size, s.Dh};
   float* to = kt + bk * s.Dh * s.S;
   for (int64_t j0 = 0; j0 < s.S; j0 += 16) {
     const int64_t j1 = std::min(s.S, j0 + 16);
+    const float* from[16];
+    for (int64_t j = j0; j < j1; ++j) from[j - j0] = rows.page(j / s.page_size) + j % s.page_size * s.Dh;
     for (int64_t d = 0; d < s.Dh; ++d) {
-      for (int64_t j = j0; j < j1; ++j) to[d * s.S + j] = from[j * s.Dh + d];
+      for (int64_t j = j0; j < j1; ++j) to[d * s.S + j] = from[j - j0][d];
     }
   }
 }
 
 ffi::Error ChunkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> cache_k,
                               ffi::Buffer<ffi::F32> cache_v, ffi::Buffer<ffi::S32> layer,
-                              ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> cos,
+                              ffi::Buffer<ffi::S32> pages, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> cos,
                               ffi::Buffer<ffi::F32> sin, ffi::ResultBuffer<ffi::F32> out, float scale) {
   const auto qd = q.dimensions(), cd = cache_k.dimensions(), md = mask.dimensions(), od = out->dimensions();
+  const auto td = pages.dimensions();
   const bool rotate = cos.element_count() != 0;
   if (qd.size() != 3 || cd.size() != 5 || md.size() != 3 || od.size() != 4 || od[3] % 16 != 0 ||
       cd[4] != od[3] || od[2] % cd[2] != 0 || od[0] != qd[0] || od[1] != qd[1] || qd[2] < od[2] * od[3] ||
       !std::equal(cd.begin(), cd.end(), cache_v.dimensions().begin(), cache_v.dimensions().end()) ||
-      slots.element_count() != qd[0] || layer.element_count() != 1 || md[0] != qd[0] || md[1] != qd[1] ||
-      md[2] > cd[3] ||
+      td.size() != 2 || td[0] != qd[0] || layer.element_count() != 1 || md[0] != qd[0] || md[1] != qd[1] ||
+      md[2] > td[1] * cd[3] ||
       (rotate && (cos.element_count() != qd[0] * qd[1] * od[3] || sin.element_count() != cos.element_count()))) {
     return ffi::Error::InvalidArgument(
-        "chunk_attention: q [B, T, >= H Dh], cache [L, N, KVH, M, Dh], layer [], slots [B], mask [B, T, <= M], "
-        "cos and sin [B, T, Dh] or [0], out [B, T, H, Dh] (Dh % 16 == 0) expected");
+        "chunk_attention: q [B, T, >= H Dh], caches [L, N, KVH, page_size, Dh], layer [], pages [B, P], mask "
+        "[B, T, <= P page_size], cos and sin [B, T, Dh] or [0], out [B, T, H, Dh] (Dh % 16 == 0) expected");
   }
   const int64_t l = layer.typed_data()[0];
-  const int32_t* sl = slots.typed_data();
+  if (l < 0 || l >= cd[0]) return ffi::Error::InvalidArgument("chunk_attention: layer out of the cache's range");
+  const int32_t* table = pages.typed_data();
+  const int64_t used = (md[2] + cd[3] - 1) / cd[3];  // the pages holding keys 0 .. S - 1
   for (int64_t b = 0; b < qd[0]; ++b) {
-    if (l < 0 || l >= cd[0] || sl[b] < 0 || sl[b] >= cd[1]) {
-      return ffi::Error::InvalidArgument("chunk_attention: layer or slot out of the cache's range");
+    for (int64_t i = 0; i < used; ++i) {
+      const int32_t id = table[b * td[1] + i];
+      if (id < 0 || id >= cd[1]) return ffi::Error::InvalidArgument("chunk_attention: page out of the cache's range");
     }
   }
-  const Shapes s{od[0], od[1], od[2], cd[2], od[3], md[2], qd[2], cd[1], cd[3]};
+  const Shapes s{od[0], od[1], od[2], cd[2], od[3], md[2], qd[2], cd[3], td[1]};
   const int64_t layer_size = cd[1] * cd[2] * cd[3] * cd[4], rows = s.B * s.KVH;
   thread_local maxjax::LineAlignedFloats transposed_keys;  // the caller's (a worker naming it gets its own)
   float* kt = transposed_keys.Get(rows * s.Dh * s.S);
   const Inputs in{q.typed_data(), rotate ? cos.typed_data() : nullptr, rotate ? sin.typed_data() : nullptr,
-                  kt, cache_v.typed_data() + l * layer_size, sl,
+                  kt, cache_v.typed_data() + l * layer_size, table,
                   reinterpret_cast<const bool*>(mask.typed_data()), scale};
   const float* keys = cache_k.typed_data() + l * layer_size;
   float* os = out->typed_data();
@@ -243,7 +266,7 @@ ffi::Error ChunkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   std::vector<std::atomic<bool>> transposed(rows);
   const auto run = [&](int64_t chunk) {
     if (chunk < rows) {
-      TransposeKeys(s, keys, sl, chunk, kt);
+      TransposeKeys(s, keys, table, chunk, kt);
       transposed[chunk].store(true, std::memory_order_release);
       return;
     }
@@ -263,10 +286,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxChunkAttention, ChunkAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q [B, T, C]: heads in the first H Dh columns
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // cache keys [L, N, KVH, M, Dh]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cache keys [L, N, KVH, page_size, Dh]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // cache values
                                   .Arg<ffi::Buffer<ffi::S32>>()   // layer []
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // slots [B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // pages [B, P]: the rows' block tables
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask [B, T, S]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // cos [B, T, Dh], or [0]: q comes rotated
                                   .Arg<ffi::Buffer<ffi::F32>>()   // sin [B, T, Dh], or [0]

@@ -176,7 +176,7 @@ def cmd_generate(args) -> int:
           file=sys.stderr)
     if status is GenerationStatus.MAXIMUM_LENGTH:
         print(f"[maxjax] stopped at the length limit after {count} tokens (--max-new-tokens {args.max_new_tokens}, "
-              f"--max-seq-len {llm.pipeline.config.max_seq_len}): the text may be cut short", file=sys.stderr)
+              f"--max-seq-len {args.max_seq_len or 'at the model limit'}): the text may be cut short", file=sys.stderr)
     return 0
 
 

@@ -173,14 +173,14 @@ def test_donated_cache_is_updated_in_place(params):
     tokens = jnp.asarray(_tokens(8)[None], jnp.int32)
     positions = jnp.arange(8, dtype=jnp.int32)[None]
     slots = jnp.zeros((1,), jnp.int32)
-    compiled = step.lower(params, tokens=tokens, positions=positions, cache=cache, slots=slots).compile()
+    compiled = step.lower(params, tokens=tokens, positions=positions, cache=cache, pages=slots).compile()
     cache_bytes = cache.k.nbytes + cache.v.nbytes
     # The outputs alias the donated cache and no temporary is as large as it (the scan carries it).
     memory = compiled.memory_analysis()
     assert memory.alias_size_in_bytes == cache_bytes
     assert memory.temp_size_in_bytes < cache.k.nbytes // 8
     before = cache.k.unsafe_buffer_pointer()
-    _, new_cache = step(params, tokens=tokens, positions=positions, cache=cache, slots=slots)
+    _, new_cache = step(params, tokens=tokens, positions=positions, cache=cache, pages=slots)
     assert cache.k.is_deleted()
     assert new_cache.k.unsafe_buffer_pointer() == before
     assert cache_bytes == new_cache.k.nbytes * 2

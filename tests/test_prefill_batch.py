@@ -84,18 +84,18 @@ def test_batched_prefill_equals_one_at_a_time(pipeline):
             np.testing.assert_allclose(lp_t, lp_a, atol=2e-5)
             assert top_t[0].keys() == top_a[0].keys()
     # Rows 0-3 and 7 (<= 8 tokens) share calls of 4 and 1 (no padding rows); rows 4-5 (32-token chunks) run
-    # alone; the long prompt runs its 32-token chunk at span 32, then its 8-token tail as a 32-token chunk at
+    # alone; the long prompt runs its 32-token chunk at span 32, then its 8-token tail as an 8-token chunk at
     # span 64.
-    assert sorted(batched) == sorted([((4, 8), 32), ((1, 8), 32)] + [((1, 32), 32)] * 3 + [((1, 32), 64)])
+    assert sorted(batched) == sorted([((4, 8), 32), ((1, 8), 32)] + [((1, 32), 32)] * 3 + [((1, 8), 64)])
     assert compile_count() == before, "a batched prefill compiled after warm-up"
     assert pipeline.engine.num_programs == len(RUNTIME.prefill_shapes()) + len(RUNTIME.decode_shapes())
     assert pipeline.slots.num_free == RUNTIME.max_batch_size
 
 
 def test_prefill_shapes_of_the_policy():
-    assert RUNTIME.prefill_shapes() == [(1, 8, 32), (1, 32, 32), (1, 32, 64), (4, 8, 32)]
+    assert RUNTIME.prefill_shapes() == [(1, 8, 32), (1, 8, 64), (1, 32, 32), (1, 32, 64), (4, 8, 32)]
     assert RUNTIME.prefill_shape(5, 5) == (8, 32)
-    assert RUNTIME.prefill_shape(8, 40) == (32, 64)  # a tail deep in the cache runs as a max_prefill_len chunk
+    assert RUNTIME.prefill_shape(8, 40) == (8, 64)  # a short tail deep in the cache computes only its own chunk
     with pytest.raises(ValueError, match="prefill_length_buckets"):
         RuntimeConfig(max_seq_len=64, length_buckets=(32, 64), max_prefill_len=32, prefill_length_buckets=(8, 16))  # no 32
 
@@ -109,7 +109,7 @@ def test_default_policy_fits_short_prompts():
     assert config.prefill_rows_per_call(64, 128) == (1, 4)
     assert bucket_for(64 + 64 - 1, config.length_buckets, "span") == 128
     assert config.prefill_shape(512, 512) == (512, 512) and config.prefill_rows_per_call(512, 512) == (1,)
-    assert len(config.prefill_shapes()) == 8 and len(config.decode_shapes()) == 12
+    assert len(config.prefill_shapes()) == 14 and len(config.decode_shapes()) == 12
     assert RuntimeConfig(max_batch_size=1).prefill_batch_buckets == (1,)
 
 
@@ -159,7 +159,7 @@ def test_prefill_rows_must_be_end_aligned(pipeline):
     """A chunk whose tokens start the row but sit deep in the span would see too few keys: refused."""
     from maxjax.runtime.engine import empty_prefill_rows, empty_sampling
 
-    rows = empty_prefill_rows(1, 8)
+    rows = empty_prefill_rows(1, 8, RUNTIME.pages_per_row(32))
     rows["positions"][0, :4] = np.arange(28, 32)  # token 0 at position 28 > 32 - 8 + 0
     with pytest.raises(ValueError, match="end-aligned"):
         pipeline.engine.prefill(rows, empty_sampling(1, CFG.vocab_size, RUNTIME.max_stop_ids), 32)

@@ -115,7 +115,8 @@ class DraftModelDrafter:
         """Greedy drafts: k decode steps from the last token, or k - 1 after a caught-up row's first draft."""
         cfg = self.config
         num_rows = bucket_for(len(rows), cfg.batch_buckets, "draft batch")
-        kv_len = bucket_for(max(tokens.size + k for _, k, tokens, _ in rows), cfg.length_buckets, "sequence length")
+        kv_len = bucket_for(max((tokens.size + k for _, k, tokens, _ in rows), default=1), cfg.length_buckets,
+                            "sequence length")
         decode = empty_decode_rows(num_rows, cfg.pages_per_row(kv_len))
         for r, (ctx, k, tokens, _) in enumerate(rows):
             caught_up = ctx.request_id in first

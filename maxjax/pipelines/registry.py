@@ -83,7 +83,7 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     else:  # tensor by tensor: the engine places each device's slice straight onto it
         loaded = load_weights(model, config.dtype, lazy=True, progress=progress,
                               store_shardings=lambda cfg: restore_shardings(llama, llama_sharding, cfg, mesh))
-    if config.max_seq_len > loaded.config.max_position_embeddings:
+    if "max_seq_len" in runtime and config.max_seq_len > loaded.config.max_position_embeddings:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context length "
                          f"{loaded.config.max_position_embeddings}")
     defaults = {}  # sequences at once, and the model's own context length (pages hold only what is used)

@@ -35,8 +35,9 @@ class RuntimeConfig:
     CPU), so its chunk lengths (``prefill_length_buckets``) are finer than the spans: by default 32 and 64
     below the length buckets, for chat prompts. A chunk shorter than ``max_prefill_len`` attends over its own
     span only (the smallest length bucket that holds it); a chunk that must see further into the cache (the
-    tail of a long prompt) runs as a ``max_prefill_len`` chunk. New prompts are prefilled several rows per call
-    (``prefill_batch_buckets``) when the call holds at most ``max_prefill_len`` tokens.
+    tail of a long prompt, the rest of a prompt after a prefix-cache hit) runs alone at the span it needs.
+    New prompts are prefilled several rows per call (``prefill_batch_buckets``) when the call holds at most
+    ``max_prefill_len`` tokens.
     ``max_batch_size`` (sequences held at once) is 8 here, 32 through ``load_pipeline`` / ``LLM`` /
     ``maxjax serve``; batch buckets are then 1, 4, 8, 16, 32.
 
@@ -164,20 +165,19 @@ class RuntimeConfig:
         return [(b, 1 + self.num_speculative_tokens, s) for b in self.batch_buckets for s in self.length_buckets]
 
     def prefill_shapes(self) -> list[tuple[int, int, int]]:
-        """Every (batch, chunk length, attention span) a prefill program is compiled for: short chunks at their
-        own span, ``max_prefill_len`` chunks at every span; more rows than the smallest batch bucket only up to
-        ``max_prefill_len`` tokens."""
+        """Every (batch, chunk length, attention span) a prefill program is compiled for: every chunk length at
+        every span that holds it for one row (a short chunk deep in the cache, e.g. the rest of a prompt after a
+        prefix-cache hit or the tail of a long prompt, computes only its own tokens); more rows than the smallest
+        batch bucket only at a chunk's own span and up to ``max_prefill_len`` tokens."""
         return [(b, t, s) for b in self.prefill_batch_buckets for t in self.prefill_lengths
                 for s in self.length_buckets
-                if (s == self.span_of(t) or (t == self.max_prefill_len and s >= t))
-                and (b == self.prefill_batch_buckets[0] or (b * t <= self.max_prefill_len and s == self.span_of(t)))]
+                if (b == self.prefill_batch_buckets[0] and s >= self.span_of(t))
+                or (b * t <= self.max_prefill_len and s == self.span_of(t))]
 
     def prefill_shape(self, num_tokens: int, end: int) -> tuple[int, int]:
         """(chunk length, span) of the program that prefills ``num_tokens`` tokens ending at position ``end - 1``."""
         span = bucket_for(end, self.length_buckets, "sequence length")
-        length = next(t for t in self.prefill_lengths
-                      if t >= num_tokens and (span == self.span_of(t) or t == self.max_prefill_len))
-        return length, span
+        return next(t for t in self.prefill_lengths if t >= num_tokens), span
 
     def prefill_rows_per_call(self, length: int, span: int) -> tuple[int, ...]:
         """The batch buckets a prefill call of this (chunk length, span) may use."""

@@ -24,7 +24,7 @@ ACCELERATOR_SHARE = 0.5  # the share of a GPU/TPU's memory beside the weights th
 
 def device_memory_bytes(device: Any = None) -> int:
     """Memory of one device: the allocator's limit on a GPU/TPU, physical RAM on the CPU."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])

@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--span", type=int, default=256, help="attention span (length bucket) of the program")
     parser.add_argument("--position", type=int, default=100, help="each row's position in the cache")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per call")
+    parser.add_argument("--page-size", type=int, default=64, help="KV cache positions per page (decode)")
     parser.add_argument("--repeats", type=int, default=5, help="alternations of A and B (medians reported)")
     parser.add_argument("--kernels", action="store_true", help="per-kernel thread time of B (XLA CPU trace)")
     parser.add_argument("--prefill", action="store_true", help="the prefill program of one row instead of decode")
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     from maxjax.runtime.steps import DecodeRows
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    page_size = 64
+    page_size = args.page_size
     _, pipe = load_text_pipeline(args.model, max_batch_size=max(batches), batch_buckets=tuple(sorted(batches)),
                                  max_seq_len=args.span, length_buckets=(args.span,), max_prefill_len=args.span,
                                  max_num_steps=args.steps, max_logprobs=1, page_size=page_size,

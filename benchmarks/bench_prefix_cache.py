@@ -6,7 +6,9 @@
 * multi-turn chat: users x turns, every turn sent with the whole conversation so far; prompt tokens computed
   (looked up minus served from the cache) and whether the texts are identical;
 * memory: at one KV budget, how many sequences of mixed lengths (128-4096 tokens) the pages hold at once,
-  against one slot of ``max_seq_len`` per sequence.
+  against one slot of ``max_seq_len`` per sequence;
+* pages against slots: decode tokens/s (batch 1, 8) and time to first token of 512 tokens with pages of 64
+  against one page of ``max_seq_len`` per sequence (the slot layout), alternating.
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_prefix_cache.py [--questions 32] [--json out.json]
 """
@@ -84,16 +86,70 @@ def multi_turn(llms: dict, users: int, turns: int, new_tokens: int) -> dict:
 
 
 def memory(page_size: int, max_seq_len: int, budget_tokens: int, seed: int = 0) -> dict:
-    """Sequences of lengths drawn from 128-4096 held at once in ``budget_tokens`` positions: pages (each holds
-    ceil(length / page_size) pages) against slots of max_seq_len each."""
+    """Sequences of lengths drawn from 128-4096 admitted into ``budget_tokens`` positions of KV cache until the
+    page pool (``maxjax.runtime.kv_pages``, the allocator the runtime uses) refuses one, against slots of
+    ``max_seq_len`` positions each."""
+    from maxjax.runtime.kv_pages import KVCacheFull, PagePool, PageTable
+
+    table = PageTable(PagePool(budget_tokens // page_size, page_size))
     lengths = np.random.default_rng(seed).integers(128, 4097, size=10_000)
-    pages = np.ceil(lengths / page_size).astype(int)
-    held = int(np.searchsorted(np.cumsum(pages), budget_tokens // page_size, side="right"))
+    held = []
+    for i, length in enumerate(lengths):
+        table.admit(f"s{i}", np.zeros(0, np.int32), use_cache=False)
+        try:
+            table.reserve(f"s{i}", int(length))
+        except KVCacheFull:
+            break
+        held.append(len(table.pages_of(f"s{i}")))
     slots = budget_tokens // max_seq_len
-    return {"budget_tokens": budget_tokens, "slot_sequences": slots, "paged_sequences": held,
-            "ratio": held / max(slots, 1), "pages_per_row": {"p10": int(np.percentile(pages[:held], 10)),
-                                                             "p50": int(np.median(pages[:held])),
-                                                             "p90": int(np.percentile(pages[:held], 90))}}
+    return {"budget_tokens": budget_tokens, "slot_sequences": slots, "slot_max_seq_len": max_seq_len,
+            "paged_sequences": len(held), "ratio": len(held) / max(slots, 1),
+            "pages_per_row": {"p10": int(np.percentile(held, 10)), "p50": int(np.median(held)),
+                              "p90": int(np.percentile(held, 90))}}
+
+
+def pages_against_slots(max_seq_len: int, rounds: int) -> dict:
+    """Decode tokens/s at batch 1 and 8 and the time to first token of a 512-token prompt: pages of 64 against
+    one page of max_seq_len per sequence (the slot layout), alternating in one process."""
+    from common import alternating_medians, make_prompts
+
+    from maxjax.context import TextContext
+    from maxjax.interfaces import SamplingParams, TextGenerationInputs
+    from maxjax.pipelines.registry import load_text_pipeline
+
+    common = dict(max_seq_len=max_seq_len, max_batch_size=8, max_num_steps=16, prefix_caching=False)
+    pipes = {"pages": load_text_pipeline(None, **common)[1],
+             "slots": load_text_pipeline(None, page_size=max_seq_len, num_pages=8, **common)[1]}
+    ids = iter(range(10 ** 6))
+
+    def generate(pipe, prompts, new_tokens):
+        live = {}
+        for p in prompts:
+            rid = f"q{next(ids)}"
+            live[rid] = TextContext(rid, p, max_length=len(p) + new_tokens,
+                                    sampling_params=SamplingParams(top_k=1, ignore_eos=True))
+        while live:
+            for rid, out in pipe.next_token(TextGenerationInputs(dict(live), 16)).items():
+                if out.is_done:
+                    pipe.release(rid)
+                    del live[rid]
+
+    vocab = pipes["pages"].engine.vocab_size
+    out = {}
+    for batch in (1, 8):
+        prompts = list(make_prompts(batch, 128, vocab, seed=batch))
+        for pipe in pipes.values():
+            generate(pipe, prompts, 65)  # compiles
+        full = alternating_medians({n: (lambda p=p: generate(p, prompts, 65)) for n, p in pipes.items()}, rounds)
+        first = alternating_medians({n: (lambda p=p: generate(p, prompts, 1)) for n, p in pipes.items()}, rounds)
+        out[f"decode_b{batch}_tok_s"] = {n: batch * 64 / (full[n] - first[n]) for n in pipes}
+    prompt = list(make_prompts(1, 512, vocab, seed=7))
+    for pipe in pipes.values():
+        generate(pipe, prompt, 1)
+    out["ttft_512_s"] = alternating_medians({n: (lambda p=p: generate(p, prompt, 1)) for n, p in pipes.items()},
+                                            rounds)
+    out["pages_over_slots"] = {k: v["pages"] / v["slots"] for k, v in out.items()}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the pages/slots timings")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     llms = {"cached": load(True, args.max_seq_len), "uncached": load(False, args.max_seq_len)}
@@ -114,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     print(results["multi_turn"], flush=True)
     results["memory"] = memory(llms["cached"].pipeline.config.page_size, 8192, 32 * 2048)
     print(results["memory"], flush=True)
+    del llms
+    results["pages_against_slots"] = pages_against_slots(2048, args.rounds)
+    print(results["pages_against_slots"], flush=True)
     if args.json:
         write_json(args.json, results)
     return 0

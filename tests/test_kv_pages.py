@@ -195,3 +195,18 @@ def test_the_pallas_kernels_give_the_tokens_of_the_xla_path(params, pipeline, mo
     pallas = make_pipeline(params)
     prompts = [PROMPTS[0], PROMPTS[2]]
     assert run(pallas, prompts, max_new=6) == run(pipeline, prompts, max_new=6)
+
+
+def test_clearing_the_cache_frees_idle_pages_and_keeps_held_ones_private():
+    table = PageTable(PagePool(8, page_size=2))
+    prompt = np.arange(6, dtype=np.int32)
+    for rid in ("a", "b"):
+        table.admit(rid, prompt)
+        table.reserve(rid, 6)
+        table.commit(rid, prompt)
+    table.release("a")
+    table.pool.clear_cache()  # e.g. a LoRA adapter was loaded: a name may now mean other weights
+    assert table.pool.num_cached == 0 and table.admit("c", prompt) == 0
+    table.release("b")
+    table.release("c")
+    assert table.pool.num_available == 8 and table.pool.num_used == 0

@@ -290,11 +290,13 @@ class Engine:
         """Makes a loaded ``maxjax.weights.lora.LoraAdapter`` servable; returns its slot. Compiles nothing."""
         slot = self.require_lora().add(adapter)
         self.params = self.lora.attach(self.params)
+        self.pool.clear_cache()  # cached pages are keyed by adapter name: a name may now mean other weights
         return slot
 
     def remove_lora(self, name: str) -> None:
         self.require_lora().remove(name)
         self.params = self.lora.attach(self.params)
+        self.pool.clear_cache()
 
     def lora_slot(self, name: str | None) -> int:
         """The slot rows of adapter ``name`` use (0: the base model); ValueError naming an unknown one."""

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--random-shape", default=None, help="a random_models.py shape, e.g. llama-1b")
+    parser.add_argument("--cpu-shape", action="store_true",
+                        help="the shape's CPU variant (random_models.py: its layer widths, 2 layers, 32768 vocabulary)")
     parser.add_argument("--cache-dir", default="~/.cache/maxjax-bench")
     parser.add_argument("--hf", action="store_true", help="compare the greedy tokens with HF transformers")
     parser.add_argument("--json", default=None)
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.random_shape:
         from random_models import ensure_random_model
 
-        model = ensure_random_model(args.random_shape, args.cache_dir).folder
+        model = ensure_random_model(args.random_shape, args.cache_dir, cpu=args.cpu_shape).folder
     page_size, total = 64, args.context
     start_rss = rss_bytes()
     _, pipe = load_text_pipeline(model, max_seq_len=total, max_batch_size=1, max_num_steps=16,
@@ -89,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     results["rss_peak_bytes"] = rss_bytes()
     results["rss_peak_over_weights_and_kv_bytes"] = (results["rss_peak_bytes"] - results["weights_bytes"]
                                                     - results["kv_cache_bytes"])
-    print(f"peak RSS {results['rss_peak_bytes'] / 1e9:.2f} GB = weights {results['weights_bytes'] / 1e9:.2f} + "
-          f"KV {results['kv_cache_bytes'] / 1e9:.2f} + the rest {results['rss_peak_over_weights_and_kv_bytes'] / 1e9:.2f}",
-          flush=True)
+    gb = {k: results[k] / 1e9 for k in ("rss_peak_bytes", "weights_bytes", "kv_cache_bytes",
+                                         "rss_peak_over_weights_and_kv_bytes")}
+    print(f"peak RSS {gb['rss_peak_bytes']:.2f} GB = weights {gb['weights_bytes']:.2f} + KV {gb['kv_cache_bytes']:.2f}"
+          f" + the rest {gb['rss_peak_over_weights_and_kv_bytes']:.2f}", flush=True)
     if args.hf:
         from bench_generate import HFRunner
         from maxjax.weights import resolve_source

@@ -13,6 +13,12 @@ untimed round first compiles/warms what the timed round uses. Reported per serve
     python benchmarks/bench_serve.py                   # 1, 8, 32 clients, both servers
     python benchmarks/bench_serve.py --quick           # 1 and 8 clients, fewer tokens
     python benchmarks/bench_serve.py --no-peer --json out.json
+    python benchmarks/bench_serve.py --shared-system-prompt   # prefix caching on vs off, same requests
+
+``--shared-system-prompt``: every request carries the same ~1,300-token system prompt (bench_prefix_cache.py's)
+and its own question; ``maxjax serve`` runs with prefix caching and then with ``--no-prefix-caching``, each with
+N streaming clients (default 32, one request each), after one untimed request that compiles and caches the
+system prompt. Reports TTFT p50, output tok/s, their ratios, and the server's prefix-cache hit rate (/health).
 """
 
 from __future__ import annotations
@@ -89,9 +95,10 @@ def _start(command: list[str], log: Path, port: int, timeout: float) -> subproce
     return None
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, question: str, max_tokens: int) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+async def _one(client: httpx.AsyncClient, url: str, model: str, question: str, max_tokens: int,
+               system: str | None = None) -> dict:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     start = time.perf_counter()
     times, text = [], []
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
@@ -107,10 +114,11 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, question: str, m
     return {"start": start, "times": times, "text": "".join(text), "end": time.perf_counter()}
 
 
-async def _round(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[list[dict], float]:
+async def _round(url: str, model: str, clients: int, requests: int, max_tokens: int,
+                 system: str | None = None, questions: list[str] = QUESTIONS) -> tuple[list[dict], float]:
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=clients)) as c:
         async def worker(k: int) -> list[dict]:
-            return [await _one(c, url, model, QUESTIONS[(k + r) % len(QUESTIONS)], max_tokens)
+            return [await _one(c, url, model, questions[(k + r) % len(questions)], max_tokens, system)
                     for r in range(requests)]
 
         start = time.perf_counter()
@@ -142,6 +150,44 @@ def _measure(name: str, url: str, model: str, args, count_tokens) -> dict[int, d
     return out
 
 
+def shared_system_prompt(args, gguf: Path, count_tokens) -> dict:
+    """maxjax serve with prefix caching on, then off, under the same shared-system-prompt requests."""
+    from bench_prefix_cache import QUESTIONS as DISTINCT, SYSTEM
+
+    clients = max(args.concurrency)
+    questions = DISTINCT[:clients]
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    report: dict = {}
+    for name, flags in (("cached", []), ("uncached", ["--no-prefix-caching"])):
+        port = _free_port()
+        command = [sys.executable, "-m", "maxjax.cli", "serve", "--model", f"smollm2={gguf}", "--port", str(port),
+                   "--max-batch-size", str(clients), "--max-seq-len", "2048", "--max-num-steps", "8",
+                   "--no-warmup", "--log-level", "warning", *flags]
+        proc = _start(command, logs / f"bench_serve_{name}.log", port, 600)
+        if proc is None:
+            sys.exit(f"maxjax serve did not start; see {logs / f'bench_serve_{name}.log'}")
+        try:
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(_round(url, "smollm2", 1, 1, 4, SYSTEM, ["Hello?"]))  # compiles, caches the system prompt
+            asyncio.run(_round(url, "smollm2", clients, 1, 4, SYSTEM, ["Hi!"] * clients))  # the batched shapes
+            results, wall = asyncio.run(_round(url, "smollm2", clients, 1, args.max_tokens, SYSTEM, questions))
+            report[name] = _summary(results, wall, count_tokens)
+            report[name]["health"] = httpx.get(f"{url}/health", timeout=5).json()["models"]["smollm2"]
+            report[name]["texts"] = sorted(r["text"] for r in results)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+        s = report[name]
+        print(f"{name:>9}: TTFT p50 {s['ttft_p50_ms']:.0f} ms, {s['out_tok_per_s']:.1f} tok/s, hit rate "
+              f"{s['health'].get('prefix_cache_hit_rate', 0):.2f}", flush=True)
+    report["ttft_p50_speedup"] = report["uncached"]["ttft_p50_ms"] / report["cached"]["ttft_p50_ms"]
+    report["throughput_speedup"] = report["cached"]["out_tok_per_s"] / report["uncached"]["out_tok_per_s"]
+    report["identical_texts"] = report["cached"].pop("texts") == report["uncached"].pop("texts")
+    print(f"TTFT p50 {report['ttft_p50_speedup']:.2f}x better, throughput {report['throughput_speedup']:.2f}x, "
+          f"identical texts {report['identical_texts']}", flush=True)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,8,32")
@@ -151,6 +197,8 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve")
     parser.add_argument("--peer-continuous-batching", action="store_true",
                         help="run transformers serve with --continuous-batching (paged attention)")
+    parser.add_argument("--shared-system-prompt", action="store_true",
+                        help="prefix caching on vs off under a shared ~1,300-token system prompt (maxjax only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.quick:
@@ -168,6 +216,10 @@ def main() -> None:
 
     report: dict = {"config": {"concurrency": args.concurrency, "requests": args.requests,
                                "max_tokens": args.max_tokens, "model": gguf.name}}
+    if args.shared_system_prompt:
+        report["shared_system_prompt"] = shared_system_prompt(args, gguf, count_tokens)
+        write_json(args.json, report)
+        return
     port = _free_port()
     max_batch = max(args.concurrency)
     command = [sys.executable, "-m", "maxjax.cli", "serve", "--model", f"smollm2={gguf}", "--port", str(port),

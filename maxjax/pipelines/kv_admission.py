@@ -27,6 +27,7 @@ class RequestPages:
     """The pages of one pipeline's requests (a ``PageTable`` over its engine's pool)."""
 
     def __init__(self, engine: Any):
+        self.engine = engine
         self.config = engine.config
         self.table = PageTable(engine.pool)
         self.pool = engine.pool
@@ -85,9 +86,12 @@ class RequestPages:
         return now, later
 
     def admit(self, ctx: TextContext) -> None:
-        """Gives a joining request its cached prefix; its prompt then starts after it."""
+        """Gives a joining request its cached prefix (copying a kept partial page's positions into a page of its
+        own); its prompt then starts after it."""
         use_cache = not wants_echo(ctx) and not ctx.start_idx
-        cached = self.table.admit(ctx.request_id, ctx.all_tokens, _salt(ctx), use_cache)
+        cached, copy = self.table.admit(ctx.request_id, ctx.all_tokens, _salt(ctx), use_cache)
+        if copy is not None:
+            self.engine.copy_page(*copy)
         if cached:
             ctx.bump_token_indices(start_idx=cached)
 
@@ -102,9 +106,12 @@ class RequestPages:
         if self.table.holds(ctx.request_id):
             self.table.commit(ctx.request_id, ctx.all_tokens[:ctx.start_idx])
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: str, ctx: TextContext | None = None) -> None:
+        """Gives back the request's pages; with its context, its last partly filled page is kept for a
+        continuation of its tokens (the next turn of a chat)."""
         if self.table.holds(request_id):
-            self.table.release(request_id)
+            written = None if ctx is None else ctx.all_tokens[:ctx.start_idx]
+            self.table.release(request_id, written)
 
     def stats(self) -> dict[str, float]:
         """Pages used / free / cached and the prefix cache's hit rate (prompt tokens served from it)."""

@@ -1,8 +1,9 @@
 """The TokenGenerator: the host loop between TextContexts and the engine's compiled programs.
 
-One ``next_token`` call: check every context (nothing changes if one is bad), build grammar matchers and
-stop-string checkers for new requests, give new requests a KV cache slot, prefill whatever prompt is not
-yet in the cache (in chunks of at most ``max_prefill_len``), then decode every live row for up to
+One ``next_token`` call: check every context and that the KV cache has the pages the call may need (nothing
+changes if not), build grammar matchers and stop-string checkers for new requests, give new requests a slot
+and their cached prefix's pages (``pipelines/kv_admission.py``), prefill whatever prompt is not yet in the
+cache (in chunks of at most ``max_prefill_len``, pages taken as they fill), then decode every live row for up to
 ``num_steps`` tokens, and copy the results to the host once per device call. Requests may join and leave
 between calls (continuous batching).
 
@@ -106,7 +107,7 @@ class TextGenerationPipeline:
             self._prepare_features(live)
             now, later = self.pages.leaders_first([live[rid] for rid in joining])
             self._assign_slots(now)
-            prefilled = self._prefill([ctx for ctx in live.values() if ctx.is_ce and self.pages.holds(ctx.request_id)])
+            prefilled = self._prefill([c for c in live.values() if c.is_ce and self.pages.holds(c.request_id)])
             if later:  # they share the pages the first wave just computed
                 self._assign_slots(later)
                 prefilled |= self._prefill(later)
@@ -122,6 +123,7 @@ class TextGenerationPipeline:
         to retry.)"""
         for rid in request_ids:
             if self.slots.slot_of(rid) is not None:
+                self.pages.release(rid)  # keeping no partial page: the call failed
                 self.release(rid)
             if self.speculative is not None:
                 self.speculative.release(rid)
@@ -136,10 +138,10 @@ class TextGenerationPipeline:
     def release(self, request_id: str) -> None:
         """Frees the request's KV cache pages and slot, and its stop checker. Unknown ids raise ValueError."""
         self.slots.release(request_id)
-        self.pages.release(request_id)
+        ctx = self._contexts.pop(request_id, None)
+        self.pages.release(request_id, ctx)
         if self.speculative is not None:
             self.speculative.release(request_id)
-        ctx = self._contexts.pop(request_id, None)
         self._stops.pop(request_id, None)
         self._echo.pop(request_id, None)
         if ctx is not None and ctx.is_assigned_to_cache:

@@ -172,6 +172,7 @@ class Engine:
                                                 scan_layers=config.scan_decode_layers)),
         }
         self._programs: dict[tuple, Any] = {}
+        self._copy = None  # the compiled page copy (copy_page)
         # Serialized programs: single-device only (sharded executables are not serialized, see program_store).
         self._store = default_store() if self.mesh is None and jax.process_count() == 1 else None
         self.programs_loaded = 0  # programs this engine took from the store instead of tracing and compiling
@@ -274,7 +275,22 @@ class Engine:
             lowered = [self._lower(kind, shape) for kind, shape in todo]  # tracing holds the GIL: do it serially
             for (kind, shape), (program, how) in zip(todo, pool.map(self._compile, lowered)):
                 self._add(kind, shape, program, how)
+        self._copy_program()
         return len(self._programs)
+
+    def copy_page(self, source: int, destination: int) -> None:
+        """Copies one KV cache page (every layer's keys and values) onto another: a request continuing a kept
+        partial page takes its positions this way (``maxjax.runtime.kv_pages``). One small program, compiled by
+        ``warmup`` (outside the bucket table: it has one shape)."""
+        self._copy_program()
+        self.cache = self._copy(self.cache, np.int32(source), np.int32(destination))
+
+    def _copy_program(self) -> None:
+        if self._copy is None:
+            def copy(cache, source, destination):
+                return jax.tree.map(lambda pages: pages.at[:, destination].set(pages[:, source]), cache)
+
+            self._copy = jax.jit(copy, donate_argnums=0).lower(self.cache, np.int32(0), np.int32(0)).compile()
 
     @property
     def num_programs(self) -> int:

@@ -8,6 +8,10 @@ else changes K/V: the LoRA adapter), so a later request whose prompt starts with
 only positions past its cached prefix, and those live on pages of its own. A page whose count drops to 0 stays in
 the index (least recently used first) until a new page is needed and no free one is left.
 
+The last, partly filled page of a released request is kept too, under the key of the pages before it and its
+tokens: a later request whose prompt continues the same way (the next turn of a chat) copies the page's matching
+positions into a page of its own instead of computing them (``PageTable.admit`` returns the copy to make).
+
 Nothing here touches a device; the engine's programs take the block tables ``table()`` builds.
 """
 
@@ -24,9 +28,14 @@ class KVCacheFull(ValueError):
     or to preempt a request (release it and encode its tokens again later)."""
 
 
+def root_key(salt: str) -> bytes:
+    """The key before a sequence's first page."""
+    return hashlib.blake2b(salt.encode(), digest_size=16).digest()
+
+
 def page_keys(tokens: np.ndarray, page_size: int, salt: str = "", start: bytes = b"") -> list[bytes]:
     """The hash chain of the full pages of ``tokens``: key i covers tokens[: (i + 1) * page_size] and ``salt``."""
-    keys, key = [], start or hashlib.blake2b(salt.encode(), digest_size=16).digest()
+    keys, key = [], start or root_key(salt)
     tokens = np.ascontiguousarray(tokens, np.int32)
     for i in range(len(tokens) // page_size):
         key = hashlib.blake2b(key + tokens[i * page_size:(i + 1) * page_size].tobytes(), digest_size=16).digest()
@@ -44,6 +53,8 @@ class PagePool:
         self._index: dict[bytes, int] = {}  # prefix key -> page
         self._key_of: dict[int, bytes] = {}  # page -> its prefix key
         self._idle: OrderedDict[int, None] = OrderedDict()  # indexed pages nobody holds, least recently used first
+        self._partial: dict[bytes, dict[int, np.ndarray]] = {}  # key of the pages before -> {page: its tokens}
+        self._partial_of: dict[int, bytes] = {}
         self.hit_tokens = 0  # prompt tokens served from the prefix cache
         self.queried_tokens = 0  # prompt tokens looked up
 
@@ -59,8 +70,8 @@ class PagePool:
 
     @property
     def num_cached(self) -> int:
-        """Pages in the prefix index (held or idle)."""
-        return len(self._index)
+        """Pages in the prefix index (held or idle), partly filled ones included."""
+        return len(self._index) + len(self._partial_of)
 
     def is_idle(self, page: int) -> bool:
         """Whether a cached page is held by nobody (taking it makes it unavailable to others)."""
@@ -93,7 +104,7 @@ class PagePool:
                 page = self._free.pop()
             else:
                 page, _ = self._idle.popitem(last=False)
-                del self._index[self._key_of.pop(page)]
+                self._forget(page)
             self._refs[page] = 1
             pages.append(page)
         return pages
@@ -105,7 +116,7 @@ class PagePool:
             if self._refs[page] < 0:
                 raise AssertionError(f"page {page} released more often than it was held")
             if self._refs[page] == 0:
-                if page in self._key_of:
+                if page in self._key_of or page in self._partial_of:
                     self._idle[page] = None
                 else:
                     self._free.append(page)
@@ -116,6 +127,34 @@ class PagePool:
             self._index[key] = page
             self._key_of[page] = key
 
+    def register_partial(self, page: int, parent: bytes, tokens: np.ndarray) -> None:
+        """Keeps a partly filled page (``tokens`` at its first positions) after the pages keyed ``parent``."""
+        if self.prefix_caching and len(tokens) and page not in self._key_of and page not in self._partial_of:
+            self._partial.setdefault(parent, {})[page] = np.array(tokens, np.int32)
+            self._partial_of[page] = parent
+
+    def lookup_partial(self, parent: bytes, tokens: np.ndarray) -> tuple[int, int]:
+        """(page, n): the kept partial page after ``parent`` whose first n tokens equal ``tokens[:n]``, n largest
+        (0 when none matches)."""
+        best = (-1, 0)
+        for page, held in self._partial.get(parent, {}).items() if self.prefix_caching else ():
+            n = min(len(held), len(tokens))
+            differ = np.flatnonzero(held[:n] != tokens[:n])
+            n = int(differ[0]) if differ.size else n
+            if n > best[1]:
+                best = (page, n)
+        return best
+
+    def _forget(self, page: int) -> None:
+        """Takes a page out of the prefix index (it is being reused)."""
+        if page in self._key_of:
+            del self._index[self._key_of.pop(page)]
+        if page in self._partial_of:
+            parent = self._partial_of.pop(page)
+            del self._partial[parent][page]
+            if not self._partial[parent]:
+                del self._partial[parent]
+
     def clear_cache(self) -> None:
         """Forgets every indexed page (idle ones become free), e.g. after the weights changed."""
         for page in self._idle:
@@ -123,6 +162,8 @@ class PagePool:
         self._idle.clear()
         self._index.clear()
         self._key_of.clear()
+        self._partial.clear()
+        self._partial_of.clear()
 
 
 class _Held:
@@ -160,9 +201,12 @@ class PageTable:
         usable = (len(tokens) - 1) // self.page_size * self.page_size
         return self.pool.lookup(page_keys(tokens[:usable], self.page_size, salt))
 
-    def admit(self, request_id: str, tokens: np.ndarray, salt: str = "", use_cache: bool = True) -> int:
+    def admit(self, request_id: str, tokens: np.ndarray, salt: str = "",
+              use_cache: bool = True) -> tuple[int, tuple[int, int] | None]:
         """Starts holding pages for a request: its cached prefix (when ``use_cache``). Returns the number of
-        prompt tokens that prefix covers (the request's KV there is already written)."""
+        prompt tokens whose K/V is there, and the (source, destination) pages to copy first when the prefix ends
+        inside a kept partial page (the destination is the request's own; the copy must run before the pool
+        hands the source out again, i.e. before the next allocation)."""
         if request_id in self._held:
             raise ValueError(f"request {request_id!r} already holds KV cache pages")
         held = _Held(salt)
@@ -172,9 +216,18 @@ class PageTable:
         held.keys = page_keys(tokens[:len(hits) * self.page_size], self.page_size, salt)
         held.registered = len(hits)
         self._held[request_id] = held
+        cached, copy = len(hits) * self.page_size, None
+        if use_cache:  # the partial page that continues the prefix (never the prompt's last token)
+            parent = held.keys[-1] if held.keys else root_key(salt)
+            source, n = self.pool.lookup_partial(parent, tokens[cached:min(len(tokens) - 1, cached + self.page_size)])
+            if n:
+                self.pool.acquire([source])  # not handed out by the allocation below
+                held.pages += self.pool.allocate(1)
+                self.pool.release([source])
+                copy, cached = (source, held.pages[-1]), cached + n
         self.pool.queried_tokens += len(tokens)
-        self.pool.hit_tokens += len(hits) * self.page_size
-        return len(hits) * self.page_size
+        self.pool.hit_tokens += cached
+        return cached, copy
 
     def new_pages_needed(self, request_id: str | None, num_tokens: int) -> int:
         """Pages to allocate so that the request holds ``num_tokens`` positions (None: a request not admitted)."""
@@ -209,9 +262,16 @@ class PageTable:
                 out[r, :len(pages)] = pages
         return out
 
-    def release(self, request_id: str) -> None:
-        """Gives back the request's pages (registered ones stay cached until evicted)."""
+    def release(self, request_id: str, written: np.ndarray | None = None) -> None:
+        """Gives back the request's pages (registered ones stay cached until evicted). ``written``: the tokens
+        whose K/V the request wrote, to keep its last partly filled page for a continuation (None: keep none,
+        e.g. after a failed call)."""
         held = self._held.pop(request_id, None)
         if held is None:
             raise ValueError(f"unknown request_id {request_id!r}: it holds no KV cache pages")
+        full = held.registered
+        if written is not None and full < len(held.pages) and len(written) > full * self.page_size:
+            tail = written[full * self.page_size:(full + 1) * self.page_size]
+            if len(tail) < self.page_size and len(held.keys) == full:
+                self.pool.register_partial(held.pages[full], held.keys[-1] if full else root_key(held.salt), tail)
         self.pool.release(held.pages)

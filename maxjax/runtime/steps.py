@@ -144,7 +144,7 @@ def decode_step(arch: Any, cfg: Any, k: int, max_steps: int, params: Any, cache:
             hidden, cache, new_kv = arch.forward_hidden(params, cfg, tokens[:, None], step_positions, cache,
                                                         rows.pages, kv_len=kv_len, scan=False,
                                                         lora_index=rows.lora_index, defer_write=True)  # [B, 1, D]
-            pending = (*new_kv, step_positions)
+            pending = (new_kv[0].astype(cache.k.dtype), new_kv[1].astype(cache.v.dtype), step_positions)
         else:
             hidden, cache = arch.forward_hidden(params, cfg, tokens[:, None], step_positions, cache, rows.pages,
                                                 kv_len=kv_len, scan=True, lora_index=rows.lora_index)  # [B, 1, D]

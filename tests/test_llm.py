@@ -99,3 +99,27 @@ def test_cli_reports_bad_input_clearly():
     result = subprocess.run([sys.executable, "-m", "maxjax.cli", "generate", "hi", "--top-p", "1.5"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "top_p" in result.stderr
+
+
+def test_short_of_kv_pages_llm_preempts_and_gives_the_same_texts(llm, smollm2_gguf):
+    from maxjax.pipelines.llm import LLM
+
+    prompts = ["Tell me a story about a dragon.", "Explain how a bicycle works.", "Describe the ocean.",
+               "Write a poem about autumn."]
+    params = SamplingParams(max_new_tokens=40, top_k=1, ignore_eos=True)
+    expected = [llm.generate(p, params) for p in prompts]
+    small = LLM(str(smollm2_gguf), max_batch_size=4, max_seq_len=256, length_buckets=(128, 256), max_num_steps=8,
+                page_size=16, num_pages=14, progress=False)  # each needs ~5 pages of 16: 4 need ~20
+    assert small.generate(prompts, params) == expected
+    assert small.pipeline.pages.preemptions > 0 and small.pipeline.engine.pool.num_used == 0
+
+
+def test_the_next_chat_turn_reuses_the_cached_conversation(llm):
+    pool = llm.pipeline.engine.pool
+    chat = [{"role": "user", "content": "Name a fruit."}]
+    answer = llm.generate(chat, max_new_tokens=12, top_k=1)
+    chat += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And a vegetable?"}]
+    before_hits, before_queried = pool.hit_tokens, pool.queried_tokens
+    llm.generate(chat, max_new_tokens=4, top_k=1)
+    prompt = pool.queried_tokens - before_queried
+    assert pool.hit_tokens - before_hits >= prompt - 16  # only the new message (and the template around it)

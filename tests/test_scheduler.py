@@ -97,3 +97,44 @@ def test_queue_cancel_and_failure_isolation(pipeline):
     text = metrics.render().decode()
     for status, count in (("complete", 3), ("error", 1), ("cancelled", 1)):
         assert f'maxjax_requests_total{{model="tiny",status="{status}"}} {count}.0' in text
+
+
+def test_short_of_kv_pages_the_scheduler_preempts_and_every_request_completes_unchanged():
+    """8 pages of 8 positions for three requests that need 5 each: the newest running one is preempted (its
+    pages freed, its tokens encoded again later) instead of failing, and every text equals its text alone."""
+    runtime = RuntimeConfig(max_batch_size=4, max_seq_len=64, max_num_steps=4, length_buckets=(32, 64), page_size=8,
+                            num_pages=8)
+    p = llama.init_params(CFG, jax.random.key(0))
+    pipe = TextGenerationPipeline(Engine(llama, CFG, dict(p, lm_head=p["lm_head"] * 8), runtime))
+
+    def context(rid, seed):
+        prompt = np.random.default_rng(seed).integers(4, CFG.vocab_size, 10).astype(np.int32)
+        return TextContext(rid, prompt, max_length=64, sampling_params=SamplingParams(max_new_tokens=30, top_k=1,
+                                                                                     ignore_eos=True))
+
+    names = ["a", "b", "c"]
+    expected = {n: _alone(pipe, context(n, i)) for i, n in enumerate(names)}
+    metrics = Metrics()
+    scheduler = TextScheduler("tiny", IdTokenizer(), pipe, metrics)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        scheduler.start()
+        for i, n in enumerate(names):
+            scheduler.submit(Job(n, context(n, i), loop, queue, index=i))
+        results: dict[str, list] = {n: [] for n in names}
+        while sum(bool(r) and r[-1].stop_stream for r in results.values()) < len(names):
+            index, result = await asyncio.wait_for(queue.get(), timeout=120)
+            results[names[index]].append(result)
+        return results
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        scheduler.stop(timeout=5)
+    for n in names:
+        assert results[n][-1].status == SchedulerStatus.COMPLETE
+        assert [t for r in results[n] for t in r.result.tokens] == expected[n]
+    assert pipe.pages.preemptions > 0 and pipe.engine.pool.num_used == 0
+    assert f'maxjax_preemptions_total{{model="tiny"}} {float(pipe.pages.preemptions)}' in metrics.render().decode()

@@ -25,7 +25,7 @@ class Metrics:
         self._capacity = Gauge("maxjax_batch_capacity", "Batch slots (max_batch_size)", ["model"], registry=r)
         self._ttft = Histogram("maxjax_time_to_first_token_seconds", "From arrival to the first generated token",
                                ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self._preempted = Counter("maxjax_preemptions", "Requests set aside for lack of KV cache pages", ["model"],
+        self._preempted = Counter("maxjax_preemptions", "Running requests preempted for lack of KV cache pages", ["model"],
                                   registry=r)
         self._pages = Gauge("maxjax_kv_cache_pages", "KV cache pages by state (total, used, free, cached)",
                             ["model", "state"], registry=r)

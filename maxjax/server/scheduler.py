@@ -230,7 +230,8 @@ class TextScheduler(Scheduler):
                 outputs = self.pipeline.next_token(TextGenerationInputs(contexts, 1 if starting else self.num_steps))
                 break
             except KVCacheFull:
-                self._requeue(batch[set_aside(self.pipeline, contexts)])
+                before = self.pipeline.pages.preemptions
+                self._requeue(batch[set_aside(self.pipeline, contexts)], self.pipeline.pages.preemptions > before)
                 contexts = {rid: ctx for rid, ctx in contexts.items() if rid in self._active}
         self.metrics.kv_pages(self.model, self.pipeline.pages.stats())
         now = time.perf_counter()
@@ -246,13 +247,14 @@ class TextScheduler(Scheduler):
                 job.emit(SchedulerResult.active(delta))
         return finished
 
-    def _requeue(self, job: Job) -> None:
-        """A job set aside for lack of KV cache pages goes back to the front of the queue."""
+    def _requeue(self, job: Job, preempted: bool) -> None:
+        """A job set aside for lack of KV cache pages (``preempted``: it had run) goes back to the queue's front."""
         with self._cond:
             self._active.pop(job.request_id, None)
             self._waiting.appendleft(job)
             self.room = len(self._active)
-        self.metrics.preempted(self.model)
+        if preempted:
+            self.metrics.preempted(self.model)
 
     def _delta(self, job: Job, out: Any) -> TextDelta:
         ctx = job.context

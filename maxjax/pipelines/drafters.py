@@ -78,6 +78,17 @@ class DraftModelDrafter:
         self._cached.pop(request_id, None)
 
     def propose(self, work: list[tuple[TextContext, int]]) -> list[np.ndarray]:
+        """Drafts for each (context, k) of ``work``; rows the draft model's KV cache has no pages for get none
+        (drafting is optional: they decode plainly this round)."""
+        fits, room = [], self.pages.pool.num_available
+        for ctx, k in work:
+            needed = self.pages.new_pages_needed(ctx.request_id, ctx.current_length + k)
+            fits.append(needed <= room)
+            room -= needed if fits[-1] else 0
+        drafts = iter(self._propose([item for item, fit in zip(work, fits) if fit]))
+        return [next(drafts) if fit else np.zeros(0, np.int32) for fit in fits]
+
+    def _propose(self, work: list[tuple[TextContext, int]]) -> list[np.ndarray]:
         rows = []  # (context, k, tokens, tokens already in the cache)
         for ctx, k in work:
             if not self.pages.holds(ctx.request_id):

@@ -80,7 +80,8 @@ class MaxjaxRunner:
     def __init__(self, model, config_fields: dict):
         from maxjax.pipelines.registry import load_text_pipeline
 
-        self.tokenizer, self.pipe = load_text_pipeline(model, **config_fields)
+        # Every round repeats its prompts: the prefix cache would serve them, while the peers compute them.
+        self.tokenizer, self.pipe = load_text_pipeline(model, **{"prefix_caching": False, **config_fields})
         self.num_steps = self.pipe.config.max_num_steps
         self.vocab = self.pipe.engine.vocab_size
         self._ids = 0

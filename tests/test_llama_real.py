@@ -103,7 +103,7 @@ def test_float64_math_matches_transformers(smollm2_gguf, hf_smollm2, prompt_ids,
             positions = np.full((1, 64), -1, np.int32)
             tokens[0, : len(ids)], positions[0, : len(ids)] = ids, np.arange(len(ids))
             hidden, _ = hidden_fn(params64, tokens=tokens, positions=positions,
-                                  cache=llama.init_kv_cache(cfg, 1, 64, jnp.float64), slots=np.zeros(1, np.int32))
+                                  cache=llama.init_kv_cache(cfg, 1, 64, jnp.float64), pages=np.zeros(1, np.int32))
             hidden = np.asarray(hidden)[0, : len(ids)]  # [T, D] float64, final-normed
             assert hidden.dtype == np.float64
             with torch.no_grad():
@@ -143,11 +143,11 @@ def test_greedy_decode_through_cache_matches_transformers(ours, reference, promp
     tokens = np.zeros((1, 16), np.int32)
     positions = np.full((1, 16), -1, np.int32)
     tokens[0, : len(ids)], positions[0, : len(ids)] = ids, np.arange(len(ids))
-    logits, cache = step(ours.params, tokens=tokens, positions=positions, cache=cache, slots=slot)
+    logits, cache = step(ours.params, tokens=tokens, positions=positions, cache=cache, pages=slot)
     generated = [int(np.asarray(logits)[0, len(ids) - 1].argmax())]
     for position in range(len(ids), len(ids) + 15):
         logits, cache = step(ours.params, tokens=np.array([[generated[-1]]], np.int32),
-                             positions=np.array([[position]], np.int32), cache=cache, slots=slot)
+                             positions=np.array([[position]], np.int32), cache=cache, pages=slot)
         generated.append(int(np.asarray(logits)[0, 0].argmax()))
     assert generated == expected
     assert ours.tokenizer.decode_tokens(generated).startswith(" the primary colors of the RGB color model")

@@ -44,7 +44,6 @@ from maxjax.architectures.attention import (attention, attention_mask, chunk_att
                                             pallas_chunk_attention, pallas_decode_attention, pallas_serves,
                                             reads_cache_in_place, softcap, visible_keys, with_new_key, write_pages,
                                             write_pages_layers, write_projection_in_place)
-from maxjax.kernels.paged import block_table
 from maxjax.architectures.llama_blocks import (ACTIVATIONS, feed_forward, joined_qkv, mlp,  # noqa: F401
                                                project, rms_norm, rotated_qkv)
 from maxjax.architectures.llama_layout import (LINEAR_WEIGHTS, fuse_projections, runtime_params,  # noqa: F401
@@ -52,6 +51,7 @@ from maxjax.architectures.llama_layout import (LINEAR_WEIGHTS, fuse_projections,
 from maxjax.architectures.quantized import embed_lookup, embed_matmul, linear
 from maxjax.architectures.rope import rope_cos_sin as _rope_cos_sin, rope_inv_freq as _rope_inv_freq
 from maxjax.architectures.rope import rope_type as _rope_type
+from maxjax.kernels.paged import block_table
 
 Params = dict[str, Any]
 

@@ -297,11 +297,17 @@ class Engine:
         self.cache = self._copy(self.cache, np.int32(source), np.int32(destination))
 
     def _copy_program(self) -> None:
+        """The page copy: from the program store when a former process stored it, else compiled (and stored)."""
         if self._copy is None:
             def copy(cache, source, destination):
                 return jax.tree.map(lambda pages: pages.at[:, destination].set(pages[:, source]), cache)
 
-            self._copy = jax.jit(copy, donate_argnums=0).lower(self.cache, np.int32(0), np.int32(0)).compile()
+            self._copy = self._load_stored("copy", ())
+            if self._copy is None:
+                lowered = jax.jit(copy, donate_argnums=0).lower(self.cache, np.int32(0), np.int32(0))
+                self._copy, how = self._compile(lowered)
+                if how == "compiled" and self._store:
+                    self._store.save(self._store_key("copy", ()), self._copy)
 
     @property
     def num_programs(self) -> int:

@@ -142,7 +142,7 @@ class MaxjaxRunner:
             walls.append(time.perf_counter() - t0)
             rows["tokens"][0], rows["positions"][0] = token, position
             kv_len = bucket_for(position + n, cfg.length_buckets, "sequence length")
-            table = self.pipe.pages.table.table([rid], width)  # the pages next_token gave the request
+            table = self.pipe.pages.table.row(rid, width)[None]  # the pages next_token gave the request
             call_rows = dict(rows, pages=table[:, :cfg.pages_per_row(kv_len)].repeat(len(rows["tokens"]), 0))
             t0 = time.perf_counter()
             tokens, _ = engine.decode(call_rows, sampling, kv_len)

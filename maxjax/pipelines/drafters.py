@@ -114,7 +114,7 @@ class DraftModelDrafter:
                 prefill = empty_prefill_rows(cfg.prefill_batch_buckets[0], length, cfg.pages_per_row(kv_len))
                 place_prefill_row(prefill, 0, tokens[cached:cached + n], cached)
                 self.pages.reserve(ctx.request_id, cached + n)
-                prefill["pages"][0] = self.pages.table([ctx.request_id], prefill["pages"].shape[1])[0]
+                prefill["pages"][0] = self.pages.row(ctx.request_id, prefill["pages"].shape[1])
                 prefill["samples"][0] = cached + n == tokens.size
                 sampling = empty_sampling(prefill["tokens"].shape[0], self.engine.vocab_size, cfg.max_stop_ids)
                 token, _, _ = self.engine.prefill(prefill, sampling, kv_len)
@@ -136,7 +136,7 @@ class DraftModelDrafter:
             decode["slots"][r] = r  # greedy drafts: the generated-token counts are never read
             decode["steps"][r] = k - caught_up
             self.pages.reserve(ctx.request_id, decode["positions"][r] + decode["steps"][r])
-            decode["pages"][r] = self.pages.table([ctx.request_id], decode["pages"].shape[1])[0]
+            decode["pages"][r] = self.pages.row(ctx.request_id, decode["pages"].shape[1])
         out = None
         if decode["steps"].any():
             sampling = empty_sampling(num_rows, self.engine.vocab_size, cfg.max_stop_ids)

@@ -15,7 +15,7 @@ import numpy as np
 
 from maxjax.context import TextContext
 from maxjax.pipelines.rows import wants_echo
-from maxjax.runtime.kv_pages import KVCacheFull, PageTable, page_keys
+from maxjax.runtime.kv_pages import KVCacheFull, PageTable
 
 
 def _salt(ctx: TextContext) -> str:
@@ -37,12 +37,14 @@ class RequestPages:
     def holds(self, request_id: str) -> bool:
         return self.table.holds(request_id)
 
+    def _uses_cache(self, ctx: TextContext) -> bool:
+        """Whether a joining request may start from cached pages: not with echo (its prompt's log-probabilities
+        are computed, so outputs with and without the cache are the same), nor part-way through its prompt."""
+        return self.pool.prefix_caching and not wants_echo(ctx) and not ctx.start_idx
+
     def _cached(self, ctx: TextContext) -> list[int]:
-        """The cached pages a joining request would share (none with echo: its prompt's log-probabilities are
-        computed, so outputs with and without the cache are the same)."""
-        if wants_echo(ctx) or ctx.start_idx:
-            return []
-        return self.table.cached_prefix(ctx.all_tokens, _salt(ctx))
+        """The cached pages a joining request would share."""
+        return self.table.cached_prefix(ctx.all_tokens, _salt(ctx)) if self._uses_cache(ctx) else []
 
     def check(self, live: dict[str, TextContext], tokens_per_call: int) -> None:
         """Raises before anything changes when the call could need more pages than the pool can give:
@@ -72,11 +74,10 @@ class RequestPages:
         request is about to compute: they join after it, and share its pages instead of computing them too."""
         now, later, computing = [], [], set()
         for ctx in joining:
-            if wants_echo(ctx) or ctx.start_idx or not self.pool.prefix_caching:
+            if not self._uses_cache(ctx):
                 now.append(ctx)
                 continue
-            usable = (len(ctx.all_tokens) - 1) // self.page_size * self.page_size
-            keys = page_keys(ctx.all_tokens[:usable], self.page_size, _salt(ctx))
+            keys = self.table.prefix_keys(ctx.all_tokens, _salt(ctx))
             hits = len(self.pool.lookup(keys))
             if hits < len(keys) and keys[hits] in computing:
                 later.append(ctx)
@@ -88,8 +89,7 @@ class RequestPages:
     def admit(self, ctx: TextContext) -> None:
         """Gives a joining request its cached prefix (copying a kept partial page's positions into a page of its
         own); its prompt then starts after it."""
-        use_cache = not wants_echo(ctx) and not ctx.start_idx
-        cached, copy = self.table.admit(ctx.request_id, ctx.all_tokens, _salt(ctx), use_cache)
+        cached, copy = self.table.admit(ctx.request_id, ctx.all_tokens, _salt(ctx), self._uses_cache(ctx))
         if copy is not None:
             self.engine.copy_page(*copy)
         if cached:
@@ -98,7 +98,7 @@ class RequestPages:
     def fill(self, rows: dict[str, np.ndarray], r: int, ctx: TextContext, num_tokens: int) -> None:
         """Row ``r``'s block table, after growing the request's pages to ``num_tokens`` positions."""
         self.table.reserve(ctx.request_id, num_tokens)
-        rows["pages"][r] = self.table.table([ctx.request_id], rows["pages"].shape[1])[0]
+        rows["pages"][r] = self.table.row(ctx.request_id, rows["pages"].shape[1])
 
     def commit(self, ctx: TextContext) -> None:
         """Enters the request's newly filled pages in the prefix cache (every token before ``start_idx`` has its

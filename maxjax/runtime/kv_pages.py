@@ -167,15 +167,14 @@ class PagePool:
 
 
 class _Held:
-    """One request's pages, and how far its prefix keys are registered."""
+    """One request's pages, and the prefix keys of its full written pages (entered in the index, or found there)."""
 
-    __slots__ = ("pages", "salt", "keys", "registered")
+    __slots__ = ("pages", "salt", "keys")
 
     def __init__(self, salt: str):
         self.pages: list[int] = []
         self.salt = salt
-        self.keys: list[bytes] = []  # hash chain of its full written pages
-        self.registered = 0  # pages entered in the index (or found there)
+        self.keys: list[bytes] = []  # hash chain of its full written pages, one per registered page
 
 
 class PageTable:
@@ -195,11 +194,15 @@ class PageTable:
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    def cached_prefix(self, tokens: np.ndarray, salt: str) -> list[int]:
-        """The cached pages a new request with prompt ``tokens`` would share: full pages only, and never the
+    def prefix_keys(self, tokens: np.ndarray, salt: str) -> list[bytes]:
+        """The keys of the prompt pages a new request may share: full pages only, never the one holding the
         prompt's last token (its logits must be computed)."""
         usable = (len(tokens) - 1) // self.page_size * self.page_size
-        return self.pool.lookup(page_keys(tokens[:usable], self.page_size, salt))
+        return page_keys(tokens[:usable], self.page_size, salt)
+
+    def cached_prefix(self, tokens: np.ndarray, salt: str) -> list[int]:
+        """The cached pages a new request with prompt ``tokens`` would share (see `prefix_keys`)."""
+        return self.pool.lookup(self.prefix_keys(tokens, salt))
 
     def admit(self, request_id: str, tokens: np.ndarray, salt: str = "",
               use_cache: bool = True) -> tuple[int, tuple[int, int] | None]:
@@ -214,7 +217,6 @@ class PageTable:
         self.pool.acquire(hits)
         held.pages = list(hits)
         held.keys = page_keys(tokens[:len(hits) * self.page_size], self.page_size, salt)
-        held.registered = len(hits)
         self._held[request_id] = held
         cached, copy = len(hits) * self.page_size, None
         if use_cache:  # the partial page that continues the prefix (never the prompt's last token)
@@ -242,15 +244,20 @@ class PageTable:
     def commit(self, request_id: str, tokens: np.ndarray) -> None:
         """Registers the request's pages that ``tokens`` (every token whose K/V is written) now fill."""
         held = self._held[request_id]
-        full = min(len(tokens) // self.page_size, len(held.pages))
-        if full <= held.registered:
+        done, full = len(held.keys), min(len(tokens) // self.page_size, len(held.pages))
+        if full <= done:
             return
-        start = held.keys[-1] if held.keys else b""
-        held.keys += page_keys(tokens[len(held.keys) * self.page_size:full * self.page_size], self.page_size,
-                               held.salt, start)
-        for i in range(held.registered, full):
+        held.keys += page_keys(tokens[done * self.page_size:full * self.page_size], self.page_size, held.salt,
+                               held.keys[-1] if held.keys else b"")
+        for i in range(done, full):
             self.pool.register(held.pages[i], held.keys[i])
-        held.registered = full
+
+    def row(self, request_id: str, width: int) -> np.ndarray:
+        """One request's block table of ``width`` entries (unused ones: page 0, see `table`)."""
+        out = np.zeros(width, np.int32)
+        pages = self._held[request_id].pages[:width]
+        out[:len(pages)] = pages
+        return out
 
     def table(self, request_ids: list[str | None], width: int) -> np.ndarray:
         """Block tables [len(request_ids), width] int32 (None: a padding row); unused entries are page 0, which
@@ -258,8 +265,7 @@ class PageTable:
         out = np.zeros((len(request_ids), width), np.int32)
         for r, rid in enumerate(request_ids):
             if rid is not None:
-                pages = self._held[rid].pages[:width]
-                out[r, :len(pages)] = pages
+                out[r] = self.row(rid, width)
         return out
 
     def release(self, request_id: str, written: np.ndarray | None = None) -> None:
@@ -269,9 +275,9 @@ class PageTable:
         held = self._held.pop(request_id, None)
         if held is None:
             raise ValueError(f"unknown request_id {request_id!r}: it holds no KV cache pages")
-        full = held.registered
+        full = len(held.keys)
         if written is not None and full < len(held.pages) and len(written) > full * self.page_size:
             tail = written[full * self.page_size:(full + 1) * self.page_size]
-            if len(tail) < self.page_size and len(held.keys) == full:
+            if len(tail) < self.page_size:
                 self.pool.register_partial(held.pages[full], held.keys[-1] if full else root_key(held.salt), tail)
         self.pool.release(held.pages)

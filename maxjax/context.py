@@ -400,6 +400,16 @@ class TextContext:
         self._completion_start_idx = self._completion_end_idx
         return out
 
+    def stop_token(self) -> tuple[int, LogProbabilities | None] | None:
+        """The eos / stop token id that ended the sequence (it is never output), with its log-probability when
+        they were asked for; None when something else ended it, or it has not ended."""
+        if self._status is not GenerationStatus.END_OF_SEQUENCE or self._end_idx <= self._completion_end_idx:
+            return None
+        token = int(self._tokens[self._end_idx - 1])
+        if token not in self.stop_token_ids:
+            return None
+        return token, self._log_probabilities_data.get(self._end_idx - 1)
+
     def to_generation_output(self) -> TextGenerationOutput:
         """The outstanding tokens as a ``TextGenerationOutput`` with the current status."""
         pairs = self.outstanding_completion_tokens()

@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI-compatible routes over the schedulers of the served models.
 
 Routes: ``/v1/completions``, ``/v1/chat/completions`` (SSE when ``stream``), ``/v1/embeddings``,
-``/v1/audio/speech`` (24 kHz WAV), ``/v1/models``, ``/health`` (slot and KV page occupancy per model), ``/metrics``.
+``/v1/audio/speech`` (24 kHz WAV), ``/v1/models``, ``/health`` (slot and KV page occupancy per model), ``/metrics``,
+and ``/tokenize``, ``/detokenize``, ``/tokenizer_info`` (``server/tokenize.py``).
 A request is checked and turned into a context on the event loop; only the model's scheduler thread
 touches the device. Bad requests get HTTP 400 with an OpenAI error body whose ``param`` names the field.
 """
@@ -27,6 +28,7 @@ from maxjax.server.models import ServedModel, stop_schedulers
 from maxjax.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
                                            InvalidRequest, SpeechRequest, error_body)
 from maxjax.server.scheduler import Job, ShuttingDown
+from maxjax.server.tokenize import add_tokenizer_routes
 
 
 class GenerationFailed(RuntimeError):
@@ -45,6 +47,7 @@ def create_app(models: dict[str, ServedModel], metrics: Metrics, drain_timeout: 
 
     app = FastAPI(title="maxjax", lifespan=lifespan)
     _error_handlers(app, metrics)
+    add_tokenizer_routes(app, models)  # /tokenize, /detokenize, /tokenizer_info (vLLM's shape)
     text, embeddings, audio = (PipelineTask.TEXT_GENERATION, PipelineTask.EMBEDDINGS_GENERATION,
                                PipelineTask.AUDIO_GENERATION)
 
@@ -79,6 +82,7 @@ def create_app(models: dict[str, ServedModel], metrics: Metrics, drain_timeout: 
         jobs = _submit(served, contexts)
         choices = [R.Choice(i, len(c.prompt_tokens)) for i, c in enumerate(contexts)]
         token_text, created = R.TokenText(served.tokenizer), R.now()
+        scored = R.prompt_only if body.max_tokens == 0 else (lambda delta: delta)
 
         def choice_json(i: int, delta: Any, first: bool) -> dict[str, Any]:
             text = choices[i].text if delta is None else delta.text
@@ -92,9 +96,10 @@ def create_app(models: dict[str, ServedModel], metrics: Metrics, drain_timeout: 
                 started = [False] * len(jobs)
                 async for i, result in _results(served, jobs):
                     if result.result is not None:
-                        choices[i].add(result.result)
+                        delta = scored(result.result)
+                        choices[i].add(delta)
                         first, started[i] = not started[i], True
-                        chunk = R.completion_body(request_id, served.name, [choice_json(i, result.result, first)],
+                        chunk = R.completion_body(request_id, served.name, [choice_json(i, delta, first)],
                                                   None, created)
                         yield R.sse(chunk)
                 if _wants_usage(body):
@@ -103,7 +108,7 @@ def create_app(models: dict[str, ServedModel], metrics: Metrics, drain_timeout: 
             return _event_stream(events())
         async for i, result in _results(served, jobs, request):
             if result.result is not None:
-                choices[i].add(result.result)
+                choices[i].add(scored(result.result))
         return R.completion_body(request_id, served.name, [choice_json(i, None, True) for i in range(len(jobs))],
                                  R.usage(choices), created)
 

@@ -89,7 +89,7 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: with echo, the prompt's log-probabilities only
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -106,7 +106,9 @@ class CompletionRequest(_Sampling):
     def to_requests(self, request_id: str) -> list[TextGenerationRequest]:
         if self.suffix:
             raise InvalidRequest("suffix", "suffix is not supported")
-        params = self.sampling_params(self.max_tokens)
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("max_tokens", "max_tokens=0 needs echo=true (it scores the prompt, generates nothing)")
+        params = self.sampling_params(1 if self.max_tokens == 0 else self.max_tokens)  # 0: one, dropped
         return [TextGenerationRequest(f"{request_id}-{i}", i, self.model, prompt=p, sampling_params=params,
                                       logprobs=self.logprobs or 0, echo=self.echo, stop=self.stop)
                 for i, p in enumerate(self.prompts())]

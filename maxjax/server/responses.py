@@ -44,6 +44,7 @@ class Choice:
     log_probabilities: list[LogProbabilities] = field(default_factory=list)
     prompt_log_probabilities: list[LogProbabilities] = field(default_factory=list)
     status: GenerationStatus | None = None
+    stop_token: tuple[int, LogProbabilities | None] | None = None
 
     def add(self, delta: TextDelta) -> None:
         self.text += delta.text
@@ -52,6 +53,13 @@ class Choice:
         self.log_probabilities += delta.log_probabilities
         self.prompt_log_probabilities += delta.prompt_log_probabilities
         self.status = delta.final_status
+        self.stop_token = delta.stop_token
+
+
+def prompt_only(delta: TextDelta) -> TextDelta:
+    """The delta of a ``max_tokens=0`` completion: the prompt's log-probabilities, nothing generated (the
+    pipeline samples one token, which is dropped)."""
+    return TextDelta([], "", [], GenerationStatus.MAXIMUM_LENGTH, delta.prompt_log_probabilities)
 
 
 def usage(choices: list[Choice]) -> dict[str, int]:
@@ -99,6 +107,9 @@ def completion_choice(choice: Choice, delta_text: str, delta: TextDelta | None, 
     """One choice of a completion (``delta`` None: the whole accumulated choice)."""
     tokens = choice.tokens if delta is None else delta.tokens
     lps: list[Any] = choice.log_probabilities if delta is None else delta.log_probabilities
+    stop = choice.stop_token if delta is None else delta.stop_token
+    if stop is not None and stop[1] is not None:  # the eos that ended it: listed, never in the text
+        tokens, lps = tokens + [stop[0]], lps + [stop[1]]
     body: dict[str, Any] = {"index": choice.index, "text": delta_text, "logprobs": None,
                             "finish_reason": finish_reason(choice.status if delta is None else delta.final_status)}
     if logprobs is not None:

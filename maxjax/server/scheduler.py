@@ -203,7 +203,9 @@ class TextDelta:
     """What one ``next_token`` call produced for one request, ready for a client.
 
     ``text`` is new visible text: incrementally detokenized, with any suffix that may still become a stop
-    string held back. ``prompt_log_probabilities`` (echo) come with the first delta only.
+    string held back. ``prompt_log_probabilities`` (echo) come with the first delta only; ``stop_token`` with the
+    last one, when an eos / stop token id ended the request (completions list it in their log-probabilities, as
+    OpenAI and vLLM do: a scoring client counts on one entry per sampled token).
     """
 
     tokens: list[int]
@@ -211,6 +213,7 @@ class TextDelta:
     log_probabilities: list[LogProbabilities]
     final_status: GenerationStatus
     prompt_log_probabilities: list[LogProbabilities] = field(default_factory=list)
+    stop_token: tuple[int, LogProbabilities | None] | None = None  # the eos / stop id that ended it (not text)
 
 
 class TextScheduler(Scheduler):
@@ -269,7 +272,8 @@ class TextScheduler(Scheduler):
         if job.last_output is None and ctx.log_probabilities_echo and ctx.log_probabilities:
             n = len(ctx.prompt_tokens) - 1
             echoed, lps = lps[:n], lps[n:]
-        return TextDelta(list(out.tokens), text, lps, out.final_status, echoed)
+        stop_token = ctx.stop_token() if out.is_done else None
+        return TextDelta(list(out.tokens), text, lps, out.final_status, echoed, stop_token)
 
     def _record_latency(self, job: Job, num_tokens: int, now: float) -> None:
         if not num_tokens:

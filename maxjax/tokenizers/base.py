@@ -91,6 +91,12 @@ class BaseTokenizer:
                              "(prompt plus at least one new token)")
         return ids
 
+    def token_ids(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """The ids of any text, however long (no prompt-length check): counting, scoring windows of a document."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        return [int(t) for t in self._encode(text, add_special_tokens)]
+
     def decode_tokens(self, encoded: Any, skip_special_tokens: bool = False) -> str:
         ids = np.asarray(encoded).reshape(-1)
         if ids.size and not np.issubdtype(ids.dtype, np.integer):

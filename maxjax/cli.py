@@ -1,4 +1,4 @@
-"""The ``maxjax`` command: generate | chat | embed | speak | serve | convert | bench."""
+"""The ``maxjax`` command: generate | chat | embed | speak | serve | run-batch | convert | bench."""
 
 from __future__ import annotations
 
@@ -242,6 +242,25 @@ def cmd_serve(args) -> int:
                  drain_timeout=args.drain_timeout, log_level=args.log_level)
 
 
+def cmd_run_batch(args) -> int:
+    try:
+        from maxjax.server.batch import run_batch
+    except ImportError as error:
+        print(f"maxjax run-batch needs the serve extra (pip install 'maxjax[serve]'): {error}", file=sys.stderr)
+        return 2
+
+    runtime = {**_kv_runtime(args), "max_num_steps": args.max_num_steps, "dtype": args.dtype}
+    if args.max_batch_size is not None:
+        runtime["max_batch_size"] = args.max_batch_size
+    if args.length_buckets:
+        runtime["length_buckets"] = tuple(int(b) for b in args.length_buckets.split(","))
+    counts = run_batch(args.input_file, args.output_file, args.model, runtime=runtime, warmup=args.warmup,
+                       progress=not args.quiet)
+    print(f"[maxjax] {counts['lines']} lines: {counts['ok']} ok, {counts['failed']} failed -> {args.output_file}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from maxjax.weights import convert_to_store, resolve_source
 
@@ -306,6 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+    p = sub.add_parser("run-batch", help="answer an OpenAI Batch API file (JSONL) through the server's routes, "
+                                         "in process (no HTTP)")
+    p.add_argument("-i", "--input-file", required=True, help="JSONL: {custom_id, method, url, body} per line")
+    p.add_argument("-o", "--output-file", required=True, help="JSONL: {id, custom_id, response, error} per line, "
+                                                              "in input order")
+    p.add_argument("--model", action="append", default=None, metavar="[NAME=]SOURCE", help="as for serve")
+    p.add_argument("--max-batch-size", type=int, default=None, help="sequences decoded together (default 32)")
+    _kv_cache_args(p)
+    p.add_argument("--max-num-steps", type=int, default=8, help="decode steps per device call")
+    p.add_argument("--length-buckets", default=None, help="comma-separated, e.g. 128,512,2048")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--warmup", action="store_true", help="compile every program first (default: on first use)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("convert", help="convert a GGUF/HF model into the local model store")
     p.add_argument("source", nargs="?", default=None,
                    help="GGUF file or HF folder (default: the default model, SmolLM2-135M-Instruct)")
@@ -325,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(None, argv[1:])
     args = parser.parse_args(argv)
     handlers = {"generate": cmd_generate, "chat": cmd_chat, "embed": cmd_embed, "speak": cmd_speak,
-                "serve": cmd_serve, "convert": cmd_convert}
+                "serve": cmd_serve, "convert": cmd_convert, "run-batch": cmd_run_batch}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as error:

@@ -222,13 +222,15 @@ class TextScheduler(Scheduler):
         self.tokenizer = tokenizer
         self.pipeline = pipeline
         self.num_steps = pipeline.config.max_num_steps
+        self.first_token_alone = True  # False (run-batch): throughput first, calls keep max_num_steps steps
 
     def step(self, batch: dict[str, Job]) -> list[str]:
         contexts = {rid: job.context for rid, job in batch.items()}
         while True:
             # A call that prefills new requests decodes one step only, so their first token leaves at once
             # (time to first token) instead of after max_num_steps steps of the running requests.
-            starting = any(batch[rid].last_output is None or not self.pipeline.pages.holds(rid) for rid in contexts)
+            starting = self.first_token_alone and any(batch[rid].last_output is None
+                                                      or not self.pipeline.pages.holds(rid) for rid in contexts)
             try:
                 outputs = self.pipeline.next_token(TextGenerationInputs(contexts, 1 if starting else self.num_steps))
                 break

@@ -1,0 +1,142 @@
+"""lm-evaluation-harness on a small local task set (tests/data/lm_eval: multiple choice, generate_until,
+loglikelihood_rolling; no download): ``MaxjaxLM`` against lm-eval's own ``hf`` backend on the same SmolLM2 weights
+(equal accuracy and generations, per-item log-likelihoods within 1e-3), and ``maxjax serve`` as lm-eval's
+``local-completions`` / ``local-chat-completions`` backends against ``MaxjaxLM`` (one server start)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK_DIR = ROOT / "tests" / "data" / "lm_eval"
+TASKS = ["maxjax_mc", "maxjax_gen", "maxjax_docs"]
+RUNTIME = dict(max_batch_size=4, max_seq_len=256, length_buckets=(128, 256), max_num_steps=8)  # as test_server
+
+
+@pytest.fixture(scope="module")
+def task_manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASK_DIR))
+
+
+def _evaluate(model, task_manager, tasks=TASKS, **kwargs):
+    return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=task_manager, log_samples=True,
+                                   bootstrap_iters=0, **kwargs)
+
+
+def _per_item(result, task):
+    """doc_id -> the item's filtered responses: [(loglikelihood, is_greedy)...], [text] or [loglikelihood]."""
+    return {s["doc_id"]: s["filtered_resps"] for s in result["samples"][task]}
+
+
+def _assert_same(got, want, metrics=("acc,none", "acc_norm,none", "exact_match,none")):
+    for task in got["results"]:
+        for metric in metrics:
+            if metric in want["results"][task]:
+                assert got["results"][task][metric] == want["results"][task][metric], (task, metric)
+    for task in got["samples"]:
+        a, b = _per_item(got, task), _per_item(want, task)
+        assert a.keys() == b.keys()
+        for doc_id in a:
+            for x, y in zip(a[doc_id], b[doc_id], strict=True):
+                if isinstance(x, str):
+                    assert x == y, (task, doc_id)
+                else:
+                    x, y = (x, y) if isinstance(x, (int, float)) else (x[0], y[0])
+                    assert abs(x - y) < 1e-3, (task, doc_id, x, y)
+
+
+@pytest.fixture(scope="module")
+def maxjax_lm(smollm2_gguf):
+    from maxjax.integrations.lm_eval import MaxjaxLM
+
+    return MaxjaxLM(str(smollm2_gguf), progress=False, **RUNTIME)
+
+
+@pytest.fixture(scope="module")
+def maxjax_result(maxjax_lm, task_manager):
+    return _evaluate(maxjax_lm, task_manager)
+
+
+def test_maxjax_lm_matches_the_hf_backend(maxjax_result, hf_smollm2, smollm2_gguf, task_manager):
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    hf = _evaluate(HFLM(pretrained=hf_smollm2, tokenizer=tokenizer, batch_size=8), task_manager)
+    _assert_same(maxjax_result, hf)
+    mc = _per_item(maxjax_result, "maxjax_mc")
+    assert len(mc) == 10 and all(len(choices) == 4 for choices in mc.values())
+    assert 0.5 <= maxjax_result["results"]["maxjax_mc"]["acc,none"] <= 1.0  # the task is easy, not random
+    assert any(text[0] for text in _per_item(maxjax_result, "maxjax_gen").values())
+    assert maxjax_result["results"]["maxjax_docs"]["word_perplexity,none"] > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_gguf):
+    import httpx
+
+    tmp = tmp_path_factory.mktemp("lm_eval_serve")
+    port = _free_port()
+    command = [sys.executable, "-m", "maxjax.cli", "serve", "--port", str(port), "--no-warmup",
+               "--model", f"smollm2={smollm2_gguf}", "--max-batch-size", str(RUNTIME["max_batch_size"]),
+               "--max-seq-len", str(RUNTIME["max_seq_len"]), "--length-buckets", "128,256",
+               "--max-num-steps", str(RUNTIME["max_num_steps"]), "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("server did not start")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_serve_as_local_completions_matches_maxjax_lm(server, maxjax_result, task_manager):
+    # tokenizer_backend "auto" finds the server's /tokenizer_info and /tokenize (no local tokenizer needed);
+    # batch_size 4: four prompts (token ids) per request; loglikelihood by echo + logprobs with max_tokens=1.
+    args = dict(model="smollm2", base_url=f"{server}/v1/completions", max_retries=1, timeout=600)
+    result = _evaluate("local-completions", task_manager, model_args=args, batch_size=4)
+    _assert_same(result, maxjax_result)
+
+
+def test_serve_as_local_chat_completions_matches_maxjax_lm(server, maxjax_lm, task_manager):
+    args = dict(model="smollm2", base_url=f"{server}/v1/chat/completions", max_retries=1, timeout=600)
+    chat = _evaluate("local-chat-completions", task_manager, tasks=["maxjax_gen"], model_args=args,
+                     apply_chat_template=True)
+    want = _evaluate(maxjax_lm, task_manager, tasks=["maxjax_gen"], apply_chat_template=True)
+    _assert_same(chat, want)
+    assert _per_item(chat, "maxjax_gen") != {}

@@ -140,3 +140,38 @@ def test_serve_as_local_chat_completions_matches_maxjax_lm(server, maxjax_lm, ta
     want = _evaluate(maxjax_lm, task_manager, tasks=["maxjax_gen"], apply_chat_template=True)
     _assert_same(chat, want)
     assert _per_item(chat, "maxjax_gen") != {}
+
+
+def test_serve_scoring_requests_as_lm_eval_sends_them(server):
+    import httpx
+
+    def post(path, body, status=200):
+        response = httpx.post(f"{server}{path}", json=body, timeout=300)
+        assert response.status_code == status, response.text
+        return response.json()
+
+    info = httpx.get(f"{server}/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == "<|im_end|>" and info["bos_token"] == "<|im_start|>" and info["chat_template"]
+    ids = post("/tokenize", {"prompt": "The capital of France is", "add_special_tokens": False})["tokens"]
+    assert post("/tokenize", {"prompt": "<|im_end|>", "add_special_tokens": False})["tokens"] == [2]
+    assert post("/detokenize", {"tokens": ids})["prompt"] == "The capital of France is"
+    assert post("/tokenize", {"prompt": "x", "model": "nope"}, 400)["error"]["param"] == "model"
+
+    score = dict(model="smollm2", prompt=[ids, ids[:3]], echo=True, logprobs=1, temperature=0, seed=1234)
+    zero = post("/v1/completions", dict(score, max_tokens=0))  # the prompt's log-probabilities only
+    one = post("/v1/completions", dict(score, max_tokens=1))
+    for z, o, prompt in zip(zero["choices"], one["choices"], [ids, ids[:3]]):
+        assert len(z["logprobs"]["token_logprobs"]) == len(prompt) and z["logprobs"]["token_logprobs"][0] is None
+        assert len(o["logprobs"]["token_logprobs"]) == len(prompt) + 1
+        assert z["logprobs"]["token_logprobs"][1:] == pytest.approx(o["logprobs"]["token_logprobs"][1:-1], abs=1e-5)
+    assert zero["choices"][0]["text"] == "The capital of France is" and zero["usage"]["completion_tokens"] == 0
+    assert post("/v1/completions", dict(score, max_tokens=0, echo=False), 400)["error"]["param"] == "max_tokens"
+
+    # A sequence ended by an eos / stop token id still lists that token (its text is not returned): a scoring
+    # client reads one entry per prompt token plus one for the sampled token, as from OpenAI and vLLM.
+    greedy = one["choices"][0]["logprobs"]
+    token_id = post("/tokenize", {"prompt": greedy["tokens"][-1], "add_special_tokens": False})["tokens"][0]
+    stopped = post("/v1/completions", dict(score, prompt=ids, max_tokens=1, stop_token_ids=[token_id]))["choices"][0]
+    assert stopped["text"] == "The capital of France is" and stopped["finish_reason"] == "stop"
+    assert stopped["logprobs"]["tokens"] == greedy["tokens"]
+    assert stopped["logprobs"]["token_logprobs"][-1] == pytest.approx(greedy["token_logprobs"][-1], abs=1e-5)

@@ -46,6 +46,13 @@ def tiny_dir(tmp_path_factory, smollm2_gguf):
     return _tiny_llama(tmp_path_factory.mktemp("batch") / "tiny", smollm2_gguf)
 
 
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_dir):
+    from maxjax import LLM
+
+    return LLM(str(tiny_dir), chat=False, progress=False, **RUNTIME)
+
+
 def _batch_file() -> tuple[str, dict]:
     """The input lines and, per custom_id, what its output must say (None: a 200 answer)."""
     lines, expect = [], {}
@@ -87,8 +94,7 @@ def test_parse_line_answers_what_cannot_be_sent():
 
 
 @pytest.mark.slow
-def test_run_batch_answers_every_line_in_order_as_llm_does(tiny_dir, minilm_dir, tmp_path):
-    from maxjax import LLM
+def test_run_batch_answers_every_line_in_order_as_llm_does(tiny_dir, tiny_llm, minilm_dir, tmp_path):
     from maxjax.server.metrics import Metrics
     from maxjax.server.models import load_served_models
 
@@ -126,7 +132,7 @@ def test_run_batch_answers_every_line_in_order_as_llm_does(tiny_dir, minilm_dir,
     assert len(repeated) == 1 and out[0]["error"] is None
     assert out[-1]["custom_id"] is None and out[-1]["error"]["code"] == "invalid_request"
 
-    llm = LLM(str(tiny_dir), chat=False, progress=False, **RUNTIME)
+    llm = tiny_llm
     chats = llm.generate([[{"role": "user", "content": t}] for t in CHATS], temperature=0, max_new_tokens=12)
     completions = llm.generate(PROMPTS, temperature=0, max_new_tokens=10)
     got_chats = [by_id[f"chat-{i}"]["response"]["body"]["choices"][0]["message"]["content"] for i in range(6)]
@@ -157,6 +163,19 @@ def test_run_lines_writes_in_input_order_while_answers_come_out_of_order():
     assert counts == {"lines": 5, "ok": 5, "failed": 0}
     assert [o["custom_id"] for o in out] == [f"c{k}" for k in range(5)]
     assert [o["response"]["request_id"] for o in out] == [f"r{k}" for k in range(5)]
+
+
+@pytest.mark.slow
+def test_llm_takes_token_ids_and_shows_progress_over_a_list(tiny_llm, capsys):
+    ids = tiny_llm.tokenizer.encode_text(PROMPTS[0], add_special_tokens=True).tolist()
+    greedy = dict(temperature=0, max_new_tokens=6)
+    assert tiny_llm.generate([ids], **greedy) == tiny_llm.generate([PROMPTS[0]], **greedy)  # sent as is
+    capsys.readouterr()
+    tiny_llm.generate(PROMPTS, progress=True, **greedy)
+    err = capsys.readouterr().err
+    assert "generating" in err and "2/2" in err and "tok/s" in err
+    tiny_llm.generate(PROMPTS, **greedy)  # LLM(progress=False)
+    assert "generating" not in capsys.readouterr().err
 
 
 def test_cli_names_a_missing_input_file(tmp_path, capsys):

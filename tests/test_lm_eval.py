@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_DIR = ROOT / "tests" / "data" / "lm_eval"
@@ -57,6 +56,26 @@ def _assert_same(got, want, metrics=("acc,none", "acc_norm,none", "exact_match,n
                     assert abs(x - y) < 1e-3, (task, doc_id, x, y)
 
 
+def test_gen_settings_read_as_lm_eval_backends_do():
+    from maxjax.integrations.lm_eval import gen_settings
+
+    greedy = {"top_k": 1}
+    assert gen_settings({"until": "\n", "max_gen_toks": 5, "do_sample": False, "temperature": 0.7}, 256) == (
+        ["\n"], 5, greedy)
+    assert gen_settings({}, 256) == ([], 256, greedy)
+    assert gen_settings({"until": ["a", "b"], "max_new_tokens": 9, "temperature": 0.5, "top_p": 0.9, "other": 1},
+                        256) == (["a", "b"], 9, {"temperature": 0.5, "top_p": 0.9})
+
+
+def test_registered_beside_lm_evals_own_models():
+    from lm_eval.api.registry import get_model
+
+    from maxjax.integrations.lm_eval import MaxjaxLM
+
+    assert get_model("maxjax") is MaxjaxLM
+    assert get_model("local-completions").__name__ == "LocalCompletionsAPI"  # lm-eval's lazy registry still fills
+
+
 @pytest.fixture(scope="module")
 def maxjax_lm(smollm2_gguf):
     from maxjax.integrations.lm_eval import MaxjaxLM
@@ -69,6 +88,7 @@ def maxjax_result(maxjax_lm, task_manager):
     return _evaluate(maxjax_lm, task_manager)
 
 
+@pytest.mark.slow
 def test_maxjax_lm_matches_the_hf_backend(maxjax_result, hf_smollm2, smollm2_gguf, task_manager):
     import transformers
     from lm_eval.models.huggingface import HFLM
@@ -125,6 +145,7 @@ def server(tmp_path_factory, smollm2_gguf):
         log.close()
 
 
+@pytest.mark.slow
 def test_serve_as_local_completions_matches_maxjax_lm(server, maxjax_result, task_manager):
     # tokenizer_backend "auto" finds the server's /tokenizer_info and /tokenize (no local tokenizer needed);
     # batch_size 4: four prompts (token ids) per request; loglikelihood by echo + logprobs with max_tokens=1.
@@ -133,6 +154,7 @@ def test_serve_as_local_completions_matches_maxjax_lm(server, maxjax_result, tas
     _assert_same(result, maxjax_result)
 
 
+@pytest.mark.slow
 def test_serve_as_local_chat_completions_matches_maxjax_lm(server, maxjax_lm, task_manager):
     args = dict(model="smollm2", base_url=f"{server}/v1/chat/completions", max_retries=1, timeout=600)
     chat = _evaluate("local-chat-completions", task_manager, tasks=["maxjax_gen"], model_args=args,
@@ -142,6 +164,7 @@ def test_serve_as_local_chat_completions_matches_maxjax_lm(server, maxjax_lm, ta
     assert _per_item(chat, "maxjax_gen") != {}
 
 
+@pytest.mark.slow
 def test_serve_scoring_requests_as_lm_eval_sends_them(server):
     import httpx
 

@@ -126,7 +126,8 @@ class MaxjaxLM(TemplateLM):
             total = sum(float(lp.token_log_probabilities[0]) for lp in entries)
             greedy = all(next(iter(lp.top_log_probabilities[0])) == token for lp, token in zip(entries, targets))
             results[i] = (total, greedy)
-            self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            if requests[i][0] is not None:  # None: a window of a rolling request
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
         return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:

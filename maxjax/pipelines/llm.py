@@ -128,7 +128,8 @@ class LLM:
             return TextGenerationRequest(request_id, 0, self.pipeline.model_name, prompt=[int(t) for t in prompt],
                                          sampling_params=params, **fields)
         if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a str, a list of message dicts or a list of token ids, got {type(prompt).__name__}")
+            raise ValueError("prompt must be a str, a list of message dicts or a list of token ids, got "
+                             f"{type(prompt).__name__}")
         if not prompt:
             raise ValueError("prompt is empty")
         if self.chat:

@@ -87,7 +87,8 @@ def test_parse_line_answers_what_cannot_be_sent():
     assert batch.parse_line(_line("a", "/v1/completions", {"prompt": "x"}), 1, seen)[:2] == ("a", "/v1/completions")
     for text, code in [("[1]", "invalid_request"), ("{", "invalid_json"),
                        (_line("a", "/v1/completions", {}), "duplicate_custom_id"),
-                       (_line("b", "/v2/x", {}), "invalid_url"), (_line("c", "/v1/completions", [1]), "invalid_request"),
+                       (_line("b", "/v2/x", {}), "invalid_url"),
+                       (_line("c", "/v1/completions", [1]), "invalid_request"),
                        (json.dumps({"custom_id": 3, "url": "/v1/completions", "body": {}}), "invalid_request")]:
         out = batch.parse_line(text, 7, seen)
         assert out["response"] is None and out["error"]["code"] == code and out["error"]["line"] == 7, (text, out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from maxjax.interfaces import PipelineTask
 from maxjax.server.models import ServedModel
@@ -29,7 +29,7 @@ class TokenizeRequest(_Body):
 
 
 class DetokenizeRequest(_Body):
-    tokens: list[int] = Field(min_length=0)
+    tokens: list[int]
 
 
 def text_model(models: dict[str, ServedModel], name: str | None) -> ServedModel:

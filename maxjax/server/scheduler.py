@@ -67,6 +67,7 @@ class Scheduler:
         self.model = model
         self.capacity = capacity
         self.room = capacity  # admission limit: lowered while the pipeline is short of memory
+        self.fill_wait = 0.0  # seconds an idle scheduler waits for a full batch (run-batch: requests arrive at once)
         self.metrics = metrics
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -123,6 +124,7 @@ class Scheduler:
             with self._cond:
                 while self._running and not self._waiting and not self._active and not self._cancelled:
                     self._cond.wait()
+                self._wait_for_a_full_batch()
                 self._drop_cancelled()
                 if not self._running and not self._active:
                     return
@@ -133,6 +135,13 @@ class Scheduler:
                 self.metrics.occupancy(self.model, len(self._waiting), len(batch), self.capacity)
             if batch:
                 self._step_isolated(batch)
+
+    def _wait_for_a_full_batch(self) -> None:
+        """With ``fill_wait``, an idle scheduler lets a burst of arrivals fill its first call (held lock)."""
+        deadline = time.monotonic() + self.fill_wait
+        while (self.fill_wait and self._running and not self._active and not self._cancelled
+               and len(self._waiting) < self.capacity and time.monotonic() < deadline):
+            self._cond.wait(deadline - time.monotonic())
 
     def _drop_cancelled(self) -> None:
         for request_id in self._cancelled:

@@ -184,3 +184,38 @@ def test_cli_names_a_missing_input_file(tmp_path, capsys):
 
     assert cli.main(["run-batch", "-i", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 2
     assert "none.jsonl not found" in capsys.readouterr().err
+
+
+def test_an_idle_scheduler_with_fill_wait_takes_a_full_first_batch():
+    import asyncio
+    import threading
+    import time
+
+    from maxjax.server.metrics import Metrics
+    from maxjax.server.scheduler import Job, Scheduler
+
+    class Recording(Scheduler):
+        def __init__(self):
+            super().__init__("m", 4, Metrics())
+            self.batches = []
+
+        def step(self, batch):
+            self.batches.append(len(batch))
+            return list(batch)
+
+        def free(self, job):
+            pass
+
+    scheduler = Recording()
+    scheduler.fill_wait = 30.0  # ends as soon as the batch is full
+    loop = asyncio.new_event_loop()
+    scheduler.start()
+    for i in range(4):  # arriving one by one, as the lines of a batch file do
+        scheduler.submit(Job(f"r{i}", None, loop, asyncio.Queue()))
+        time.sleep(0.05)
+    threading.Thread(target=scheduler.stop, args=(5.0,)).start()
+    deadline = time.monotonic() + 10
+    while sum(scheduler.batches) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    loop.close()
+    assert scheduler.batches == [4]

@@ -13,6 +13,8 @@ The HTTP side (asyncio) builds a context (which validates the request: nothing b
   4. hand each job its new output at once (``SchedulerResult.active``), or ``complete`` and release it.
 
 A pipeline call that raises is retried job by job, so a failure fails only the job that caused it.
+``maxjax run-batch`` runs the same loop for throughput: ``first_token_alone`` off (a call that prefills keeps
+``max_num_steps``) and ``fill_wait`` (an idle scheduler waits for a burst of arrivals to fill its first call).
 """
 
 from __future__ import annotations

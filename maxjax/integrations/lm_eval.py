@@ -4,7 +4,8 @@
     from maxjax.integrations.lm_eval import MaxjaxLM
     lm_eval.simple_evaluate(model=MaxjaxLM(), tasks=["hellaswag"])
 
-or ``lm_eval --model maxjax --model_args model=path/to/model.gguf,max_seq_len=2048 --tasks ...``.
+or lm-eval's command line with this module imported first (it registers ``maxjax``):
+``python -m maxjax.integrations.lm_eval run --model maxjax --model_args model=m.gguf,max_seq_len=2048 --tasks ...``
 
 Scoring goes through the text pipeline as prompts of token ids with ``echo`` log-probabilities: every
 request is one prefill row, many rows share a device call (the pipeline's continuous batching), and only the
@@ -48,8 +49,9 @@ class MaxjaxLM(TemplateLM):
     """An ``lm_eval.api.model.LM`` over a maxjax ``LLM``.
 
     ``model``: anything ``maxjax.load_model`` takes (None: SmolLM2-135M-Instruct); ``runtime``: RuntimeConfig
-    fields (``max_seq_len``, ``max_batch_size``...). Or pass a loaded ``llm=LLM(...)``. ``batch_size`` (lm-eval's
-    flag) sets ``max_batch_size`` when that is not given; ``"auto"`` keeps the runtime's default.
+    fields (``max_seq_len``, ``max_batch_size``...). Or pass a loaded ``llm=LLM(...)``. The pipeline batches requests
+    itself, up to ``max_batch_size``; lm-eval's ``batch_size`` above 1 sets it when not given (1, its default, and
+    ``"auto"`` keep the runtime's). ``device`` (also lm-eval's) is ignored: JAX places the model.
     """
 
     def __init__(self, model: str | None = None, *, llm: LLM | None = None, batch_size: int | str | None = None,
@@ -60,7 +62,7 @@ class MaxjaxLM(TemplateLM):
             raise ValueError("give either llm or model and runtime fields, not both")
         if isinstance(batch_size, str) and batch_size.isdigit():
             batch_size = int(batch_size)
-        if isinstance(batch_size, int) and "max_batch_size" not in runtime:
+        if isinstance(batch_size, int) and batch_size > 1 and "max_batch_size" not in runtime:
             runtime["max_batch_size"] = batch_size
         self.llm = llm if llm is not None else LLM(model, chat=False, progress=progress, **runtime)
         self._tokenizer = self.llm.tokenizer
@@ -183,3 +185,9 @@ class MaxjaxLM(TemplateLM):
             for i, completion in zip(members, done):
                 texts[i] = completion.text
         return texts
+
+
+if __name__ == "__main__":  # lm-eval's own command line, with --model maxjax registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

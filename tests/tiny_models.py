@@ -9,6 +9,7 @@ greedy tokens do not hang on float ties.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -25,8 +26,6 @@ def hf_folder(folder: Path, smollm2_gguf: Path, *, seed: int = 0, kind: str = "l
     import torch
     import transformers
 
-    from maxjax.tokenizers import HFTokenizer
-
     common = dict(vocab_size=VOCAB, max_position_embeddings=max_length, initializer_range=0.5, eos_token_id=2,
                   bos_token_id=1, tie_word_embeddings=False, **SHAPE)
     if kind == "qwen2":
@@ -37,12 +36,20 @@ def hf_folder(folder: Path, smollm2_gguf: Path, *, seed: int = 0, kind: str = "l
         config = transformers.LlamaConfig(**common)
     torch.manual_seed(seed)
     model(config).save_pretrained(folder, safe_serialization=True)
-    HFTokenizer.from_gguf(smollm2_gguf, max_length=max_length).save(folder)
+    _tokenizer(smollm2_gguf, max_length).save(folder)
     if chat_template is not None:
         tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
         tokenizer_config["chat_template"] = chat_template
         (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return folder
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(smollm2_gguf: Path, max_length: int):
+    """SmolLM2's tokenizer, read from its GGUF once per process (a few seconds)."""
+    from maxjax.tokenizers import HFTokenizer
+
+    return HFTokenizer.from_gguf(smollm2_gguf, max_length=max_length)
 
 
 def q8_gguf(path: Path, smollm2_gguf: Path, *, seed: int = 0, context_length: int = 512) -> Path:

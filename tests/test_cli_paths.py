@@ -169,7 +169,8 @@ print(json.dumps({"code": code, "cli": out.getvalue(), "llm": llm.generate(promp
 
 
 def test_generate_tensor_parallel_2_on_forced_host_devices(tiny, llm):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", TP_SCRIPT, str(tiny), PROMPT], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -204,18 +205,27 @@ def test_convert_then_load_by_store_name_and_through_maxjax_models(capsys, tmp_p
 
 @pytest.mark.slow
 def test_chat_two_turns_equal_llm_on_smollm2(capsys, monkeypatch, smollm2_gguf):
-    from maxjax.pipelines.llm import LLM
+    from maxjax.pipelines import llm as llm_module
 
+    built = []
+
+    class Recorded(llm_module.LLM):  # the LLM the command builds, kept as the reference (one load, not two)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(llm_module, "LLM", Recorded)
     turns = ["What is the capital of France?", "And of Italy?"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))  # then EOF
     out = cli(capsys, "chat", "--model", str(smollm2_gguf), "--max-seq-len", "256", "--max-new-tokens", "24")
-    reference = LLM(str(smollm2_gguf), **dict(RUNTIME, max_seq_len=256))
+    (reference,) = built
     params = SamplingParams(max_new_tokens=24)
     first = reference.generate([{"role": "user", "content": turns[0]}], params)
     second = reference.generate([{"role": "user", "content": turns[0]}, {"role": "assistant", "content": first},
                                  {"role": "user", "content": turns[1]}], params)
     assert first == "The capital of France is Paris."
     assert second and second != first
+    assert second != reference.generate([{"role": "user", "content": turns[1]}], params)  # the history matters
     assert out == f"you> model> {first}\nyou> model> {second}\nyou> "
 
 

@@ -52,6 +52,16 @@ def _tokenizer(smollm2_gguf: Path, max_length: int):
     return HFTokenizer.from_gguf(smollm2_gguf, max_length=max_length)
 
 
+@functools.lru_cache(maxsize=None)
+def _tokenizer_fields(smollm2_gguf: Path) -> dict:
+    """SmolLM2's ``tokenizer.*`` GGUF metadata: name -> (value, type, element type of an array)."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(smollm2_gguf)).fields
+    return {name: (field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+            for name, field in fields.items() if name.startswith("tokenizer.")}
+
+
 def q8_gguf(path: Path, smollm2_gguf: Path, *, seed: int = 0, context_length: int = 512) -> Path:
     """A random Llama GGUF whose matrices are Q8_0 blocks (kept on the device by ``quantize="gguf"``), with
     SmolLM2's tokenizer metadata copied over."""
@@ -69,11 +79,8 @@ def q8_gguf(path: Path, smollm2_gguf: Path, *, seed: int = 0, context_length: in
         writer.add_uint32(f"llama.{key}", value)
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     writer.add_float32("llama.rope.freq_base", 10000.0)
-    reader = gguf.GGUFReader(str(smollm2_gguf))
-    for name, field in reader.fields.items():
-        if name.startswith("tokenizer."):
-            sub_type = field.types[1] if len(field.types) > 1 else None
-            writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub_type)
+    for name, (value, vtype, sub_type) in _tokenizer_fields(smollm2_gguf).items():
+        writer.add_key_value(name, value, vtype, sub_type=sub_type)
 
     def q8(rows: int, cols: int, scale: float) -> np.ndarray:
         weights = (scale * rng.normal(size=(rows, cols))).astype(np.float32)

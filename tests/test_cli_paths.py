@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -28,6 +29,17 @@ PROMPT = "What is the capital of France?"
 SEQ = ["--max-seq-len", "128", "--max-new-tokens", "12"]
 RUNTIME = dict(max_batch_size=1, max_seq_len=128, progress=False)  # what the CLI's generate builds from SEQ
 PARAMS = SamplingParams(max_new_tokens=12)
+
+
+@pytest.fixture(autouse=True)
+def maxjax_log_handlers():
+    """The command adds a stderr handler to the "maxjax" logger (bound to this test's captured stderr): removed
+    after each test, so later tests do not log into a closed stream."""
+    log = logging.getLogger("maxjax")
+    handlers, level = list(log.handlers), log.level
+    yield
+    log.handlers[:] = handlers
+    log.setLevel(level)
 
 
 @pytest.fixture(scope="module")

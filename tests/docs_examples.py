@@ -148,7 +148,7 @@ def run_pages(paths: list[Path], workdir: Path, port: int | None) -> list[dict]:
             if failed or (example.needs_server and port is None):
                 result["status"] = "not run"
                 continue
-            print(f"=== {example.page}:{example.line} ({example.lang})", flush=True)
+            print(f"\n=== {example.page}:{example.line} ({example.lang})", flush=True)
             start = time.perf_counter()
             code = with_port(example.code, port)
             error = (_run_bash(example, code, workdir, env) if example.lang == "bash"
@@ -156,6 +156,7 @@ def run_pages(paths: list[Path], workdir: Path, port: int | None) -> list[dict]:
             result.update(status="failed" if error else "passed", error=error,
                           seconds=round(time.perf_counter() - start, 1))
             failed = failed or error is not None
+            sys.stdout.flush()
         namespace.clear()
         with contextlib.suppress(Exception):
             import gc

@@ -21,8 +21,8 @@ from docs_examples import MARKERS, ROOT, examples, pages, serve_command
 
 # Sizes for the server the test starts (added to the documented command): the buckets of tests/test_server.py,
 # so the two share the compile cache, and programs compiled on first use instead of a warm-up of every one.
-SERVE_RUNTIME = ["--no-warmup", "--max-batch-size", "4", "--max-seq-len", "2048", "--drain-timeout", "5",
-                 "--log-level", "warning"]
+SERVE_RUNTIME = ["--no-warmup", "--max-batch-size", "4", "--max-seq-len", "256", "--length-buckets", "128,256",
+                 "--max-num-steps", "8", "--drain-timeout", "5", "--log-level", "warning"]
 PAGES = [str(p.relative_to(ROOT)) for p in pages()]
 
 
@@ -127,6 +127,7 @@ def results(server, tmp_path_factory):
     by_page: dict[str, list[dict]] = {}
     for result in json.loads(out.read_text()):
         by_page.setdefault(result["page"], []).append(result)
+        print(f"{result['page']}:{result['line']} {result['lang']} {result['status']} {result['seconds']} s")
     return by_page
 
 

@@ -250,7 +250,7 @@ def load_embeddings_pipeline(model: str | Path | None = None, *, warmup: bool = 
     model_config, params = load_bert(folder)
     pipeline = EmbeddingsPipeline(model_config, params, embeddings_config)
     tokenizer = EmbeddingsTokenizer.from_file(folder / "tokenizer.json", max_length=pipeline.max_length)
-    phases("embeddings model %s loaded in %.1f s (max_length %d, batches up to %d)", folder.name, phases.elapsed(),
+    phases("embeddings model loaded in %.1f s (max_length %d, batches up to %d)", phases.elapsed(),
            pipeline.max_length, embeddings_config.max_batch_size)
     if warmup:
         from maxjax.pipelines.registry import warm_up

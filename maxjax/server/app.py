@@ -330,6 +330,14 @@ def _occupancy(served: ServedModel) -> dict[str, Any]:
     pages = getattr(served.pipeline, "pages", None)
     if pages is not None:  # KV cache pages used / free / cached, prefix-cache hit rate, preemptions
         out.update(pages.stats())
+    engine = getattr(served.pipeline, "engine", None)
+    if engine is not None and hasattr(engine, "kv_cache_bytes"):
+        out["kv_cache_bytes"] = int(engine.kv_cache_bytes)
+    speculative = getattr(served.pipeline, "speculative", None)
+    if speculative is not None:  # speculative decoding rounds, tokens drafted and accepted so far
+        out["speculative"] = dict(speculative.stats)
+    if served.lora_name is not None:
+        out["parent"] = served.parent
     return out
 
 

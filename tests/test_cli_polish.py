@@ -59,6 +59,7 @@ def test_serve_takes_the_runtime_flags_of_generate():
     (["serve", "--lora", "no-equals-sign"], "NAME=PATH"),
     (["serve", "--length-buckets", "128,lots"], "--length-buckets"),
     (["serve", "--model", "a=smollm2", "--model", "a=minilm"], "given twice"),
+    (["serve", "--model", "no-such-model.gguf"], "no-such-model.gguf"),
 ])
 def test_serve_refuses_bad_flags_before_anything_loads(argv, match, monkeypatch, capsys):
     pytest.importorskip("uvicorn")
@@ -168,3 +169,14 @@ def test_no_tpu_probe_on_a_machine_without_an_accelerator_plugin():
     chosen = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env={**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
     assert chosen.stdout.split()[0] == "False"  # the user's choice stands
+
+
+def test_a_model_that_fails_to_load_stops_the_server(tmp_path):
+    pytest.importorskip("uvicorn")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    result = subprocess.run([sys.executable, "-m", "maxjax.cli", "serve", "--model", str(broken), "--port", "0",
+                             "--no-warmup"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "a model failed to load" in result.stderr and "broken" in result.stderr

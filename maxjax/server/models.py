@@ -100,7 +100,12 @@ def plan_models(specs: list[str] | None, lora_adapters: dict[str, str] | None = 
     plans = []
     for spec in specs or [None]:
         name, source = parse_model_spec(spec)
-        plans.append(ModelPlan(name, source, task_of(source)))
+        plan = ModelPlan(name, source, task_of(source))
+        if plan.task is PipelineTask.TEXT_GENERATION and source is not None:
+            from maxjax.weights.sources import resolve_source
+
+            resolve_source(source)  # a missing file or unknown name fails now, not after the port opened
+        plans.append(plan)
     names = [p.name for p in plans] + list(lora_adapters or {})
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

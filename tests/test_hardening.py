@@ -261,8 +261,7 @@ def test_llm_reports_its_load(tiny, monkeypatch, caplog):
     assert llm.generate("Hi", max_new_tokens=3, temperature=0) is not None
     with pytest.raises(ValueError, match="only whitespace"):
         llm.generate(" \n ")
-    llm.chat = False  # raw prompts reach the tokenizer's own check
     with pytest.raises(ValueError, match="only whitespace"):
         llm.tokenizer.build_context(TextGenerationRequest("w", 0, "tiny", prompt="\t "))
-    with pytest.raises(ValueError, match="tempreature"):  # not a TypeError from TextGenerationRequest
+    with pytest.raises(ValueError, match="tempreature"):  # not a TypeError from TextGenerationRequest.__init__
         llm.generate("Hi", tempreature=0.5)

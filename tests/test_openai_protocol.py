@@ -83,7 +83,8 @@ def test_built_in_names_serve_under_their_own_name(tmp_path):
     assert task_of("smollm2") is PipelineTask.TEXT_GENERATION
     plans = plan_models(["minilm", "chat=smollm2"], {"a": "/adapters/a"})
     assert [(p.name, p.task, p.lora_adapters) for p in plans] == [
-        ("minilm", PipelineTask.EMBEDDINGS_GENERATION, {}), ("chat", PipelineTask.TEXT_GENERATION, {"a": "/adapters/a"})]
+        ("minilm", PipelineTask.EMBEDDINGS_GENERATION, {}),
+        ("chat", PipelineTask.TEXT_GENERATION, {"a": "/adapters/a"})]
     with pytest.raises(ValueError, match="smollm2"):
         plan_models(["smollm2", "smollm2"])
     with pytest.raises(ValueError, match=r"\['chat'\]"):  # models and adapters share the names

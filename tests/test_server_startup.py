@@ -39,7 +39,8 @@ def _write_adapter(folder: Path, seed: int, rank: int = 8) -> Path:
     for layer in range(LAYERS):
         for module, out in (("q_proj", Q_OUT), ("v_proj", KV_OUT)):
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = (rng.standard_normal((rank, HIDDEN)) / HIDDEN ** 0.5).astype(np.float32)
+            a = rng.standard_normal((rank, HIDDEN)) / HIDDEN ** 0.5
+            tensors[f"{prefix}.lora_A.weight"] = a.astype(np.float32)
             tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((out, rank)) * 0.2).astype(np.float32)
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
@@ -124,8 +125,8 @@ def test_an_adapter_name_selects_the_adapter(server):
     assert len(set(texts.values())) == 3, texts  # each adapter changes the base model's greedy text
     again = _complete(base, "pirate", prompt)
     assert again["choices"][0]["text"] == texts["pirate"] and again["model"] == "pirate"
-    chat = httpx.post(f"{base}/v1/chat/completions", json={"model": "poet", "max_tokens": 4, "temperature": 0,
-                                                           "messages": [{"role": "user", "content": "Hi"}]}, timeout=300)
+    body = {"model": "poet", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]}
+    chat = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300)
     assert chat.status_code == 200 and chat.json()["model"] == "poet"
 
 

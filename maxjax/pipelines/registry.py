@@ -52,9 +52,10 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     ``runtime`` holds ``RuntimeConfig`` fields (``max_batch_size``, ``max_seq_len``, ``dtype``, ...).
     Programs compile on first use (and land in the persistent compile cache); ``warmup=True`` compiles all
     of them now, after which no request mix compiles anything. ``progress=True`` shows a line per phase
-    (weights, KV cache, adapters, warm-up and its program count) and a bar while the weights are read. ``lora_adapters`` ({name: PEFT folder}) are loaded and servable by
-    ``lora_name``; ``max_loras`` / ``max_lora_rank`` default to fit them. ``draft_model`` (with
-    ``speculative="draft"``) is the speculative draft model, anything ``load_model`` takes, same vocabulary.
+    (weights, KV cache, adapters, warm-up and its program count) and a bar while the weights are read.
+    ``lora_adapters`` ({name: PEFT folder}) are loaded and servable by ``lora_name``; ``max_loras`` /
+    ``max_lora_rank`` default to fit them. ``draft_model`` (with ``speculative="draft"``) is the speculative draft
+    model, anything ``load_model`` takes, same vocabulary.
     """
     import dataclasses
 

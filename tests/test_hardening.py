@@ -259,3 +259,9 @@ def test_llm_reports_its_load(tiny, monkeypatch, caplog):
     assert calls == [{"progress": True, "max_batch_size": 4}]  # the weights bar is on
     assert "loading the default model" in caplog.text and "loaded tiny in" in caplog.text
     assert llm.generate("Hi", max_new_tokens=3, temperature=0) is not None
+    with pytest.raises(ValueError, match="only whitespace"):
+        llm.generate(" \n ")
+    with pytest.raises(ValueError, match="only whitespace"):
+        llm.tokenizer.build_context(TextGenerationRequest("w", 0, "tiny", prompt="\t "))
+    with pytest.raises(ValueError, match="tempreature"):  # not a TypeError from TextGenerationRequest.__init__
+        llm.generate("Hi", tempreature=0.5)

@@ -86,7 +86,7 @@ def server(tmp_path_factory, smollm2_gguf, minilm_dir):
     tools_dir = _tool_model(tmp / "qwen-tools", smollm2_gguf)
     port = _free_port()
     command = [sys.executable, "-m", "maxjax.cli", "serve", "--port", str(port), "--no-warmup",
-               "--model", f"smollm2={smollm2_gguf}", "--model", f"minilm={minilm_dir}",
+               "--model", "smollm2", "--model", "minilm",  # the built-in names, served under those names
                "--model", f"qwen-tools={tools_dir}", "--model", "orpheus=random-orpheus",
                "--max-batch-size", str(RUNTIME["max_batch_size"]), "--max-seq-len", str(RUNTIME["max_seq_len"]),
                "--length-buckets", "128,256", "--max-num-steps", str(RUNTIME["max_num_steps"]),
@@ -103,7 +103,8 @@ def server(tmp_path_factory, smollm2_gguf, minilm_dir):
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)  # not listening yet, or 503 {"status": "loading"}
         else:
             pytest.fail("server did not start")
         yield proc, base
@@ -231,6 +232,24 @@ def test_json_schema_response_format(client, llm):
     assert isinstance(json.loads(anything.choices[0].message.content), dict)
 
 
+def test_response_format_on_completions(client, llm):
+    """As vLLM: a raw completion constrained to a JSON schema, the same text as maxjax.LLM gives."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
+              "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "color", "schema": schema}}
+    prompt = "The sky as JSON:"
+    out = client.completions.create(model="smollm2", prompt=prompt, max_tokens=24, temperature=0,
+                                    extra_body={"response_format": response_format})
+    jsonschema.validate(json.loads(out.choices[0].text), schema)
+    assert out.choices[0].text == _raw(llm, prompt, SamplingParams(max_new_tokens=24),
+                                       response_format=response_format).text
+    with pytest.raises(openai.BadRequestError) as info:  # a schema llguidance cannot compile: 400, as on chat
+        client.completions.create(model="smollm2", prompt=prompt, extra_body={"response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}})
+    assert info.value.body["param"] == "response_format"
+
+
 def test_tool_call_round_trip(client):
     jsonschema = pytest.importorskip("jsonschema")
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -283,7 +302,6 @@ def test_speech_returns_24khz_wav(client):
 
 
 BAD_REQUESTS = [
-    ("completions", dict(model="nope", prompt="Hi"), "model"),
     ("completions", dict(model="smollm2", prompt="Hi", max_tokens=-1), "max_tokens"),
     ("completions", dict(model="smollm2", prompt="Hi", top_p=2), "top_p"),
     ("chat", dict(model="smollm2", messages=[]), "messages"),
@@ -306,7 +324,11 @@ def test_bad_requests_get_400_naming_the_field(client, server):
             create(**body)
         assert info.value.status_code == 400 and info.value.body["param"] == field, (body, info.value.body)
         assert info.value.body["type"] == "invalid_request_error" and info.value.body["message"]
-    assert _metric(server[1], "maxjax_requests_total", model="-", status="rejected") == before + len(BAD_REQUESTS)
+    with pytest.raises(openai.NotFoundError) as info:  # OpenAI's answer to an unknown model
+        client.completions.create(model="nope", prompt="Hi")
+    assert info.value.status_code == 404 and info.value.body["code"] == "model_not_found"
+    assert info.value.body["param"] == "model"
+    assert _metric(server[1], "maxjax_requests_total", model="-", status="rejected") == before + len(BAD_REQUESTS) + 1
     ok = client.completions.create(model="smollm2", prompt="Hi", max_tokens=2, temperature=0)
     assert ok.usage.completion_tokens == 2
     assert _health(server[1])["smollm2"]["free_slots"] == RUNTIME["max_batch_size"]

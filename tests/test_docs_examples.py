@@ -26,14 +26,6 @@ SERVE_RUNTIME = ["--no-warmup", "--max-batch-size", "4", "--max-seq-len", "256",
 PAGES = [str(p.relative_to(ROOT)) for p in pages()]
 
 
-def _packaged_models() -> dict[str, str]:
-    """The documented short names, spelled out as NAME=PATH of the files the model packages ship."""
-    from maxjax.pipelines.embeddings import default_model_dir
-    from maxjax.weights import default_gguf
-
-    return {"smollm2": f"smollm2={default_gguf()}", "minilm": f"minilm={default_model_dir()}"}
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,9 +70,7 @@ def test_every_example_runs_or_says_why_not():
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("docs-serve")
     port = _free_port()
-    names = _packaged_models()
     args = serve_command(port)
-    args = [names.get(a, a) if i and args[i - 1] == "--model" else a for i, a in enumerate(args)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "maxjax", "serve", *args, *SERVE_RUNTIME], cwd=tmp, env=env,

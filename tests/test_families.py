@@ -1,4 +1,5 @@
-"""Model families (Qwen3, Gemma 1/2/3, Phi-3, Qwen3-MoE) against transformers on tiny random models.
+"""The ten model families (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral, Gemma 1/2/3, Phi-3) against
+transformers on tiny random models.
 
 Each model is built with transformers' own config class, saved as safetensors and loaded by maxjax: logits
 within 1e-5 (float32) of transformers on prompts longer than the sliding window, and greedy tokens through
@@ -28,7 +29,14 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
 LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
             "long_factor": [2.0 + 0.5 * i for i in range(8)], "rope_theta": 10000.0,
             "original_max_position_embeddings": 128}
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
 FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+              dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(sliding_window=WINDOW, tie_word_embeddings=False)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),  # QKV biases
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=False)),
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {}),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
@@ -82,8 +90,12 @@ def test_logits_match_transformers(family):
     kind, model, folder = family
     ids = np.random.default_rng(1).integers(3, VOCAB, (2, 40))  # 40 tokens > the sliding window of 8
     ours = load_model(folder, tokenizer=False)
-    if kind in ("gemma2", "gemma3_text", "phi3", "mixtral"):
+    if kind in ("mistral", "gemma2", "gemma3_text", "phi3", "mixtral"):
         assert ours.config.sliding_window == WINDOW
+    if kind == "llama":
+        assert dict(ours.config.rope_scaling)["rope_type"] == "llama3"
+    if kind == "qwen2":
+        assert ours.config.attention_bias and ours.config.tie_word_embeddings
     reference = _hf_logits(model, ids)
     diff = np.abs(ours.logits(ids) - reference).max()
     print(f"{kind}: max abs logit diff vs transformers {diff:.2e} (logits up to {np.abs(reference).max():.1f})")

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import unavailable
+
 from maxjax.architectures import llama, panels
 from maxjax.context import TextContext
 from maxjax.interfaces import SamplingParams, TextGenerationInputs
@@ -69,7 +71,7 @@ def test_decode_kernels_per_step_stay_under_their_bounds(monkeypatch, native_ker
     with the native CPU kernels."""
     monkeypatch.setenv(native.ENABLE_ENV, native_kernels)
     if native_kernels == "1" and native.ffi_target(panels.TARGET) is None:
-        pytest.skip("no C++ compiler: the native kernels are unavailable")
+        unavailable("no C++ compiler: the native kernels are unavailable")
     split = runpy.run_path(str(BENCH))["layer_split"](_engine(3), *SHAPE)
     two, three = split["profiles"]
     layer = _per_layer(two["by_opcode"], three["by_opcode"])
@@ -143,7 +145,7 @@ def test_deferred_cache_write_equals_writing_before_attention():
 def test_prefill_kernels_per_layer_stay_under_their_bounds(monkeypatch, native_kernels):
     monkeypatch.setenv(native.ENABLE_ENV, native_kernels)
     if native_kernels == "1" and native.ffi_target(panels.TARGET) is None:
-        pytest.skip("no C++ compiler: the native kernels are unavailable")
+        unavailable("no C++ compiler: the native kernels are unavailable")
     ops = []
     for layers in (2, 3):
         engine = _engine(layers)

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import unavailable
+
 from maxjax.architectures import llama
 
 CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
@@ -228,7 +230,7 @@ def test_runtime_layout_packs_float32_weights_for_the_native_matmul():
     from maxjax.architectures import panels
 
     if panels.native.ffi_target(panels.TARGET) is None:
-        pytest.skip("no C++ compiler: the native matmul is unavailable (tests/test_native_kernels.py says why)")
+        unavailable("no C++ compiler: the native matmul is unavailable (tests/test_native_kernels.py says why)")
     cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
     params = llama.init_params(cfg, jax.random.key(4))
     runtime = llama.runtime_params(params)

@@ -25,6 +25,8 @@ import numpy as np
 import openai
 import pytest
 
+from conftest import require
+
 from maxjax.interfaces import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -215,7 +217,7 @@ def test_logprobs_and_echo_equal_llm(client, llm):
 
 
 def test_json_schema_response_format(client, llm):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require("jsonschema")
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "age": {"type": "integer", "minimum": 0, "maximum": 150}},
               "required": ["name", "age"], "additionalProperties": False}
@@ -232,7 +234,7 @@ def test_json_schema_response_format(client, llm):
 
 
 def test_tool_call_round_trip(client):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require("jsonschema")
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     first = client.chat.completions.create(model="qwen-tools", messages=messages, tools=TOOLS, max_tokens=48,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from conftest import require
+
 from maxjax.interfaces import GenerationStatus, SamplingParams, TextGenerationInputs, TextGenerationRequest
 
 pytestmark = pytest.mark.slow
@@ -53,7 +55,7 @@ def _run(pipeline, contexts, num_steps=8):
 
 
 def test_schema_outputs_parse_and_validate(pipe):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require("jsonschema")
     tokenizer, pipeline = pipe
     contexts = [tokenizer.build_context(_request(f"{i}-{seed}", prompt, schema=SCHEMA, top_k=0, temperature=0.8,
                                                  seed=seed))

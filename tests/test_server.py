@@ -92,7 +92,7 @@ def server(tmp_path_factory, smollm2_gguf, minilm_dir):
                "--model", f"qwen-tools={tools_dir}", "--model", "orpheus=random-orpheus",
                "--max-batch-size", str(RUNTIME["max_batch_size"]), "--max-seq-len", str(RUNTIME["max_seq_len"]),
                "--length-buckets", "128,256", "--max-num-steps", str(RUNTIME["max_num_steps"]),
-               "--drain-timeout", "20", "--log-level", "warning"]
+               "--drain-timeout", "600", "--log-level", "warning"]  # the drain lets an open stream end, however slow
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -360,13 +360,14 @@ def test_disconnect_mid_stream_frees_the_slot(client, server):
         if pieces == 2:
             break
     stream.close()
-    for _ in range(100):  # bounded: ~10 s
+    for _ in range(1200):  # a guard against a hang (~2 minutes), not a bound on how fast the cancel lands
         if _metric(base, "maxjax_requests_total", model="smollm2", status="cancelled") == cancelled + 1:
             break
         time.sleep(0.1)
     assert _metric(base, "maxjax_requests_total", model="smollm2", status="cancelled") == cancelled + 1
     health = _health(base)["smollm2"]
     assert health["free_slots"] == RUNTIME["max_batch_size"] and health["active"] == 0
+    assert health["kv_pages_used"] == 0  # its pages came back
     assert "maxjax_time_to_first_token_seconds_bucket" in httpx.get(f"{base}/metrics").text
 
 
@@ -384,5 +385,5 @@ def test_sigterm_drains_and_exits_zero(client, server):
     proc.send_signal(signal.SIGTERM)
     rest = list(stream)
     text = first.choices[0].text + "".join(c.choices[0].text for c in rest)
-    assert rest[-1].choices[0].finish_reason == "length" and text
-    assert proc.wait(timeout=60) == 0
+    assert rest[-1].choices[0].finish_reason == "length" and text  # all 40 tokens: the drain let it finish
+    assert proc.wait(timeout=600) == 0  # a guard against a hang, not a bound on the drain

@@ -34,8 +34,9 @@ def _run(params, cfg, tokens, positions=None, cache=None, slots=None, kv_len=Non
     return np.asarray(logits), cache
 
 
-def _reference(params, cfg, tokens):
-    """Plain numpy float64 Llama over one unpadded sequence, written independently of the model code."""
+def _reference(params, cfg, tokens, inv=None):
+    """Plain numpy float64 Llama over one unpadded sequence, written independently of the model code; ``inv``:
+    the rotary inverse frequencies (default: unscaled, from rope_theta)."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     T = len(tokens)
     H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -43,7 +44,7 @@ def _reference(params, cfg, tokens):
     def norm(x, w):
         return w * x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.rms_norm_eps)
 
-    inv = 1.0 / cfg.rope_theta ** (np.arange(0, Dh, 2) / Dh)
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, Dh, 2) / Dh) if inv is None else inv
     ang = np.arange(T)[:, None] * inv[None]  # [T, Dh/2]
 
     def rot(x):  # x [T, heads, Dh], rotate-half
@@ -104,14 +105,35 @@ def test_sliding_window_matches_reference_and_masks():
     assert np.abs(full[0, 6:] - logits[0, 6:]).max() > 1e-3
 
 
-def test_gqa_and_llama3_rope_scaling_run():
+def _llama3_inv_freq(theta, dim, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3.1's rope scaling, from its published formula: wavelengths below original / high_freq_factor kept,
+    above original / low_freq_factor divided by factor, and a smooth blend between."""
+    inv = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
+    wavelen = 2 * np.pi / inv
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    return np.where(wavelen < original_max_position_embeddings / high_freq_factor, inv,
+                    np.where(wavelen > original_max_position_embeddings / low_freq_factor, inv / factor, blended))
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])  # one K/V head for all 4 query heads (MQA), and 2 for 2 each
+def test_gqa_and_llama3_rope_scaling_match_the_reference(kv_heads):
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
-    cfg = dataclasses.replace(CFG, rope_scaling=scaling)
+    cfg = dataclasses.replace(CFG, rope_scaling=scaling, num_kv_heads=kv_heads)
     assert isinstance(cfg.rope_scaling, tuple) and hash(cfg)
-    inv = llama.rope_inv_freq(cfg)
-    base = llama.rope_inv_freq(CFG)
-    assert np.allclose(inv[0], base[0]) and np.allclose(inv[-1], base[-1] / 8.0)  # high freq kept, low scaled
+    inv = np.asarray(llama.rope_inv_freq(cfg))
+    expected = _llama3_inv_freq(CFG.rope_theta, CFG.head_dim, **{k: v for k, v in scaling.items() if k != "rope_type"})
+    # head_dim 8: wavelengths 6.3 (kept), 63 (blended), 628 and 6283 (divided by 8)
+    np.testing.assert_allclose(inv, expected, rtol=1e-6)
+    assert inv[0] == expected[0] and not np.isclose(inv[1], expected[1] / 8) and np.isclose(inv[-1], expected[-1])
+    params = llama.init_params(cfg, jax.random.key(5))
+    assert params["layers"]["wk"].shape[-1] == kv_heads * cfg.head_dim
+    tokens = _tokens(24, seed=6)
+    logits, _ = _run(params, cfg, tokens[None])
+    np.testing.assert_allclose(logits[0], _reference(params, cfg, tokens, inv=expected), atol=2e-5, rtol=0)
+    # and the scaling matters: the unscaled reference is further off than the tolerance
+    assert np.abs(logits[0] - _reference(params, cfg, tokens)).max() > 1e-4
 
 
 def test_padding_does_not_change_real_rows(params):

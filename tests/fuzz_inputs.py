@@ -287,8 +287,8 @@ def template_cases(tokenizer) -> list[Case]:
         "mutate": "{% set x = [] %}{{ x.append(1) }}",
         "constant folded range": "{{ range(10**10) | list }}",
     }
-    return [Case("template", name, lambda t=t, n=name: render_with(tokenizer, t, REFUSED_BY.get(n, "TemplateLimitError")))
-            for name, t in hostile.items()]
+    return [Case("template", name, lambda t=t, cause=REFUSED_BY.get(name, "TemplateLimitError"):
+                 render_with(tokenizer, t, cause)) for name, t in hostile.items()]
 
 
 # What refuses each hostile template (the ValueError's cause); the others: a limit of the sandbox

@@ -23,6 +23,7 @@ import pytest
 import tiny_models
 from maxjax.cli import main
 from maxjax.interfaces import SamplingParams
+from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "What is the capital of France?"
@@ -104,7 +105,7 @@ def test_generate_logprobs_prints_llm_values(capsys, tiny, llm):
 
 
 def test_generate_json_schema_equals_llm_and_validates(capsys, tmp_path, tiny, llm):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require("jsonschema")
     schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Tokyo"]},
                                                "rank": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["city", "rank"], "additionalProperties": False}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from maxjax import cli
+from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ def test_serve_takes_the_runtime_flags_of_generate():
     (["serve", "--model", "no-such-model.gguf"], "no-such-model.gguf"),
 ])
 def test_serve_refuses_bad_flags_before_anything_loads(argv, match, monkeypatch, capsys):
-    pytest.importorskip("uvicorn")
+    require("uvicorn")
     import maxjax.server.app as app
     import maxjax.server.main as main
 
@@ -172,7 +173,7 @@ def test_no_tpu_probe_on_a_machine_without_an_accelerator_plugin():
 
 
 def test_a_model_that_fails_to_load_stops_the_server(tmp_path):
-    pytest.importorskip("uvicorn")
+    require("uvicorn")
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"not a gguf file")
     result = subprocess.run([sys.executable, "-m", "maxjax.cli", "serve", "--model", str(broken), "--port", "0",

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from docs_examples import MARKERS, ROOT, examples, pages, serve_command
+from conftest import require
 
 # Sizes for the server the test starts (added to the documented command): the buckets of tests/test_server.py,
 # so the two share the compile cache, and programs compiled on first use instead of a warm-up of every one.
@@ -35,9 +36,9 @@ def _free_port() -> int:
 def _write_example_files(workdir: Path) -> None:
     """What the pages name: three small PEFT LoRA adapters for SmolLM2-135M (random A, zero B, as PEFT starts
     them) in adapters/, and draft.gguf (SmolLM2's own file standing in for a smaller draft model)."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    torch = require("torch")
+    peft = require("peft")
+    transformers = require("transformers")
     from maxjax.weights import default_gguf
 
     config = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

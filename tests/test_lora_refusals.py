@@ -15,6 +15,7 @@ from maxjax.pipelines.text import TextGenerationPipeline
 from maxjax.runtime.config import RuntimeConfig
 from maxjax.runtime.engine import Engine
 from maxjax.weights.lora import load_lora_adapter
+from conftest import require
 
 CFG = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
@@ -34,7 +35,7 @@ REGEX_REFUSAL = r"tensor \S*embed_tokens\S* is not a LoRA matrix .*embedding"
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, add_random_lora):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     folder = tmp_path_factory.mktemp("lora_variants")
     for name, (fields, _) in VARIANTS.items():
         add_random_lora(transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG.to_hf())), folder, name,

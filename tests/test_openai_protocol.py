@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-pytest.importorskip("pydantic")
+from conftest import require
+
+require("pydantic")
 
 from maxjax.interfaces import PipelineTask  # noqa: E402
 from maxjax.server.models import parse_model_spec, task_of  # noqa: E402

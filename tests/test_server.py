@@ -25,6 +25,8 @@ import numpy as np
 import openai
 import pytest
 
+from conftest import require
+
 from maxjax.interfaces import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -90,7 +92,7 @@ def server(tmp_path_factory, smollm2_gguf, minilm_dir):
                "--model", f"qwen-tools={tools_dir}", "--model", "orpheus=random-orpheus",
                "--max-batch-size", str(RUNTIME["max_batch_size"]), "--max-seq-len", str(RUNTIME["max_seq_len"]),
                "--length-buckets", "128,256", "--max-num-steps", str(RUNTIME["max_num_steps"]),
-               "--drain-timeout", "20", "--log-level", "warning"]
+               "--drain-timeout", "600", "--log-level", "warning"]  # the drain lets an open stream end, however slow
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -216,7 +218,7 @@ def test_logprobs_and_echo_equal_llm(client, llm):
 
 
 def test_json_schema_response_format(client, llm):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require("jsonschema")
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "age": {"type": "integer", "minimum": 0, "maximum": 150}},
               "required": ["name", "age"], "additionalProperties": False}
@@ -234,7 +236,7 @@ def test_json_schema_response_format(client, llm):
 
 def test_response_format_on_completions(client, llm):
     """As vLLM: a raw completion constrained to a JSON schema, the same text as maxjax.LLM gives."""
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require("jsonschema")
     schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
               "additionalProperties": False}
     response_format = {"type": "json_schema", "json_schema": {"name": "color", "schema": schema}}
@@ -251,7 +253,7 @@ def test_response_format_on_completions(client, llm):
 
 
 def test_tool_call_round_trip(client):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require("jsonschema")
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     first = client.chat.completions.create(model="qwen-tools", messages=messages, tools=TOOLS, max_tokens=48,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
@@ -266,7 +268,9 @@ def test_tool_call_round_trip(client):
     second = client.chat.completions.create(model="qwen-tools", messages=history, tools=TOOLS, max_tokens=4,
                                             temperature=0)
     assert second.usage.prompt_tokens > first.usage.prompt_tokens + 10  # the call and its result are in the prompt
-    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # a plain answer after the tool's result (greedy, no tool call), cut at its 4 tokens
+    assert second.choices[0].finish_reason == "length" and second.usage.completion_tokens == 4
+    assert second.choices[0].message.tool_calls is None and second.choices[0].message.content
 
     required = client.chat.completions.create(model="qwen-tools", messages=messages, tools=TOOLS, max_tokens=48,
                                               tool_choice="required", stream=True)
@@ -380,13 +384,14 @@ def test_disconnect_mid_stream_frees_the_slot(client, server):
         if pieces == 2:
             break
     stream.close()
-    for _ in range(100):  # bounded: ~10 s
+    for _ in range(1200):  # a guard against a hang (~2 minutes), not a bound on how fast the cancel lands
         if _metric(base, "maxjax_requests_total", model="smollm2", status="cancelled") == cancelled + 1:
             break
         time.sleep(0.1)
     assert _metric(base, "maxjax_requests_total", model="smollm2", status="cancelled") == cancelled + 1
     health = _health(base)["smollm2"]
     assert health["free_slots"] == RUNTIME["max_batch_size"] and health["active"] == 0
+    assert health["kv_pages_used"] == 0  # its pages came back
     assert "maxjax_time_to_first_token_seconds_bucket" in httpx.get(f"{base}/metrics").text
 
 
@@ -404,5 +409,5 @@ def test_sigterm_drains_and_exits_zero(client, server):
     proc.send_signal(signal.SIGTERM)
     rest = list(stream)
     text = first.choices[0].text + "".join(c.choices[0].text for c in rest)
-    assert rest[-1].choices[0].finish_reason == "length" and text
-    assert proc.wait(timeout=60) == 0
+    assert rest[-1].choices[0].finish_reason == "length" and text  # all 40 tokens: the drain let it finish
+    assert proc.wait(timeout=600) == 0  # a guard against a hang, not a bound on the drain

@@ -25,6 +25,7 @@ import pytest
 
 import tiny_models
 from maxjax.interfaces import SamplingParams, TextGenerationRequest
+from conftest import require
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +198,7 @@ def test_chat_stop_strings_equal_llm(client, llm):
 
 
 def test_tool_choice_auto_parses_the_models_format(client, tool_model):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require("jsonschema")
     from maxjax.pipelines.llm import LLM
 
     tools_llm = LLM(str(tool_model), progress=False, **RUNTIME)

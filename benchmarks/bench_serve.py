@@ -90,7 +90,8 @@ def _start(command: list[str], log: Path, port: int, timeout: float) -> subproce
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)  # not up yet, or 503 while the models load
     proc.terminate()
     return None
 

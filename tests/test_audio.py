@@ -9,6 +9,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+from conftest import require
+
 from maxjax.context import AudioContext
 from maxjax.interfaces import (AudioGenerationRequest, GenerationStatus, PipelineTask, SamplingParams,
                                TextGenerationInputs)
@@ -252,7 +254,7 @@ def test_prompt_layout_voice_cloning_and_raw_prompt(tts):
 
 
 def test_speak_to_file_writes_a_24khz_wav(tts, tmp_path):
-    soundfile = pytest.importorskip("soundfile")
+    soundfile = require("soundfile")
     tokenizer, pipeline = tts
     path = tmp_path / "out.wav"
     info = speak_to_file("Hello there, how are you?", path, voice="tara", sampling_params=SamplingParams(
@@ -297,8 +299,8 @@ def test_checkpoint_folder_loads_like_the_random_models(tts, tmp_path):
 
 @pytest.mark.slow
 def test_random_snac_state_has_the_reference_layout():
-    torch = pytest.importorskip("torch")  # noqa: F841
-    snac = pytest.importorskip("snac")
+    torch = require("torch")  # noqa: F841
+    snac = require("snac")
     from maxjax.architectures.snac import SnacConfig
     from maxjax.pipelines.orpheus_random import snac_config_dict, snac_state_shapes
 

@@ -8,8 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import require
 
-pytest.importorskip("fastapi")
+require("fastapi")
 
 from maxjax.server import batch  # noqa: E402
 

@@ -35,6 +35,9 @@ def test_speak_writes_a_24khz_wav(tmp_path):
     out = tmp_path / "out.wav"
     result = maxjax("speak", "Hello from maxjax.", "-o", str(out))
     assert "RANDOM" in result.stderr  # says that no checkpoint was given
+    assert f"wrote {out}" in result.stderr and "reading the speech model" in result.stderr  # progress lines
+    summary = json.loads(result.stdout)  # the summary goes to stdout
+    assert summary["path"] == str(out) and summary["sample_rate"] == 24000
     audio, rate = soundfile.read(out)
     assert rate == 24000 and audio.ndim == 1 and audio.size > 0
 

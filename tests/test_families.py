@@ -1,4 +1,5 @@
-"""Model families (Qwen3, Gemma 1/2/3, Phi-3, Qwen3-MoE) against transformers on tiny random models.
+"""The ten model families (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral, Gemma 1/2/3, Phi-3) against
+transformers on tiny random models.
 
 Each model is built with transformers' own config class, saved as safetensors and loaded by maxjax: logits
 within 1e-5 (float32) of transformers on prompts longer than the sliding window, and greedy tokens through
@@ -28,7 +29,14 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
 LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
             "long_factor": [2.0 + 0.5 * i for i in range(8)], "rope_theta": 10000.0,
             "original_max_position_embeddings": 128}
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
 FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+              dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(sliding_window=WINDOW, tie_word_embeddings=False)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),  # QKV biases
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=False)),
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {}),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
@@ -82,8 +90,12 @@ def test_logits_match_transformers(family):
     kind, model, folder = family
     ids = np.random.default_rng(1).integers(3, VOCAB, (2, 40))  # 40 tokens > the sliding window of 8
     ours = load_model(folder, tokenizer=False)
-    if kind in ("gemma2", "gemma3_text", "phi3", "mixtral"):
+    if kind in ("mistral", "gemma2", "gemma3_text", "phi3", "mixtral"):
         assert ours.config.sliding_window == WINDOW
+    if kind == "llama":
+        assert dict(ours.config.rope_scaling)["rope_type"] == "llama3"
+    if kind == "qwen2":
+        assert ours.config.attention_bias and ours.config.tie_word_embeddings
     reference = _hf_logits(model, ids)
     diff = np.abs(ours.logits(ids) - reference).max()
     print(f"{kind}: max abs logit diff vs transformers {diff:.2e} (logits up to {np.abs(reference).max():.1f})")
@@ -177,24 +189,40 @@ def test_moe_computes_only_the_selected_experts():
 
 
 def test_sliding_layers_read_only_their_window_when_unrolled():
-    """Unrolled layers (decode) gather only the window's cache entries on sliding layers: same logits."""
+    """Unrolled layers (decode) gather only the window's cache entries on sliding layers: the logits of the
+    scanned program, and a NaN written into the cache just outside the window (which a masked read would still
+    multiply in: 0 * NaN) leaves the next token's logits unchanged, while a change just inside changes them."""
     cfg = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim=16, sliding_window=WINDOW, post_norms=True, norm_offset=1.0,
                             layer_types=("sliding_attention", "full_attention"), attn_logit_softcap=5.0)
     params = llama.init_params(cfg, jax.random.key(0))
-    tokens = np.random.default_rng(4).integers(3, VOCAB, (2, 24)).astype(np.int32)
+    tokens = np.random.default_rng(4).integers(3, VOCAB, (2, 25)).astype(np.int32)
     positions = np.stack([np.arange(24), np.where(np.arange(24) < 15, np.arange(24), -1)]).astype(np.int32)
 
     @jax.jit
     def run(p, t, pos, cache):
         return llama.forward(p, cfg, t, pos, cache, np.array([0, 1], np.int32), kv_len=64)
 
-    scanned, _ = run(params, tokens, positions, llama.init_kv_cache(cfg, 2, 64))
+    scanned, _ = run(params, tokens[:, :24], positions, llama.init_kv_cache(cfg, 2, 64))
     unrolled, cache = llama.unstack_layers(params), llama.init_kv_cache(cfg, 2, 64)
     for start in range(0, 24, 8):  # chunks of 8 (decode's single tokens: the greedy tests above)
         chunk, cache = run(unrolled, tokens[:, start:start + 8], positions[:, start:start + 8], cache)
         real = positions[:, start:start + 8] >= 0
         np.testing.assert_allclose(chunk[real], scanned[:, start:start + 8][real], atol=1e-5)
+
+    def next_logits(layer=0, position=None, value=np.nan):  # row 0's token at position 24, the cache changed
+        k, v = cache.k, cache.v
+        if position is not None:
+            k, v = k.at[layer, 0, :, position].set(value), v.at[layer, 0, :, position].set(value)
+        logits, _ = run(unrolled, tokens[:, 24:25], np.array([[24], [-1]], np.int32), cache._replace(k=k, v=v))
+        return np.asarray(logits[0, -1])
+
+    base = next_logits()
+    assert np.isfinite(base).all()
+    outside = 24 - WINDOW  # position 24 attends to 17..24 on the sliding layer
+    np.testing.assert_array_equal(next_logits(0, outside), base)  # never read
+    assert np.abs(next_logits(0, outside + 1, 3.0) - base).max() > 1e-3  # inside the window: read
+    assert np.isnan(next_logits(1, outside)).all()  # the global layer reads every position
 
 
 def test_model_store_round_trip_keeps_family_switches(tmp_path):

@@ -15,8 +15,9 @@ from maxjax.models import load_model
 from maxjax.tokenizers import HFTokenizer
 from test_families import build_hf
 
-GGUF_ARCH = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen3": "qwen3",
-             "qwen3_moe": "qwen3moe", "phi3": "phi3", "mixtral": "llama"}  # llama.cpp writes Mixtral as llama
+# llama.cpp's converter writes Mistral and Mixtral as "llama" files (Mixtral with expert tensors)
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2",
+             "gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "phi3": "phi3", "mixtral": "llama"}
 TEXTS = ["Hello world", "  two  leading spaces and\ttabs\nnewline", "digits 12345 and 3.14159",
          "unicode: naïve café, Ελληνικά, 日本語, emoji 🤖", "trailing space ", "x" * 30]
 CORPUS = "\n".join(["The quick brown fox jumps over the lazy dog.", "Hello world, hello tokens.",
@@ -102,7 +103,7 @@ def _gguf_tensors(model, kind):
         state[f"{prefix}down_proj.weight"] = state.pop(f"{prefix}down_proj")  # [E, D, F]
     out = {}
     for name, array in state.items():
-        base = name.removesuffix(".weight")
+        base, suffix = name.rsplit(".", 1) if name.endswith((".weight", ".bias")) else (name, "weight")
         target = name_map.get_name(base)
         assert target is not None, f"gguf has no name for {name}"
         if kind.startswith("gemma") and name.endswith("norm.weight"):
@@ -110,8 +111,23 @@ def _gguf_tensors(model, kind):
         if GGUF_ARCH[kind] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = model.config.num_attention_heads if "q_proj" in name else model.config.num_key_value_heads
             array = _llama_cpp_rope_permute(array, heads)
-        out[f"{target}.weight"] = np.ascontiguousarray(array, np.float32)
+        out[f"{target}.{suffix}"] = np.ascontiguousarray(array, np.float32)
+    rope = model.config.rope_parameters
+    if rope.get("rope_type") == "llama3":
+        out["rope_freqs.weight"] = _llama3_rope_freqs(rope, model.config.head_dim)
     return out
+
+
+def _llama3_rope_freqs(rope, head_dim):
+    """llama.cpp's converter bakes Llama 3 rope scaling into one divisor per frequency (`rope_freqs.weight`)."""
+    freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    low, high = (rope["original_max_position_embeddings"] / rope[k] for k in ("low_freq_factor", "high_freq_factor"))
+    smooth = ((rope["original_max_position_embeddings"] / wavelen - rope["low_freq_factor"])
+              / (rope["high_freq_factor"] - rope["low_freq_factor"]))
+    factors = np.where(wavelen < high, 1.0, np.where(wavelen > low, rope["factor"],
+                                                     1.0 / ((1 - smooth) / rope["factor"] + smooth)))
+    return factors.astype(np.float32)
 
 
 def _llama_cpp_rope_permute(weight, heads):

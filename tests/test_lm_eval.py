@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require
 
-lm_eval = pytest.importorskip("lm_eval")
+lm_eval = require("lm_eval")
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_DIR = ROOT / "tests" / "data" / "lm_eval"

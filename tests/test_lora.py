@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import require
+
 from maxjax.architectures import llama
 from maxjax.context import TextContext
 from maxjax.interfaces import AudioGenerationRequest, PipelineTask, SamplingParams, TextGenerationInputs
@@ -43,7 +45,7 @@ def params():
 def adapters(tmp_path_factory, add_random_lora):
     """PEFT adapter folders: four that fit (one with per-module ranks and alphas), one of rank 16 (above the
     max), one for other shapes, a pickle."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     folder = tmp_path_factory.mktemp("lora")
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG.to_hf()))
     model = add_random_lora(hf, folder, "qv", ["q_proj", "v_proj"], r=4, alpha=8, seed=1)
@@ -221,7 +223,7 @@ def test_lora_off_rejects_lora_names(params):
 
 def test_audio_requests_pick_their_adapter(tmp_path, add_random_lora, run_requests):
     """The speech stage of the (random) Orpheus pipeline serves `AudioGenerationRequest.lora` per row."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from maxjax.pipelines.audio import load_audio_pipeline
     from maxjax.pipelines.orpheus_random import orpheus_llama_config
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ALL = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
 
@@ -55,8 +57,8 @@ def _output_text(cell) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_notebook_runs(name, smollm2_gguf, minilm_dir):  # the default models
-    nbclient = pytest.importorskip("nbclient")
-    nbformat = pytest.importorskip("nbformat")
+    nbclient = require("nbclient")
+    nbformat = require("nbformat")
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     deadline = time.monotonic() + TIME_LIMIT_S
     client = nbclient.NotebookClient(

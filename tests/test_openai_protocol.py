@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-pytest.importorskip("pydantic")
+from conftest import require
+
+require("pydantic")
 
 from maxjax.interfaces import PipelineTask  # noqa: E402
 from maxjax.server.models import parse_model_spec, task_of  # noqa: E402
@@ -70,3 +72,114 @@ def test_model_specs(tmp_path):
     assert task_of(str(tmp_path / "tts")) is PipelineTask.AUDIO_GENERATION
     assert task_of("random-orpheus") is PipelineTask.AUDIO_GENERATION
     assert task_of("model.gguf") is PipelineTask.TEXT_GENERATION
+
+
+def test_built_in_names_serve_under_their_own_name(tmp_path):
+    from maxjax.server.models import plan_models
+
+    assert parse_model_spec(None) == ("smollm2", None)  # a plain `maxjax serve`
+    assert parse_model_spec("smollm2") == ("smollm2", "smollm2")
+    assert parse_model_spec("minilm") == ("minilm", "minilm")
+    assert parse_model_spec("tts=random-orpheus") == ("tts", "random-orpheus")
+    assert task_of("minilm") is PipelineTask.EMBEDDINGS_GENERATION
+    assert task_of("smollm2") is PipelineTask.TEXT_GENERATION
+    plans = plan_models(["minilm", "chat=smollm2"], {"a": "/adapters/a"})
+    assert [(p.name, p.task, p.lora_adapters) for p in plans] == [
+        ("minilm", PipelineTask.EMBEDDINGS_GENERATION, {}),
+        ("chat", PipelineTask.TEXT_GENERATION, {"a": "/adapters/a"})]
+    with pytest.raises(ValueError, match="smollm2"):
+        plan_models(["smollm2", "smollm2"])
+    with pytest.raises(ValueError, match=r"\['chat'\]"):  # models and adapters share the names
+        plan_models(["chat=smollm2"], {"chat": "/x"})
+    with pytest.raises(ValueError, match="--lora"):
+        plan_models(["minilm"], {"a": "/x"})
+
+
+@pytest.mark.parametrize("cls, body", [
+    (CompletionRequest, dict(prompt="x", temprature=0.5)),
+    (ChatCompletionRequest, dict(messages=[{"role": "user", "content": "x"}], max_token=3)),
+    (ChatCompletionRequest, dict(messages=[{"role": "user", "content": "x"}],
+                                 tools=[{"type": "function", "function": {"name": "f", "parameter": {}}}])),
+])
+def test_unknown_fields_are_refused(cls, body):
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="extra_forbidden|Extra inputs"):
+        cls(model="m", **body)
+
+
+def test_extensions_and_response_format_on_completions():
+    body = CompletionRequest(model="m", prompt="x", top_k=5, min_p=0.1, repetition_penalty=1.1, min_tokens=1,
+                             ignore_eos=True, stop_token_ids=[3], user="u",
+                             response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object"}}})
+    request = body.to_requests("r", lora_name="a")[0]
+    assert request.response_format == {"type": "json_schema", "json_schema": {"name": "output",
+                                                                              "schema": {"type": "object"}}}
+    assert request.lora_name == "a" and request.sampling_params.top_k == 5
+
+
+# ---- the app while its models load (no model, no device) --------------------------------------------------------
+
+@pytest.fixture
+def loading_app():
+    from fastapi.testclient import TestClient
+
+    from maxjax.server.app import create_app
+    from maxjax.server.metrics import Metrics
+    from maxjax.server.models import ServedModels, plan_models
+
+    models = ServedModels(plan_models(["smollm2", "minilm"], {"pirate": "/adapters/pirate"}))
+    with TestClient(create_app(models, Metrics())) as client:
+        yield client, models
+
+
+def test_health_is_503_loading_until_every_model_is_ready(loading_app):
+    client, models = loading_app
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json()["status"] == "loading"
+    assert health.json()["models"]["smollm2"] == {"task": "text_generation", "status": "loading"}
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert set(listed) == {"smollm2", "minilm", "pirate"} and listed["pirate"]["parent"] == "smollm2"
+    assert not any(m["ready"] for m in listed.values())
+    busy = client.post("/v1/completions", json={"model": "smollm2", "prompt": "Hi"})
+    assert busy.status_code == 503 and "still loading" in busy.json()["error"]["message"]
+    models.error = "RuntimeError: out of memory"
+    failed = client.get("/health")
+    assert failed.status_code == 503 and failed.json()["status"] == "failed" and "out of memory" in failed.text
+
+
+def test_unknown_model_is_404_model_not_found(loading_app):
+    client, _ = loading_app
+    response = client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user",
+                                                                                          "content": "Hi"}]})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "model", "model_not_found")
+    assert "gpt-4" in error["message"]
+    wrong_task = client.post("/v1/embeddings", json={"model": "smollm2", "input": "Hi"})
+    assert wrong_task.status_code == 400 and wrong_task.json()["error"]["param"] == "model"
+
+
+def test_malformed_json_says_where(loading_app):
+    client, _ = loading_app
+    response = client.post("/v1/completions", content=b'{"model": "smollm2",\n "prompt": "Hi" "max_tokens": 4}',
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] is None and error["type"] == "invalid_request_error"
+    assert "not valid JSON" in error["message"] and "line 2 column 17" in error["message"]  # as json.loads counts
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/v1/completions", {"model": "smollm2", "prompt": "Hi", "temprature": 0.5}, "temprature"),
+    ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
+                              "max_token": 3}, "max_token"),
+    ("/v1/embeddings", {"model": "minilm", "input": "Hi", "normalize": True}, "normalize"),
+    ("/v1/audio/speech", {"model": "tts", "input": "Hi", "pitch": 2}, "pitch"),
+])
+def test_unknown_fields_get_400_naming_them(loading_app, route, body, field):
+    client, _ = loading_app
+    response = client.post(route, json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == field and field in error["message"] and "top_k" in error["message"]

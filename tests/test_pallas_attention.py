@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import require
+
 from maxjax.architectures.attention import attention
 from maxjax.kernels import pallas_attention as pa
 from maxjax.kernels.paged import gather_pages
@@ -203,7 +205,7 @@ def test_kernels_match_model_attention(logit_cap):
 def test_kernels_lower_for_gpu():
     """Both kernels go through Pallas' Triton lowering (power-of-two blocks, supported ops) for a CUDA target,
     which needs no GPU: what is left to a real GPU is Triton's own compilation and the run."""
-    pytest.importorskip("jax.experimental.pallas.triton")
+    require("jax.experimental.pallas.triton")
     from jax import export
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     spec = jax.ShapeDtypeStruct

@@ -7,7 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip("prometheus_client")
+from conftest import require
+
+require("prometheus_client")
 
 from maxjax.architectures import llama  # noqa: E402
 from maxjax.context import TextContext  # noqa: E402

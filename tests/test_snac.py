@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-snac = pytest.importorskip("snac")
+from conftest import require
+
+torch = require("torch")
+snac = require("snac")
 
 from maxjax.architectures.snac import SnacConfig, decode  # noqa: E402
 from maxjax.pipelines import orpheus  # noqa: E402

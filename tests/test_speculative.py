@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from conftest import require
+
 from maxjax.architectures import llama
 from maxjax.context import TextContext
 from maxjax.interfaces import SamplingParams, TextGenerationInputs
@@ -251,7 +253,7 @@ def test_load_and_cli_options_check_the_draft_model_first():
 
 
 def test_draft_model_from_a_folder_must_share_the_vocabulary(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from maxjax.pipelines.registry import load_draft_engine
 
     def save(name, vocab):

@@ -199,7 +199,7 @@ def load_audio_pipeline(model: str | Path | None = None, task: PipelineTask | st
                         *, snac: str | Path | None = None, num_steps: int = DEFAULT_NUM_STEPS,
                         voice: str | None = None, voices: list[str] | None = None,
                         max_new_tokens: int | None = None, warmup: bool = False, seed: int = 0,
-                        lora_adapters: dict[str, str | Path] | None = None,
+                        lora_adapters: dict[str, str | Path] | None = None, progress: bool = False,
                         **runtime: Any) -> tuple[AudioTokenizer, Any]:
     """(AudioTokenizer, AudioGeneratorPipeline) for an Orpheus checkpoint (see the module docstring for the layout),
     or small random models when `model` is None.
@@ -207,6 +207,7 @@ def load_audio_pipeline(model: str | Path | None = None, task: PipelineTask | st
     task=SPEECH_TOKEN_GENERATION returns the token stage alone: (AudioTokenizer, TextGenerationPipeline).
     `runtime` holds `RuntimeConfig` fields of the speech stage (max_batch_size, max_seq_len, length_buckets, ...).
     `lora_adapters` ({name: PEFT folder}) adapt the speech stage; a request's `lora` picks one.
+    `progress=True` reports each loading phase on stderr.
     """
     import jax
 
@@ -220,8 +221,13 @@ def load_audio_pipeline(model: str | Path | None = None, task: PipelineTask | st
     task = PipelineTask(task)
     if task not in (PipelineTask.AUDIO_GENERATION, PipelineTask.SPEECH_TOKEN_GENERATION):
         raise ValueError(f"task must be audio_generation or speech_token_generation, got {task.value!r}")
+    from maxjax.pipelines.registry import warm_up
+    from maxjax.progress import Phases
+
     runtime.setdefault("max_num_steps", num_steps)
     config = _runtime_config(runtime)
+    phases = Phases(progress)
+    phases("reading the speech model %s", model if model is not None else "(small random Orpheus models)")
     enable_compile_cache(config.compile_cache_dir)
     if model is None:
         from maxjax.pipelines import orpheus_random
@@ -250,9 +256,10 @@ def load_audio_pipeline(model: str | Path | None = None, task: PipelineTask | st
     placed = jax.device_put(params) if config.num_devices == 1 else params
     speech = TextGenerationPipeline(Engine(llama, cfg, placed, config, layout=llama_sharding), tokenizer, name)
     serve_lora_adapters(speech, tokenizer, adapters)
+    phases("speech stage %s on the device in %.1f s", name, phases.elapsed())
     if task is PipelineTask.SPEECH_TOKEN_GENERATION:
         if warmup:
-            speech.warmup()
+            warm_up(speech, phases)
         return tokenizer, speech
 
     snac_params, snac_cfg = _load_snac(model, snac, seed)
@@ -265,8 +272,9 @@ def load_audio_pipeline(model: str | Path | None = None, task: PipelineTask | st
                           batch_buckets=powers_of_two(1, windows),
                           matmul_precision=resolve_matmul_precision(runtime.get("matmul_precision"), "float32"))
     pipeline = AudioGeneratorPipeline(speech, decoder, tokenizer.vocab, num_steps=num_steps, model_name=name)
+    phases("SNAC codec loaded: %s ready in %.1f s", name, phases.elapsed())
     if warmup:
-        pipeline.warmup()
+        warm_up(pipeline, phases)
     return tokenizer, pipeline
 
 
@@ -290,15 +298,22 @@ def _load_snac(model: str | Path | None, snac: str | Path | None, seed: int):
 # ---------------------------------------------------------------------------------------------- notebooks
 
 
+# AudioGenerationRequest fields a TTS call may set by keyword (the rest: ids, model, input, sampling_params).
+AUDIO_REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(AudioGenerationRequest)) - {
+    "request_id", "index", "model", "input", "sampling_params"}
+
+
 class TTS:
     """Text-to-speech for notebooks and scripts: `TTS(model).tts("Hello")` -> (float32 samples, sample rate).
 
     `model` and `config` are those of `load_audio_pipeline` (None: random models). Requests run one at a time.
+    `progress=False` silences the line per loading phase.
     """
 
-    def __init__(self, model: str | Path | None = None, **config: Any):
+    def __init__(self, model: str | Path | None = None, *, progress: bool = True, **config: Any):
         config.setdefault("max_batch_size", 1)
-        self.tokenizer, self.pipeline = load_audio_pipeline(model, PipelineTask.AUDIO_GENERATION, **config)
+        self.tokenizer, self.pipeline = load_audio_pipeline(model, PipelineTask.AUDIO_GENERATION, progress=progress,
+                                                            **config)
         self.model_name = self.pipeline.model_name
         self._count = 0
 
@@ -309,6 +324,10 @@ class TTS:
     def stream(self, text: str, voice: str | None = None, sampling_params: SamplingParams | None = None,
                **request: Any) -> Iterator[np.ndarray]:
         """Yield audio chunks (float32, [-1, 1]) as they are decoded."""
+        unknown = sorted(set(request) - AUDIO_REQUEST_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown keyword argument(s) {unknown}: expected AudioGenerationRequest fields "
+                             f"{sorted(AUDIO_REQUEST_FIELDS)}")
         self._count += 1
         model = f"{self.model_name}:{voice}" if voice else self.model_name
         req = AudioGenerationRequest(request_id=f"tts-{self._count}", index=0, model=model, input=text,
@@ -333,12 +352,13 @@ class TTS:
 
 
 def speak_to_file(text: str, path: str | Path, model: str | Path | None = None, voice: str | None = None,
-                  sampling_params: SamplingParams | None = None, **config: Any) -> dict[str, Any]:
+                  sampling_params: SamplingParams | None = None, progress: bool = True,
+                  **config: Any) -> dict[str, Any]:
     """Speak `text` into a 24 kHz 16-bit WAV at `path`; returns what was done (for the CLI to print)."""
     import soundfile
 
     start = time.perf_counter()
-    tts = TTS(model, **config)
+    tts = TTS(model, progress=progress, **config)
     audio, rate = tts.tts(text, voice=voice, sampling_params=sampling_params)
     soundfile.write(str(path), audio, rate, subtype="PCM_16")
     return {"path": str(path), "sample_rate": rate, "samples": int(audio.size), "duration_s": audio.size / rate,

@@ -206,17 +206,36 @@ def default_model_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def load_embeddings_pipeline(model: str | Path | None = None, *, warmup: bool = False,
+def model_folder(model: str | Path | None) -> Path:
+    """The folder ``model`` names: None -> all-MiniLM-L6-v2; a built-in short name (``minilm``) that is not an
+    existing path -> its package folder; else the path itself."""
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"model must be a folder path, got {type(model).__name__}")
+    if model is None:
+        return default_model_dir()
+    from maxjax.weights.sources import BUILTIN_MODELS, builtin_name, builtin_path
+
+    builtin = builtin_name(str(model))
+    if builtin is not None:
+        if BUILTIN_MODELS[builtin].task != "embeddings_generation":
+            raise ValueError(f"model: {builtin!r} is the built-in {BUILTIN_MODELS[builtin].task} model, not an "
+                             "embeddings model")
+        return builtin_path(builtin)
+    return Path(model)
+
+
+def load_embeddings_pipeline(model: str | Path | None = None, *, warmup: bool = False, progress: bool = False,
                              **config: Any) -> tuple[EmbeddingsTokenizer, EmbeddingsPipeline]:
     """Tokenizer and pipeline for a sentence-transformers or HF BERT folder (default: all-MiniLM-L6-v2).
 
     ``config`` holds ``EmbeddingsConfig`` fields (``max_batch_size``, ``max_length``, ``min_length_bucket``,
     ``compile_cache_dir``). Programs compile on first use (and land in the persistent compile cache);
-    ``warmup=True`` compiles every bucket now, after which no batch compiles anything.
+    ``warmup=True`` compiles every bucket now, after which no batch compiles anything. ``progress=True``
+    reports each phase on stderr.
     """
-    if model is not None and not isinstance(model, (str, os.PathLike)):
-        raise ValueError(f"model must be a folder path, got {type(model).__name__}")
-    folder = default_model_dir() if model is None else Path(model)
+    from maxjax.progress import Phases
+
+    folder = model_folder(model)
     if not folder.is_dir():
         raise ValueError(f"model: {folder} is not a folder")
     if not (folder / "tokenizer.json").is_file():
@@ -225,12 +244,18 @@ def load_embeddings_pipeline(model: str | Path | None = None, *, warmup: bool = 
     if unknown:
         raise ValueError(f"unknown embeddings config field(s) {unknown}")
     embeddings_config = EmbeddingsConfig(**config)
+    phases = Phases(progress)
+    phases("reading the embeddings model %s", folder)
     enable_compile_cache(embeddings_config.compile_cache_dir)
     model_config, params = load_bert(folder)
     pipeline = EmbeddingsPipeline(model_config, params, embeddings_config)
     tokenizer = EmbeddingsTokenizer.from_file(folder / "tokenizer.json", max_length=pipeline.max_length)
+    phases("embeddings model loaded in %.1f s (max_length %d, batches up to %d)", phases.elapsed(),
+           pipeline.max_length, embeddings_config.max_batch_size)
     if warmup:
-        pipeline.warmup()
+        from maxjax.pipelines.registry import warm_up
+
+        warm_up(pipeline, phases)
     return tokenizer, pipeline
 
 
@@ -260,9 +285,7 @@ def embed(texts: str | list[str], model: str | Path | None = None) -> np.ndarray
 
     The default model is all-MiniLM-L6-v2; ``model`` may name another sentence-transformers/HF BERT folder.
     """
-    if model is not None and not isinstance(model, (str, os.PathLike)):
-        raise ValueError(f"model must be a folder path, got {type(model).__name__}")
-    key = str((default_model_dir() if model is None else Path(model)).resolve())
+    key = str(model_folder(model).resolve())
     if key not in _LOADED:
         _LOADED[key] = load_embeddings_pipeline(key)
     tokenizer, pipeline = _LOADED[key]

@@ -17,7 +17,6 @@ import dataclasses
 import itertools
 import logging
 import numbers
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,11 +26,22 @@ from typing import Any
 
 from maxjax.interfaces import SamplingParams, TextGenerationInputs, TextGenerationRequest
 from maxjax.pipelines.kv_admission import set_aside
-from maxjax.pipelines.progress import RequestBar
+from maxjax.progress import RequestBar, show_progress
 from maxjax.runtime.kv_pages import KVCacheFull
 
 Prompt = str | Sequence[dict]
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"stop"}  # stop: a request field
+# Request fields a caller may set by keyword (the rest are set by the wrapper: ids, model, prompt or messages).
+REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(TextGenerationRequest)) - {
+    "request_id", "index", "model_name", "prompt", "messages", "sampling_params", "timestamp_ns", "request_path"}
+
+
+def check_fields(fields: dict[str, Any]) -> None:
+    """ValueError naming keywords that are neither request fields nor SamplingParams fields (typos)."""
+    unknown = sorted(set(fields) - REQUEST_FIELDS - SAMPLING_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown keyword argument(s) {unknown}: expected request fields {sorted(REQUEST_FIELDS)} "
+                         f"or SamplingParams fields {sorted(SAMPLING_FIELDS)}")
 log = logging.getLogger("maxjax")
 
 
@@ -45,16 +55,6 @@ def resolve_sampling(params: SamplingParams | None = None, **given: Any) -> Samp
     if not top_k_set and (temperature_asked or merged.top_p < 1 or merged.min_p > 0):
         return dataclasses.replace(merged, top_k=0)
     return merged
-
-
-def show_progress() -> None:
-    """maxjax's INFO log lines (load, compile or load from the compile cache) on stderr, like HF's bars."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[maxjax] %(message)s"))
-        log.addHandler(handler)
-    if log.getEffectiveLevel() > logging.INFO:
-        log.setLevel(logging.INFO)
 
 
 @dataclass
@@ -118,6 +118,7 @@ class LLM:
                 ) -> TextGenerationRequest:
         """The protocol request for one prompt (``fields``: logprobs, echo, stop, response_format, tools...,
         and SamplingParams fields by name)."""
+        check_fields(fields)
         request_id = f"llm-{next(self._ids)}"
         given = {k: fields.pop(k) for k in list(fields) if k in SAMPLING_FIELDS}
         params = resolve_sampling(sampling_params, **given)
@@ -130,8 +131,8 @@ class LLM:
         if not isinstance(prompt, str):
             raise ValueError("prompt must be a str, a list of message dicts or a list of token ids, got "
                              f"{type(prompt).__name__}")
-        if not prompt:
-            raise ValueError("prompt is empty")
+        if not prompt.strip():
+            raise ValueError("prompt is empty (or only whitespace)")
         if self.chat:
             return TextGenerationRequest(request_id, 0, self.pipeline.model_name,
                                          messages=[{"role": "user", "content": prompt}], sampling_params=params,
@@ -143,6 +144,7 @@ class LLM:
                  progress: bool | None = None, **fields: Any) -> str | list[str]:
         """Text for one prompt, or a list of texts for a list of prompts (same order). A list shows a progress
         bar on stderr (``progress=False``, or ``LLM(progress=False)``, hides it)."""
+        check_fields(fields)
         single = isinstance(prompts, str) or _is_messages(prompts)
         completions = self.complete([prompts] if single else list(prompts), sampling_params, progress=progress,
                                     **fields)
@@ -153,6 +155,7 @@ class LLM:
                  progress: bool | None = None, **fields: Any) -> list[Completion]:
         """Full results (text, tokens, status, log-probabilities) for a list of prompts; a progress bar over
         2+ prompts unless ``progress=False`` (None: the ``progress`` the LLM was made with)."""
+        check_fields(fields)
         requests = [self.request(p, sampling_params, **fields) for p in prompts]
         contexts = {r.request_id: self.tokenizer.build_context(r) for r in requests}  # validates all first
         parser = self._tool_parser() if fields.get("tools") else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,11 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
 
     ``runtime`` holds ``RuntimeConfig`` fields (``max_batch_size``, ``max_seq_len``, ``dtype``, ...).
     Programs compile on first use (and land in the persistent compile cache); ``warmup=True`` compiles all
-    of them now, after which no request mix compiles anything. ``progress=True`` shows a bar while the
-    weights are read. ``lora_adapters`` ({name: PEFT folder}) are loaded and servable by
-    ``lora_name``; ``max_loras`` / ``max_lora_rank`` default to fit them. ``draft_model`` (with
-    ``speculative="draft"``) is the speculative draft model, anything ``load_model`` takes, same vocabulary.
+    of them now, after which no request mix compiles anything. ``progress=True`` shows a line per phase
+    (weights, KV cache, adapters, warm-up and its program count) and a bar while the weights are read.
+    ``lora_adapters`` ({name: PEFT folder}) are loaded and servable by ``lora_name``; ``max_loras`` /
+    ``max_lora_rank`` default to fit them. ``draft_model`` (with ``speculative="draft"``) is the speculative draft
+    model, anything ``load_model`` takes, same vocabulary.
     """
     import dataclasses
 
@@ -68,10 +70,13 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     from maxjax.runtime.sharded import restore_shardings
     from maxjax.weights import load_weights
 
+    from maxjax.progress import Phases
+
     unknown = sorted(set(runtime) - {f.name for f in dataclasses.fields(RuntimeConfig)})
     if unknown:
         raise ValueError(f"unknown runtime config field(s) {unknown}; see maxjax.runtime.config.RuntimeConfig")
     config = RuntimeConfig(**runtime)
+    phases = Phases(progress)
     if (draft_model is None) != (config.speculative != "draft"):  # checked before any weights are read
         raise ValueError(f"draft_model is needed with speculative='draft' and only then (speculative="
                          f"{config.speculative!r}, draft_model={draft_model!r})")
@@ -81,6 +86,8 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
         loaded = load_model(model, dtype=config.dtype, quantize=config.quantize,
                             matmul_precision=config.matmul_precision, progress=progress)
     else:  # tensor by tensor: the engine places each device's slice straight onto it
+        phases("reading the weights of %s onto a %s mesh", model if model is not None else "smollm2",
+               dict(mesh.shape))
         loaded = load_weights(model, config.dtype, lazy=True, progress=progress,
                               store_shardings=lambda cfg: restore_shardings(llama, llama_sharding, cfg, mesh))
     if "max_seq_len" in runtime and config.max_seq_len > loaded.config.max_position_embeddings:
@@ -100,14 +107,30 @@ def load_text_pipeline(model: str | Path | None = None, *, warmup: bool = False,
     tokenizer.max_length = min(tokenizer.max_length, config.max_seq_len)
     pipeline = TextGenerationPipeline(Engine(llama, loaded.config, loaded.params, config,
                                                layout=llama_sharding), tokenizer, loaded.name,
-                                      draft_engine=load_draft_engine(draft_model, loaded.config, config))
+                                      draft_engine=load_draft_engine(draft_model, loaded.config, config, progress))
     serve_lora_adapters(pipeline, tokenizer, adapters)
+    if adapters:
+        phases("LoRA adapters %s resident (max_loras %d, max_lora_rank %d)", [a.name for a in adapters],
+               config.max_loras, config.max_lora_rank)
     if warmup:
-        pipeline.warmup()
+        warm_up(pipeline, phases)
     return tokenizer, pipeline
 
 
-def load_draft_engine(draft_model: str | Path | None, target_config: Any, config: Any) -> Any:
+def warm_up(pipeline: Any, phases: Any) -> None:
+    """``pipeline.warmup()`` between two progress lines: what it does, then how many programs it compiled or
+    loaded from the compile cache, and how long it took."""
+    from maxjax.progress import compile_counts, programs_note
+
+    before, start = compile_counts(), time.perf_counter()
+    phases("warming up %s: every program the batch and length buckets allow (--no-warmup / warmup=False "
+           "compiles on first use instead)", getattr(pipeline, "model_name", "the model"))
+    pipeline.warmup()
+    phases("warm-up of %s done: %s in %.1f s", getattr(pipeline, "model_name", "the model"), programs_note(before),
+           time.perf_counter() - start)
+
+
+def load_draft_engine(draft_model: str | Path | None, target_config: Any, config: Any, progress: bool = False) -> Any:
     """The speculative draft model's own Engine (params, KV cache slots, programs), or None without one."""
     if draft_model is None:
         return None
@@ -117,7 +140,8 @@ def load_draft_engine(draft_model: str | Path | None, target_config: Any, config
     from maxjax.models import load_model
     from maxjax.runtime.engine import Engine
 
-    draft = load_model(draft_model, dtype=config.dtype, tokenizer=False, matmul_precision=config.matmul_precision)
+    draft = load_model(draft_model, dtype=config.dtype, tokenizer=False, matmul_precision=config.matmul_precision,
+                       progress=progress)
     if draft.config.vocab_size != target_config.vocab_size:
         raise ValueError(f"draft_model: its vocabulary size {draft.config.vocab_size} differs from the target's "
                          f"{target_config.vocab_size}")
@@ -128,18 +152,21 @@ def load_draft_engine(draft_model: str | Path | None, target_config: Any, config
 
 
 def load_pipeline(model: str | Path | None = None, task: PipelineTask | str = PipelineTask.TEXT_GENERATION,
-                  **config: Any) -> tuple[Any, Any]:
-    """(tokenizer, pipeline) for ``task``: a TokenGenerator, an EmbeddingsGenerator or an AudioGenerator."""
+                  progress: bool = True, **config: Any) -> tuple[Any, Any]:
+    """(tokenizer, pipeline) for ``task``: a TokenGenerator, an EmbeddingsGenerator or an AudioGenerator.
+
+    ``config``: the keywords of ``load_text_pipeline``, ``load_embeddings_pipeline`` or ``load_audio_pipeline``
+    (an unknown one is a ValueError naming it). ``progress=False`` silences the line per loading phase."""
     try:
         task = PipelineTask(task)
     except ValueError:
         raise ValueError(f"task must be one of {[t.value for t in PipelineTask]}, got {task!r}") from None
     if task is PipelineTask.TEXT_GENERATION:
-        return load_text_pipeline(model, **config)
+        return load_text_pipeline(model, progress=progress, **config)
     if task is PipelineTask.EMBEDDINGS_GENERATION:
         from maxjax.pipelines.embeddings import load_embeddings_pipeline
 
-        return load_embeddings_pipeline(model, **config)
+        return load_embeddings_pipeline(model, progress=progress, **config)
     from maxjax.pipelines.audio import load_audio_pipeline
 
-    return load_audio_pipeline(model, task=task, **config)
+    return load_audio_pipeline(model, task=task, progress=progress, **config)

@@ -4,7 +4,10 @@ Routes: ``/v1/completions``, ``/v1/chat/completions`` (SSE when ``stream``), ``/
 ``/v1/audio/speech`` (24 kHz WAV), ``/v1/models``, ``/health`` (slot and KV page occupancy per model), ``/metrics``,
 and ``/tokenize``, ``/detokenize``, ``/tokenizer_info`` (``server/tokenize.py``).
 A request is checked and turned into a context on the event loop; only the model's scheduler thread
-touches the device. Bad requests get HTTP 400 with an OpenAI error body whose ``param`` names the field.
+touches the device. Bad requests get HTTP 400 with an OpenAI error body whose ``param`` names the field
+(malformed JSON: ``param`` null and the line and column; unknown fields: named); an unknown model is 404
+``model_not_found``. The port opens before the models load: ``/health`` answers 503 ``{"status": "loading"}``
+until every model is ready (then 200), and a request for a model still loading gets 503.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,9 +28,9 @@ from maxjax.interfaces import (AudioGenerationRequest, PipelineTask, SamplingPar
                                TextGenerationRequest)
 from maxjax.server import responses as R
 from maxjax.server.metrics import Metrics
-from maxjax.server.models import ServedModel, stop_schedulers
-from maxjax.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-                                           InvalidRequest, SpeechRequest, error_body)
+from maxjax.server.models import ServedModel, ServedModels, stop_schedulers
+from maxjax.server.openai_protocol import (EXTENSIONS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
+                                           InvalidRequest, ModelNotFound, ModelNotReady, SpeechRequest, error_body)
 from maxjax.server.scheduler import Job, ShuttingDown
 from maxjax.server.tokenize import add_tokenizer_routes
 
@@ -35,15 +39,21 @@ class GenerationFailed(RuntimeError):
     """A scheduled request ended without a result (internal error, or cancelled by shutdown)."""
 
 
-def create_app(models: dict[str, ServedModel], metrics: Metrics, drain_timeout: float = 30.0) -> FastAPI:
-    """The app over already loaded models; their schedulers start and stop with the app's lifespan."""
+def create_app(models: dict[str, ServedModel] | ServedModels, metrics: Metrics, drain_timeout: float = 30.0,
+               load: Callable[[], None] | None = None) -> FastAPI:
+    """The app over ``models``: loaded models (a dict; their schedulers start and stop with the app's lifespan), or
+    a ``ServedModels`` plan that ``load`` fills in a thread started once the app is up (so the port answers
+    ``/health`` while the models load)."""
+    served_models = models if isinstance(models, ServedModels) else ServedModels.of(models)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        for served in models.values():
-            served.scheduler.start()
+        for scheduler in {id(m.scheduler): m.scheduler for m in served_models.ready.values()}.values():
+            scheduler.start()
+        if load is not None:
+            threading.Thread(target=load, name="maxjax-model-loader", daemon=True).start()
         yield
-        await asyncio.to_thread(stop_schedulers, models, drain_timeout)
+        await asyncio.to_thread(stop_schedulers, dict(served_models.ready), drain_timeout)
 
     app = FastAPI(title="maxjax", lifespan=lifespan)
     _error_handlers(app, metrics)
@@ -52,22 +62,40 @@ def create_app(models: dict[str, ServedModel], metrics: Metrics, drain_timeout: 
                                PipelineTask.AUDIO_GENERATION)
 
     def model_for(name: str, task: PipelineTask) -> ServedModel:
-        served = models.get(name)
+        served_task = served_models.tasks.get(name)
+        if served_task is None:
+            raise ModelNotFound(f"The model {name!r} does not exist: this server serves "
+                                f"{sorted(served_models.tasks)}")
+        if served_task is not task:
+            raise InvalidRequest("model", f"model {name!r} serves {served_task.value}, not {task.value}")
+        served = served_models.ready.get(name)
         if served is None:
-            raise InvalidRequest("model", f"model {name!r} is not served here; models: {sorted(models)}",
-                                 code="model_not_found")
-        if served.task is not task:
-            raise InvalidRequest("model", f"model {name!r} serves {served.task.value}, not {task.value}")
+            if served_models.error is not None:
+                raise ModelNotReady(f"model {name!r} failed to load: {served_models.error}")
+            raise ModelNotReady(f"model {name!r} is still loading; /health answers 200 once every model is ready")
         return served
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": {name: _occupancy(m) for name, m in models.items()}}
+    async def health() -> Any:
+        state = served_models.state
+        body: dict[str, Any] = {"status": state, "models": {
+            name: _occupancy(served_models.ready[name]) if name in served_models.ready
+            else {"task": task.value, "status": "loading"} for name, task in served_models.tasks.items()}}
+        if served_models.error is not None:
+            body["error"] = served_models.error
+        return body if state == "ok" else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": m.created,
-                                            "owned_by": "maxjax", "task": m.task.value} for name, m in models.items()]}
+        data = []
+        for name, task in served_models.tasks.items():
+            ready = served_models.ready.get(name)
+            entry = {"id": name, "object": "model", "created": ready.created if ready else served_models.created,
+                     "owned_by": "maxjax", "task": task.value, "ready": ready is not None}
+            if name in served_models.parents:
+                entry["parent"] = served_models.parents[name]
+            data.append(entry)
+        return {"object": "list", "data": data}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -77,7 +105,10 @@ def create_app(models: dict[str, ServedModel], metrics: Metrics, drain_timeout: 
     async def completions(body: CompletionRequest, request: Request):
         served = model_for(body.model, text)
         request_id = R.new_id("cmpl")
-        contexts = [_context(served, r, "prompt") for r in body.to_requests(request_id)]
+        protocol_requests = body.to_requests(request_id, served.lora_name)
+        for protocol_request in protocol_requests[:1]:  # one response_format for all prompts
+            _check_schema(protocol_request, "response_format")
+        contexts = [_context(served, r, "prompt") for r in protocol_requests]
         echo = [_prompt_echo(served, p, c) if body.echo else ("", None) for p, c in zip(body.prompts(), contexts)]
         jobs = _submit(served, contexts)
         choices = [R.Choice(i, len(c.prompt_tokens)) for i, c in enumerate(contexts)]
@@ -116,7 +147,7 @@ def create_app(models: dict[str, ServedModel], metrics: Metrics, drain_timeout: 
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         served = model_for(body.model, text)
         request_id = R.new_id("chatcmpl")
-        protocol_request = body.to_request(request_id)
+        protocol_request = body.to_request(request_id, served.lora_name)
         tools = _tool_mode(body, served)
         _check_schema(protocol_request, "tool_choice" if tools.forced else "response_format")
         jobs = _submit(served, [_context(served, protocol_request, "messages")])
@@ -304,25 +335,59 @@ def _occupancy(served: ServedModel) -> dict[str, Any]:
     pages = getattr(served.pipeline, "pages", None)
     if pages is not None:  # KV cache pages used / free / cached, prefix-cache hit rate, preemptions
         out.update(pages.stats())
+    engine = getattr(served.pipeline, "engine", None)
+    if engine is not None and hasattr(engine, "kv_cache_bytes"):
+        out["kv_cache_bytes"] = int(engine.kv_cache_bytes)
+    speculative = getattr(served.pipeline, "speculative", None)
+    if speculative is not None:  # speculative decoding rounds, tokens drafted and accepted so far
+        out["speculative"] = dict(speculative.stats)
+    if served.lora_name is not None:
+        out["parent"] = served.parent
     return out
 
 
+def _field_path(error: dict[str, Any]) -> str:
+    """The field path of a pydantic error (``messages.0.role``), without the union members pydantic names in the
+    location (e.g. "str", "list[int]")."""
+    loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+    return ".".join(p for p in loc if not (p.startswith(("str", "list", "dict", "int")) or "[" in p)) or "body"
+
+
+def _json_error(body: Any, error: dict[str, Any]) -> str:
+    """'the request body is not valid JSON: <reason> at line L column C' from FastAPI's json_invalid error."""
+    reason = (error.get("ctx") or {}).get("error", "JSON decode error")
+    loc = error.get("loc", ())
+    position = loc[-1] if loc and isinstance(loc[-1], int) else None
+    if position is None or not isinstance(body, (str, bytes)):
+        return f"the request body is not valid JSON: {reason}"
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    return f"the request body is not valid JSON: {reason} at line {line} column {column} (character {position})"
+
+
 def _error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    def rejected(message: str, param: str | None, code: str | None = None) -> JSONResponse:
+    def rejected(message: str, param: str | None, code: str | None = None, status: int = 400) -> JSONResponse:
         metrics.request_done("-", "rejected")
-        return JSONResponse(error_body(message, param, code=code), status_code=400)
+        kind = "unavailable" if status == 503 else "invalid_request_error"
+        return JSONResponse(error_body(message, param, kind=kind, code=code), status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        # pydantic names union members in the location (e.g. "str", "list[int]"): keep the field path only.
-        path = ".".join(p for p in loc if not (p.startswith(("str", "list", "dict", "int")) or "[" in p)) or "body"
+        errors = error.errors()
+        first = errors[0]
+        if first.get("type") == "json_invalid":
+            return rejected(_json_error(error.body, first), None)
+        unknown = [_field_path(e) for e in errors if e.get("type") == "extra_forbidden"]
+        if unknown:
+            return rejected(f"Unrecognized request argument(s) supplied: {', '.join(unknown)} (besides OpenAI's "
+                            f"fields this server takes the extensions {', '.join(EXTENSIONS)})", unknown[0])
+        path = _field_path(first)
         return rejected(f"{path}: {first.get('msg', 'invalid value')}", path)
 
     @app.exception_handler(InvalidRequest)
     async def on_invalid(_: Request, error: InvalidRequest) -> JSONResponse:
-        return rejected(str(error), error.param, error.code)
+        return rejected(str(error), error.param, error.code, error.status)
 
     @app.exception_handler(ShuttingDown)
     async def on_shutdown(_: Request, error: ShuttingDown) -> JSONResponse:

@@ -125,7 +125,7 @@ def _tokens(line: dict[str, Any]) -> int:
 async def run_lines(app: Any, source: TextIO, sink: TextIO, total: int | None, concurrency: int,
                     progress: bool = True) -> dict[str, int]:
     """Answers every line of ``source`` into ``sink``, in order; returns counts (lines, ok, failed)."""
-    from maxjax.pipelines.progress import RequestBar
+    from maxjax.progress import RequestBar
 
     bar = RequestBar(total, progress, desc="run-batch")
     done: dict[int, dict[str, Any]] = {}
@@ -184,12 +184,13 @@ def run_batch_with_models(models: dict[str, Any], input_file: str | Path, output
     with input_file.open(encoding="utf-8") as source:
         total = sum(1 for _ in _lines(source))
     app = create_app(models, next(iter(models.values())).scheduler.metrics if models else Metrics())
-    for served in models.values():
-        if isinstance(served.scheduler, TextScheduler):
-            served.scheduler.first_token_alone = False  # throughput: no client waits for a first token
-        served.scheduler.fill_wait = 0.25  # the lines arrive together: the first call takes a full batch
-        served.scheduler.start()
-    concurrency = concurrency or max(64, 4 * max(m.scheduler.capacity for m in models.values()))
+    schedulers = {id(m.scheduler): m.scheduler for m in models.values()}.values()  # adapters share their base's
+    for scheduler in schedulers:
+        if isinstance(scheduler, TextScheduler):
+            scheduler.first_token_alone = False  # throughput: no client waits for a first token
+        scheduler.fill_wait = 0.25  # the lines arrive together: the first call takes a full batch
+        scheduler.start()
+    concurrency = concurrency or max(64, 4 * max(s.capacity for s in schedulers))
     try:
         with input_file.open(encoding="utf-8") as source, output_file.open("w", encoding="utf-8") as sink:
             return asyncio.run(run_lines(app, source, sink, total, concurrency, progress))
@@ -198,12 +199,13 @@ def run_batch_with_models(models: dict[str, Any], input_file: str | Path, output
 
 
 def run_batch(input_file: str | Path, output_file: str | Path, model_specs: list[str] | None = None, *,
-              runtime: dict[str, Any] | None = None, warmup: bool = False, progress: bool = True) -> dict[str, int]:
-    """Loads the models as ``maxjax serve --model ...`` does and answers ``input_file`` into ``output_file``."""
+              runtime: dict[str, Any] | None = None, warmup: bool = False, progress: bool = True,
+              lora_adapters: dict[str, str] | None = None) -> dict[str, int]:
+    """Loads the models (and adapters) as ``maxjax serve`` does and answers ``input_file`` into ``output_file``."""
     from maxjax.server.metrics import Metrics
     from maxjax.server.models import load_served_models
 
     if not Path(input_file).is_file():
         raise FileNotFoundError(f"input file {input_file} not found")
-    models = load_served_models(model_specs, runtime or {}, Metrics(), warmup=warmup)
+    models = load_served_models(model_specs, runtime or {}, Metrics(), warmup=warmup, lora_adapters=lora_adapters)
     return run_batch_with_models(models, input_file, output_file, progress=progress)

@@ -7,7 +7,9 @@ reaches the device.
 
 Sampling follows OpenAI: ``temperature`` defaults to 1 (sampling), ``temperature=0`` is greedy, and a
 request without ``seed`` gets a random one. ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``ignore_eos`` and ``stop_token_ids`` are accepted as extra fields (``extra_body`` in the openai client).
+``ignore_eos`` and ``stop_token_ids`` are accepted as extra fields (``extra_body`` in the openai client), as is
+``response_format`` on completions (vLLM's spelling); ``user`` is accepted and ignored. Any other field is refused
+(HTTP 400 naming it, as OpenAI does): a misspelt option must not be silently dropped.
 """
 
 from __future__ import annotations
@@ -21,13 +23,36 @@ from pydantic import BaseModel, ConfigDict, Field
 from maxjax.interfaces import SamplingParams, TextGenerationRequest
 
 
+EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids")
+
+
 class InvalidRequest(ValueError):
-    """A request the server refuses with HTTP 400; ``param`` is the OpenAI field at fault."""
+    """A request the server refuses with HTTP ``status`` (400); ``param`` is the OpenAI field at fault."""
+
+    status = 400
 
     def __init__(self, param: str | None, message: str, code: str | None = None):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+class ModelNotFound(InvalidRequest):
+    """HTTP 404 ``model_not_found``: the request names a model this server does not serve (OpenAI's answer)."""
+
+    status = 404
+
+    def __init__(self, message: str):
+        super().__init__("model", message, code="model_not_found")
+
+
+class ModelNotReady(InvalidRequest):
+    """HTTP 503: the model is served here but still loading (or failed to load)."""
+
+    status = 503
+
+    def __init__(self, message: str):
+        super().__init__("model", message, code="model_not_ready")
 
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
@@ -37,8 +62,8 @@ def error_body(message: str, param: str | None = None, kind: str = "invalid_requ
 
 
 class _Body(BaseModel):
-    # Clients send fields this server has no use for (user, store, metadata...): they are ignored.
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    # An unknown field is refused (400 naming it): a misspelt option would otherwise be dropped without a word.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class StreamOptions(_Body):
@@ -59,6 +84,7 @@ class _Sampling(_Body):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, lt=2**32)
     logit_bias: dict[str, float] | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted, unused
     # Extra sampling fields (vLLM spelling).
     top_k: int | None = Field(None, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -93,6 +119,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
+    response_format: "ResponseFormat | None" = None  # an extension, as in vLLM: structured output as on chat
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per choice: a text or a list of token ids."""
@@ -103,14 +130,16 @@ class CompletionRequest(_Sampling):
             raise InvalidRequest("prompt", "prompt must not be empty")
         return list(prompt)
 
-    def to_requests(self, request_id: str) -> list[TextGenerationRequest]:
+    def to_requests(self, request_id: str, lora_name: str | None = None) -> list[TextGenerationRequest]:
         if self.suffix:
             raise InvalidRequest("suffix", "suffix is not supported")
         if self.max_tokens == 0 and not self.echo:
             raise InvalidRequest("max_tokens", "max_tokens=0 needs echo=true (it scores the prompt, generates nothing)")
         params = self.sampling_params(1 if self.max_tokens == 0 else self.max_tokens)  # 0: one, dropped
-        return [TextGenerationRequest(f"{request_id}-{i}", i, self.model, prompt=p, sampling_params=params,
-                                      logprobs=self.logprobs or 0, echo=self.echo, stop=self.stop)
+        response_format = self.response_format.as_dict() if self.response_format else None
+        return [TextGenerationRequest(f"{request_id}-{i}", i, self.model, lora_name=lora_name, prompt=p,
+                                      sampling_params=params, logprobs=self.logprobs or 0, echo=self.echo,
+                                      stop=self.stop, response_format=response_format)
                 for i, p in enumerate(self.prompts())]
 
 
@@ -141,6 +170,7 @@ class FunctionSpec(_Body):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class Tool(_Body):
@@ -200,7 +230,7 @@ class ChatCompletionRequest(_Sampling):
                                                 f"got {choice!r}")
         return specs[name], name
 
-    def to_request(self, request_id: str) -> TextGenerationRequest:
+    def to_request(self, request_id: str, lora_name: str | None = None) -> TextGenerationRequest:
         params = self.sampling_params(self.max_completion_tokens or self.max_tokens)
         messages = [m.for_template() for m in self.messages]
         response_format = self.response_format.as_dict() if self.response_format else None
@@ -211,7 +241,7 @@ class ChatCompletionRequest(_Sampling):
             response_format = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": forced[0]}}
         logprobs = max(1, self.top_logprobs or 0) if self.logprobs else 0
         tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
-        return TextGenerationRequest(request_id, 0, self.model, messages=messages, tools=tools,
+        return TextGenerationRequest(request_id, 0, self.model, lora_name=lora_name, messages=messages, tools=tools,
                                      response_format=response_format, logprobs=logprobs, stop=self.stop,
                                      sampling_params=params)
 
@@ -221,6 +251,7 @@ class EmbeddingRequest(_Body):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
+    user: str | None = None  # accepted, unused
 
     def inputs(self) -> list[str | list[int]]:
         data = self.input
@@ -239,3 +270,6 @@ class SpeechRequest(_Body):
     speed: float = Field(1.0, ge=1.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0, lt=2**32)
+
+
+CompletionRequest.model_rebuild()

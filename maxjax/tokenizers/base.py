@@ -126,8 +126,8 @@ class BaseTokenizer:
                                             options=request.chat_template_options)
             return self.encode_text(text, add_special_tokens=False)  # the template writes any BOS itself
         if isinstance(request.prompt, str):
-            if not request.prompt:
-                raise ValueError("prompt is empty")
+            if not request.prompt.strip():  # nothing to continue from, as an empty prompt
+                raise ValueError("prompt is empty (or only whitespace)")
             return self.encode_text(request.prompt, add_special_tokens=True)
         return self.check_token_ids(request.prompt)
 

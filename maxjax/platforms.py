@@ -42,9 +42,14 @@ def default_to_cpu_without_accelerator() -> bool:
         os.environ["JAX_PLATFORMS"] = "cpu"
         return True
     import jax
-    from jax._src import xla_bridge
 
-    if jax.config.jax_platforms or xla_bridge.backends_are_initialized():
+    try:
+        from jax._src import xla_bridge  # no public API says whether the backends exist yet
+
+        initialized = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        initialized = True  # cannot tell: leave JAX's choice alone
+    if jax.config.jax_platforms or initialized:
         return False
     jax.config.update("jax_platforms", "cpu")
     return True

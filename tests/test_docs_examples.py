@@ -69,6 +69,22 @@ def test_every_example_runs_or_says_why_not():
     assert any(e.needs_server and e.page == "README.md" for e in found), "README shows a server example"
 
 
+def test_every_test_the_claims_page_names_exists():
+    """docs/claims.md names the test behind each claim: a renamed or removed test must not leave a claim behind."""
+    import ast
+    import re
+
+    text = (ROOT / "docs" / "claims.md").read_text()
+    cited = re.findall(r"`(test_\w+\.py)(?:::(\w+))?`", text)
+    assert len(cited) > 50
+    for file, name in cited:
+        path = ROOT / "tests" / file
+        assert path.is_file(), f"docs/claims.md cites {file}, which does not exist"
+        if name:
+            defined = {n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)}
+            assert name in defined, f"docs/claims.md cites {file}::{name}, which does not exist"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("docs-serve")

@@ -128,7 +128,8 @@ def test_run_batch_answers_every_line_in_order_as_llm_does(tiny_dir, tiny_llm, m
         if code is not None:
             assert line["response"] is None and line["error"]["code"] == code, line
         else:
-            assert line["response"]["status_code"] == 400 and line["response"]["body"]["error"]["param"] == param
+            status = 404 if param == "model" else 400  # an unknown model is OpenAI's 404 model_not_found
+            assert line["response"]["status_code"] == status and line["response"]["body"]["error"]["param"] == param
             assert line["error"]["message"] == line["response"]["body"]["error"]["message"]
     repeated = [o for o in out if o["error"] and o["error"]["code"] == "duplicate_custom_id"]
     assert len(repeated) == 1 and out[0]["error"] is None

@@ -179,7 +179,7 @@ def test_serve_scoring_requests_as_lm_eval_sends_them(server):
     ids = post("/tokenize", {"prompt": "The capital of France is", "add_special_tokens": False})["tokens"]
     assert post("/tokenize", {"prompt": "<|im_end|>", "add_special_tokens": False})["tokens"] == [2]
     assert post("/detokenize", {"tokens": ids})["prompt"] == "The capital of France is"
-    assert post("/tokenize", {"prompt": "x", "model": "nope"}, 400)["error"]["param"] == "model"
+    assert post("/tokenize", {"prompt": "x", "model": "nope"}, 404)["error"]["code"] == "model_not_found"
 
     score = dict(model="smollm2", prompt=[ids, ids[:3]], echo=True, logprobs=1, temperature=0, seed=1234)
     zero = post("/v1/completions", dict(score, max_tokens=0))  # the prompt's log-probabilities only

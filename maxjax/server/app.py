@@ -57,7 +57,6 @@ def create_app(models: dict[str, ServedModel] | ServedModels, metrics: Metrics, 
 
     app = FastAPI(title="maxjax", lifespan=lifespan)
     _error_handlers(app, metrics)
-    add_tokenizer_routes(app, models)  # /tokenize, /detokenize, /tokenizer_info (vLLM's shape)
     text, embeddings, audio = (PipelineTask.TEXT_GENERATION, PipelineTask.EMBEDDINGS_GENERATION,
                                PipelineTask.AUDIO_GENERATION)
 
@@ -74,6 +73,16 @@ def create_app(models: dict[str, ServedModel] | ServedModels, metrics: Metrics, 
                 raise ModelNotReady(f"model {name!r} failed to load: {served_models.error}")
             raise ModelNotReady(f"model {name!r} is still loading; /health answers 200 once every model is ready")
         return served
+
+    def text_model(name: str | None) -> ServedModel:
+        """The served text model ``name`` (None: the first one)."""
+        if name is None:
+            name = next((n for n, t in served_models.tasks.items() if t is text), None)
+            if name is None:
+                raise InvalidRequest("model", "no text model is served here")
+        return model_for(name, text)
+
+    add_tokenizer_routes(app, text_model)  # /tokenize, /detokenize, /tokenizer_info (vLLM's shape)
 
     @app.get("/health")
     async def health() -> Any:

@@ -5,12 +5,12 @@ of the model's tokenizer. A request names a text model with ``model``; without o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
-from maxjax.interfaces import PipelineTask
 from maxjax.server.models import ServedModel
 from maxjax.server.openai_protocol import ChatMessage, InvalidRequest
 
@@ -32,23 +32,11 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
-def text_model(models: dict[str, ServedModel], name: str | None) -> ServedModel:
-    """The served text model ``name`` (None: the first one)."""
-    text = {n: m for n, m in models.items() if m.task is PipelineTask.TEXT_GENERATION}
-    if name is None:
-        if not text:
-            raise InvalidRequest("model", "no text model is served here")
-        return next(iter(text.values()))
-    if name not in text:
-        raise InvalidRequest("model", f"model {name!r} is not a text model served here; text models: "
-                                      f"{sorted(text)}", code="model_not_found")
-    return text[name]
-
-
-def add_tokenizer_routes(app: FastAPI, models: dict[str, ServedModel]) -> None:
+def add_tokenizer_routes(app: FastAPI, text_model: Callable[[str | None], ServedModel]) -> None:
+    """``text_model(name)``: the served text model (None: the first one), as the app looks models up."""
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        served = text_model(models, body.model)
+        served = text_model(body.model)
         tokenizer = served.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequest("prompt", "give either prompt or messages")
@@ -66,7 +54,7 @@ def add_tokenizer_routes(app: FastAPI, models: dict[str, ServedModel]) -> None:
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        served = text_model(models, body.model)
+        served = text_model(body.model)
         bad = [t for t in body.tokens if not 0 <= t < served.tokenizer.vocab_size]
         if bad:
             raise InvalidRequest("tokens", f"token ids must be in [0, {served.tokenizer.vocab_size}), got {bad[:5]}")
@@ -74,7 +62,7 @@ def add_tokenizer_routes(app: FastAPI, models: dict[str, ServedModel]) -> None:
 
     @app.get("/tokenizer_info")
     async def tokenizer_info(model: str | None = None) -> dict[str, Any]:
-        served = text_model(models, model)
+        served = text_model(model)
         tokenizer = served.tokenizer
         special = getattr(tokenizer, "special_tokens", {})
         pad = getattr(tokenizer, "pad_token_id", None)

@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from docs_examples import MARKERS, ROOT, examples, pages, serve_command
 from conftest import require
+from serving import free_port, running_server
 
 # Sizes for the server the test starts (added to the documented command): the buckets of tests/test_server.py,
 # so the two share the compile cache, and programs compiled on first use instead of a warm-up of every one.
@@ -27,11 +26,6 @@ SERVE_RUNTIME = ["--no-warmup", "--max-batch-size", "4", "--max-seq-len", "256",
                  "--max-num-steps", "8", "--drain-timeout", "5", "--log-level", "warning"]
 PAGES = [str(p.relative_to(ROOT)) for p in pages()]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_example_files(workdir: Path) -> None:
@@ -88,35 +82,9 @@ def test_every_test_the_claims_page_names_exists():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("docs-serve")
-    port = _free_port()
-    args = serve_command(port)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "maxjax", "serve", *args, *SERVE_RUNTIME], cwd=tmp, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        import httpx
-
-        for _ in range(600):  # bounded: at most ~5 minutes to load
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-4000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("server did not start")
+    port = free_port()
+    with running_server([*serve_command(port), *SERVE_RUNTIME], tmp, port=port, cwd=tmp):
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")

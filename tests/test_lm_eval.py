@@ -5,15 +5,11 @@ loglikelihood_rolling; no download): ``MaxjaxLM`` against lm-eval's own ``hf`` b
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import require
+from serving import running_server
 
 lm_eval = require("lm_eval")
 
@@ -104,46 +100,15 @@ def test_maxjax_lm_matches_the_hf_backend(maxjax_result, hf_smollm2, smollm2_ggu
     assert maxjax_result["results"]["maxjax_docs"]["word_perplexity,none"] > 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2_gguf):
-    import httpx
-
     tmp = tmp_path_factory.mktemp("lm_eval_serve")
-    port = _free_port()
-    command = [sys.executable, "-m", "maxjax.cli", "serve", "--port", str(port), "--no-warmup",
-               "--model", f"smollm2={smollm2_gguf}", "--max-batch-size", str(RUNTIME["max_batch_size"]),
-               "--max-seq-len", str(RUNTIME["max_seq_len"]), "--length-buckets", "128,256",
-               "--max-num-steps", str(RUNTIME["max_num_steps"]), "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("server did not start")
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    args = ["--no-warmup", "--model", f"smollm2={smollm2_gguf}", "--max-batch-size", str(RUNTIME["max_batch_size"]),
+            "--max-seq-len", str(RUNTIME["max_seq_len"]), "--length-buckets", "128,256",
+            "--max-num-steps", str(RUNTIME["max_num_steps"]), "--log-level", "warning"]
+    with running_server(args, tmp) as server:
+        yield server.base
 
 
 @pytest.mark.slow

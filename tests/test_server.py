@@ -11,12 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,12 +22,12 @@ import openai
 import pytest
 
 from conftest import require
+from serving import running_server
 
 from maxjax.interfaces import SamplingParams
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = dict(max_batch_size=4, max_seq_len=256, length_buckets=(128, 256), max_num_steps=8)  # as test_generate_real: shared compile cache
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Tokyo"]}, "unit": {"enum": ["C", "F"]}},
@@ -57,11 +53,6 @@ Reply <tool_call>{"name": ..., "arguments": ...}</tool_call> to call one.<|im_en
 {% endif %}"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _tool_model(folder: Path, smollm2_gguf: Path) -> Path:
     """A tiny random Qwen2 with SmolLM2's vocabulary and a Hermes/Qwen tool-call chat template."""
@@ -86,35 +77,13 @@ def _tool_model(folder: Path, smollm2_gguf: Path) -> Path:
 def server(tmp_path_factory, smollm2_gguf, minilm_dir):
     tmp = tmp_path_factory.mktemp("serve")
     tools_dir = _tool_model(tmp / "qwen-tools", smollm2_gguf)
-    port = _free_port()
-    command = [sys.executable, "-m", "maxjax.cli", "serve", "--port", str(port), "--no-warmup",
-               "--model", "smollm2", "--model", "minilm",  # the built-in names, served under those names
-               "--model", f"qwen-tools={tools_dir}", "--model", "orpheus=random-orpheus",
-               "--max-batch-size", str(RUNTIME["max_batch_size"]), "--max-seq-len", str(RUNTIME["max_seq_len"]),
-               "--length-buckets", "128,256", "--max-num-steps", str(RUNTIME["max_num_steps"]),
-               "--drain-timeout", "600", "--log-level", "warning"]  # the drain lets an open stream end, however slow
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # bounded: at most ~5 minutes to load
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)  # not listening yet, or 503 {"status": "loading"}
-        else:
-            pytest.fail("server did not start")
-        yield proc, base
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
+    args = ["--no-warmup", "--model", "smollm2", "--model", "minilm",  # the built-in names, served under those names
+            "--model", f"qwen-tools={tools_dir}", "--model", "orpheus=random-orpheus",
+            "--max-batch-size", str(RUNTIME["max_batch_size"]), "--max-seq-len", str(RUNTIME["max_seq_len"]),
+            "--length-buckets", "128,256", "--max-num-steps", str(RUNTIME["max_num_steps"]),
+            "--drain-timeout", "600", "--log-level", "warning"]  # the drain lets an open stream end, however slow
+    with running_server(args, tmp) as server:
+        yield server.proc, server.base
 
 
 @pytest.fixture(scope="module")

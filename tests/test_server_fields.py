@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -26,10 +21,10 @@ import pytest
 import tiny_models
 from maxjax.interfaces import SamplingParams, TextGenerationRequest
 from conftest import require
+from serving import running_server
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = dict(max_batch_size=4, max_seq_len=256, length_buckets=(128, 256), max_num_steps=8)  # test_server's
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The three primary colors are"
@@ -49,11 +44,6 @@ Reply <|python_tag|>{"name": ..., "parameters": ...} to call one of: {% for tool
 {% endif %}"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def tool_model(tmp_path_factory, smollm2_gguf) -> Path:
@@ -64,35 +54,12 @@ def tool_model(tmp_path_factory, smollm2_gguf) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2_gguf, tool_model):
     tmp = tmp_path_factory.mktemp("serve_fields")
-    port = _free_port()
-    command = [sys.executable, "-m", "maxjax.cli", "serve", "--port", str(port), "--no-warmup",
-               "--model", f"smollm2={smollm2_gguf}", "--model", f"tools={tool_model}",
-               "--max-batch-size", str(RUNTIME["max_batch_size"]), "--max-seq-len", str(RUNTIME["max_seq_len"]),
-               "--length-buckets", "128,256", "--max-num-steps", str(RUNTIME["max_num_steps"]),
-               "--drain-timeout", "0.2", "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # bounded: at most ~5 minutes to load
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-4000:]}")
-            try:
-                health = httpx.get(f"{base}/health", timeout=1)
-                if health.status_code == 200 and health.json().get("status") == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("server did not start")
-        yield proc, base
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
+    args = ["--no-warmup", "--model", f"smollm2={smollm2_gguf}", "--model", f"tools={tool_model}",
+            "--max-batch-size", str(RUNTIME["max_batch_size"]), "--max-seq-len", str(RUNTIME["max_seq_len"]),
+            "--length-buckets", "128,256", "--max-num-steps", str(RUNTIME["max_num_steps"]),
+            "--drain-timeout", "0.2", "--log-level", "warning"]
+    with running_server(args, tmp) as server:
+        yield server.proc, server.base
 
 
 @pytest.fixture(scope="module")

@@ -8,26 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from serving import running_server
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 LAYERS, HIDDEN, Q_OUT, KV_OUT = 30, 576, 576, 192  # SmolLM2-135M: 9 query heads, 3 KV heads of 64
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_adapter(folder: Path, seed: int, rank: int = 8) -> Path:
@@ -54,38 +45,12 @@ def _write_adapter(folder: Path, seed: int, rank: int = 8) -> Path:
 def server(tmp_path_factory, smollm2_gguf):
     tmp = tmp_path_factory.mktemp("serve-startup")
     adapters = {name: _write_adapter(tmp / name, seed) for seed, name in enumerate(["pirate", "poet"])}
-    port = _free_port()
-    command = [sys.executable, "-m", "maxjax.cli", "serve", "--port", str(port), "--no-warmup",
-               "--quantize", "gguf", "--speculative", "ngram", "--num-speculative-tokens", "3",
-               *[arg for name, path in adapters.items() for arg in ("--lora", f"{name}={path}")],
-               "--max-batch-size", "2", "--max-seq-len", "256", "--length-buckets", "128,256",
-               "--max-num-steps", "4"]
+    args = ["--no-warmup", "--quantize", "gguf", "--speculative", "ngram", "--num-speculative-tokens", "3",
+            *[arg for name, path in adapters.items() for arg in ("--lora", f"{name}={path}")],
+            "--max-batch-size", "2", "--max-seq-len", "256", "--length-buckets", "128,256", "--max-num-steps", "4"]
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # the server picks the platform list
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    log_path = tmp / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    answers = []  # the /health status codes seen while starting
-    try:
-        for _ in range(1200):  # bounded: at most ~10 minutes to load
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                answers.append(httpx.get(f"{base}/health", timeout=2).status_code)
-                if answers[-1] == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("server did not start")
-        yield base, answers, log_path
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
+    with running_server(args, tmp, env=env) as server:
+        yield server.base, server.health_codes, server.log_path
 
 
 def _complete(base: str, model: str, prompt: str, max_tokens: int = 12) -> dict:

@@ -287,12 +287,21 @@ def cmd_speak(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
+def _has_serve_extra(command: str) -> bool:
+    """Whether the HTTP stack (the ``serve`` extra) imports; says how to install it when not."""
     try:
-        from maxjax.server.main import serve
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as error:
-        print(f"maxjax serve needs the serve extra (pip install 'maxjax[serve]'): {error}", file=sys.stderr)
+        print(f"maxjax {command} needs the serve extra (pip install 'maxjax[serve]'): {error}", file=sys.stderr)
+        return False
+    return True
+
+
+def cmd_serve(args) -> int:
+    if not _has_serve_extra("serve"):
         return 2
+    from maxjax.server.main import serve
 
     runtime = _server_runtime(args)
     return serve(args.model, host=args.host, port=args.port, runtime=runtime, warmup=not args.no_warmup,
@@ -330,11 +339,9 @@ def _check_runtime(runtime: dict) -> None:
 
 
 def cmd_run_batch(args) -> int:
-    try:
-        from maxjax.server.batch import run_batch
-    except ImportError as error:
-        print(f"maxjax run-batch needs the serve extra (pip install 'maxjax[serve]'): {error}", file=sys.stderr)
+    if not _has_serve_extra("run-batch"):
         return 2
+    from maxjax.server.batch import run_batch
 
     runtime = _server_runtime(args)
     counts = run_batch(args.input_file, args.output_file, args.model, runtime=runtime, warmup=args.warmup,
